@@ -397,7 +397,9 @@ impl ControlPlane {
         let ca_key_file = w("ca.key", &ca.key.serialize_pem())?;
         let cert_file = w("apiserver.crt", &serving.cert_pem)?;
         let key_file = w("apiserver.key", &serving.key_pem)?;
-        let sa_key_file = w("sa.key", &KeyPair::generate()?.serialize_pem())?;
+        let sa_key = KeyPair::generate()?;
+        let sa_key_file = w("sa.key", &sa_key.serialize_pem())?;
+        let sa_pub_file = w("sa.pub", &sa_key.public_key_pem())?;
         let admin_token = random_hex(24);
         let tokens = w(
             "tokens.csv",
@@ -471,7 +473,7 @@ impl ControlPlane {
             "--authorization-mode=RBAC".into(),
             format!("--token-auth-file={}", tokens.display()),
             format!("--service-account-issuer={server}"),
-            format!("--service-account-key-file={}", sa_key_file.display()),
+            format!("--service-account-key-file={}", sa_pub_file.display()),
             format!(
                 "--service-account-signing-key-file={}",
                 sa_key_file.display()
