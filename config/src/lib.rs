@@ -1,0 +1,343 @@
+//! The sidecar's configuration, defined once.
+//!
+//! The sidecar parses it; the operator (later) renders exactly this type into a ConfigMap. It has
+//! no dependency on sqlx or redis so the operator can use it without dragging them in.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+/// Default address: loopback only, the application reaches the sidecar on 127.0.0.1.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Address the HTTP API binds to. Must be a loopback address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    pub entities: Vec<Entity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. Usually left empty in the file and given by `WTC_DATABASE_URL`.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Deadline for one statement, enforced by the client.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL. Usually given by `WTC_REDIS_URL`.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default = "default_redis_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_redis_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Life of a fill lease (and of a writer's intent to fill an empty slot).
+    pub lease_ttl_ms: u64,
+    /// How long a reader that lost the lease waits for the winner's fill before reading the
+    /// database itself (without filling).
+    pub lease_wait_ms: u64,
+    /// How long a delete's tombstone stays in Redis.
+    pub tombstone_ttl_seconds: u64,
+    /// XFetch early refresh factor; 0 turns early refresh off.
+    pub early_expiration_beta: f64,
+    /// Retries of a failed cache step after a committed write.
+    pub retry: RetryBudget,
+    /// How often the repair queue retries its keys.
+    pub repair_interval_ms: u64,
+    /// After a Redis error, reads skip Redis for this long instead of waiting on timeouts.
+    pub redis_down_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudget {
+    /// Attempts after the first one.
+    pub retries: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_key_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entity {
+    /// Name used in the URL: `/v1/entities/{name}/{key}`.
+    pub name: String,
+    pub table: String,
+    #[serde(default = "default_key_column")]
+    pub key_column: String,
+    #[serde(default = "default_version_column")]
+    pub version_column: String,
+    #[serde(default = "default_ttl_seconds")]
+    pub ttl_seconds: u64,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+fn default_pool_size() -> u32 {
+    8
+}
+fn default_statement_timeout_ms() -> u64 {
+    5_000
+}
+fn default_redis_connect_timeout_ms() -> u64 {
+    500
+}
+fn default_redis_response_timeout_ms() -> u64 {
+    250
+}
+fn default_key_column() -> String {
+    "id".to_string()
+}
+fn default_version_column() -> String {
+    "version".to_string()
+}
+fn default_ttl_seconds() -> u64 {
+    300
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl_ms: 2_000,
+            lease_wait_ms: 100,
+            tombstone_ttl_seconds: 60,
+            early_expiration_beta: 1.0,
+            retry: RetryBudget::default(),
+            repair_interval_ms: 250,
+            redis_down_backoff_ms: 1_000,
+        }
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            base_delay_ms: 5,
+            max_delay_ms: 50,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_key_bytes: 512,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file is not valid TOML for wtc: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values from the environment that override the file (`WTC_DATABASE_URL`, `WTC_REDIS_URL`,
+/// `WTC_LISTEN`). Passed in rather than read here so the rules are testable.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub listen: Option<String>,
+}
+
+impl Overrides {
+    pub fn from_env() -> Self {
+        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            database_url: get("WTC_DATABASE_URL"),
+            redis_url: get("WTC_REDIS_URL"),
+            listen: get("WTC_LISTEN"),
+        }
+    }
+}
+
+impl SidecarConfig {
+    /// Parses a TOML document, applies the overrides, and validates the result.
+    pub fn parse(text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config: SidecarConfig = toml::from_str(text)?;
+        if let Some(url) = &overrides.database_url {
+            config.database.url = url.clone();
+        }
+        if let Some(url) = &overrides.redis_url {
+            config.redis.url = url.clone();
+        }
+        if let Some(listen) = &overrides.listen {
+            config.listen = listen.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Renders the TOML document the sidecar reads (used by the operator's ConfigMap).
+    pub fn render(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration always serializes")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.database.url.is_empty() {
+            return invalid("database.url is empty (set it or WTC_DATABASE_URL)".into());
+        }
+        if self.redis.url.is_empty() {
+            return invalid("redis.url is empty (set it or WTC_REDIS_URL)".into());
+        }
+        match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => {}
+            Ok(addr) => {
+                return invalid(format!(
+                    "listen = {addr} is not a loopback address; the sidecar only serves its own pod"
+                ));
+            }
+            Err(_) => return invalid(format!("listen = {:?} is not host:port", self.listen)),
+        }
+        if self.database.pool_size == 0 {
+            return invalid("database.pool_size must be at least 1".into());
+        }
+        if self.entities.is_empty() {
+            return invalid("no entities configured".into());
+        }
+        let mut names = HashSet::new();
+        for e in &self.entities {
+            if !is_entity_name(&e.name) {
+                return invalid(format!(
+                    "entity name {:?} must be 1-63 characters of a-z, 0-9, '-' or '_'",
+                    e.name
+                ));
+            }
+            if !names.insert(e.name.as_str()) {
+                return invalid(format!("entity {:?} is configured twice", e.name));
+            }
+            for (what, ident) in [
+                ("table", &e.table),
+                ("key_column", &e.key_column),
+                ("version_column", &e.version_column),
+            ] {
+                if ident.is_empty() || ident.len() > 63 || ident.contains('\0') {
+                    return invalid(format!("entity {:?}: {what} {ident:?} is not a valid identifier", e.name));
+                }
+            }
+            if e.key_column == e.version_column {
+                return invalid(format!(
+                    "entity {:?}: key_column and version_column are the same column",
+                    e.name
+                ));
+            }
+            if e.ttl_seconds == 0 {
+                return invalid(format!("entity {:?}: ttl_seconds must be at least 1", e.name));
+            }
+        }
+        if self.cache.lease_ttl_ms == 0 || self.cache.tombstone_ttl_seconds == 0 {
+            return invalid("cache.lease_ttl_ms and cache.tombstone_ttl_seconds must be positive".into());
+        }
+        if !(self.cache.early_expiration_beta >= 0.0 && self.cache.early_expiration_beta.is_finite()) {
+            return invalid("cache.early_expiration_beta must be a finite number >= 0".into());
+        }
+        if self.limits.max_key_bytes == 0 {
+            return invalid("limits.max_key_bytes must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+fn is_entity_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "postgres://localhost/app"
+        [redis]
+        url = "redis://127.0.0.1:6379"
+        [[entities]]
+        name = "accounts"
+        table = "accounts"
+    "#;
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7480");
+        assert_eq!(c.entities[0].key_column, "id");
+        assert_eq!(c.entities[0].version_column, "version");
+        assert_eq!(c.entities[0].ttl_seconds, 300);
+        assert_eq!(c.cache, CacheConfig::default());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let o = Overrides {
+            database_url: Some("postgres://other/db".into()),
+            redis_url: Some("redis://127.0.0.1:7000".into()),
+            listen: Some("127.0.0.1:9000".into()),
+        };
+        let c = SidecarConfig::parse(MINIMAL, &o).unwrap();
+        assert_eq!(c.database.url, "postgres://other/db");
+        assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
+        assert_eq!(c.listen, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn render_round_trips() {
+        let c = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn rejects_what_would_break_at_runtime() {
+        let cases = [
+            (MINIMAL.replace("name = \"accounts\"", "name = \"Bad Name\""), "entity name"),
+            (format!("listen = \"0.0.0.0:7480\"\n{MINIMAL}"), "not a loopback"),
+            (format!("{MINIMAL}\n[[entities]]\nname = \"accounts\"\ntable = \"t\""), "twice"),
+            (MINIMAL.replace("table = \"accounts\"", "table = \"a\"\nkey_column = \"version\""), "same column"),
+            (format!("{MINIMAL}\nsurprise = 1"), "unknown field"),
+        ];
+        for (text, expected) in cases {
+            let err = SidecarConfig::parse(&text, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+        }
+    }
+}

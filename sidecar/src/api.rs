@@ -1,0 +1,386 @@
+//! The localhost HTTP API (warp). Translates requests into calls on the protocol (`read.rs`,
+//! `write.rs`) and their outcomes into responses; holds no protocol logic of its own.
+//!
+//! Every error is a JSON body `{"error": {"code": "...", "message": "..."}}` with a specific
+//! status; nothing the client sends can produce a 500, and no SQL reaches a message.
+
+use crate::db::DbError;
+use crate::envelope::Envelope;
+use crate::sidecar::{CacheStatus, ReadOutcome, Sidecar, WriteError, WriteOutcome};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use percent_encoding::percent_decode_str;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use warp::Filter;
+use warp::http::{HeaderMap, Method, StatusCode, header};
+use warp::path::FullPath;
+use warp::reply::Response;
+
+pub const CACHE_HEADER: &str = "x-wtc-cache";
+
+pub fn routes(sc: Arc<Sidecar>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |method: Method, path: FullPath, headers: HeaderMap, body| {
+            let sc = Arc::clone(&sc);
+            async move { handle(sc, method, path.as_str(), &headers, body).await }
+        })
+}
+
+async fn handle<S, B>(sc: Arc<Sidecar>, method: Method, path: &str, headers: &HeaderMap, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    match path {
+        "/healthz" => return only_get(&method).unwrap_or_else(|| json_response(StatusCode::OK, json!({"status": "ok"}))),
+        "/readyz" => {
+            return match only_get(&method) {
+                Some(r) => r,
+                None => ready(&sc).await,
+            };
+        }
+        "/metrics" => {
+            return only_get(&method).unwrap_or_else(|| {
+                let mut r = Response::new(sc.metrics.render().into());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            });
+        }
+        _ => {}
+    }
+    #[cfg(feature = "test-hooks")]
+    if let Some(rest) = path.strip_prefix("/_test/") {
+        return test_hooks::handle(&sc, &method, rest, body).await;
+    }
+    let Some(rest) = path.strip_prefix("/v1/entities/") else {
+        return error(StatusCode::NOT_FOUND, "no_route", format!("no route for {path}"));
+    };
+    let Some((entity, raw_key)) = rest.split_once('/') else {
+        return error(StatusCode::NOT_FOUND, "no_route", "expected /v1/entities/{entity}/{key}".into());
+    };
+    let Some(idx) = sc.entity(entity) else {
+        return error(StatusCode::NOT_FOUND, "unknown_entity", format!("no entity named {entity:?} is configured"));
+    };
+    let key = match parse_key(raw_key, sc.config.limits.max_key_bytes) {
+        Ok(k) => k,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_key", msg),
+    };
+    let if_match = match parse_if_match(headers) {
+        Ok(v) => v,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_if_match", msg),
+    };
+    match method {
+        Method::GET | Method::HEAD => read_response(sc.read(idx, &key).await),
+        Method::PUT => {
+            let limit = sc.config.limits.max_body_bytes;
+            let raw = match read_body(headers, body, limit).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let (map, raw) = match parse_object(raw) {
+                Ok(v) => v,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_body", msg),
+            };
+            let sc2 = Arc::clone(&sc);
+            let task = sc
+                .writes_in_flight
+                .spawn(async move { sc2.put(idx, &key, &map, &raw, if_match).await });
+            write_response(task.await)
+        }
+        Method::DELETE => {
+            let sc2 = Arc::clone(&sc);
+            let task = sc
+                .writes_in_flight
+                .spawn(async move { sc2.delete(idx, &key, if_match).await });
+            write_response(task.await)
+        }
+        _ => {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not supported here; use GET, PUT or DELETE"),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, PUT, DELETE"));
+            r
+        }
+    }
+}
+
+/// `None` for GET (go on), a 405 otherwise.
+fn only_get(method: &Method) -> Option<Response> {
+    if method == Method::GET || method == Method::HEAD {
+        None
+    } else {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET".into());
+        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        Some(r)
+    }
+}
+
+/// `/readyz`: ready only when the database answers (Redis being away degrades, not stops).
+async fn ready(sc: &Sidecar) -> Response {
+    if sc.db.ping().await {
+        json_response(StatusCode::OK, json!({"status": "ready", "redis": sc.cache.is_up()}))
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database does not answer".into())
+    }
+}
+
+fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
+    if raw.contains('/') {
+        return Err("the key must be one path segment; encode '/' as %2F".into());
+    }
+    let key = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| "the key is not valid UTF-8 once percent-decoded".to_string())?;
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    if key.len() > max_bytes {
+        return Err(format!("the key is {} bytes long; the limit is {max_bytes}", key.len()));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("the key contains control characters".into());
+    }
+    Ok(key.into_owned())
+}
+
+/// `If-Match: "N"` (also `N` and `W/"N"`).
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, String> {
+    let mut values = headers.get_all(header::IF_MATCH).iter();
+    let Some(v) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err("give one If-Match header with one version".into());
+    }
+    let s = v.to_str().map_err(|_| "If-Match is not ASCII".to_string())?.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    s.parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 0)
+        .map(Some)
+        .ok_or_else(|| format!("If-Match must be a version such as \"12\", not {s:?}"))
+}
+
+async fn read_body<S, B>(headers: &HeaderMap, mut body: S, limit: u64) -> Result<Bytes, Response>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|_| error(StatusCode::BAD_REQUEST, "invalid_body", "the body could not be read".into()))?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn parse_object(raw: Bytes) -> Result<(Map<String, Value>, String), String> {
+    let text = String::from_utf8(raw.to_vec()).map_err(|_| "the body is not UTF-8".to_string())?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok((map, text)),
+        Ok(_) => Err("the body must be a JSON object of column values".into()),
+        Err(e) => Err(format!("the body is not valid JSON: {e}")),
+    }
+}
+
+fn read_response(r: Result<ReadOutcome, DbError>) -> Response {
+    match r {
+        Ok(ReadOutcome {
+            envelope: Some(env),
+            status,
+        }) if !env.deleted => envelope_response(StatusCode::OK, &env, status),
+        Ok(ReadOutcome { envelope, status }) => {
+            let mut r = error(StatusCode::NOT_FOUND, "not_found", "no row with this key".into());
+            if let Some(tombstone) = envelope {
+                set_etag(&mut r, tombstone.version);
+            }
+            set_cache_status(&mut r, status);
+            r
+        }
+        Err(e) => db_error(e),
+    }
+}
+
+fn write_response(r: Result<Result<WriteOutcome, WriteError>, tokio::task::JoinError>) -> Response {
+    match r {
+        Ok(Ok(WriteOutcome::Committed {
+            envelope,
+            created,
+            status,
+        })) => {
+            let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+            envelope_response(code, &envelope, status)
+        }
+        Ok(Ok(WriteOutcome::NotFound)) => error(StatusCode::NOT_FOUND, "not_found", "no row with this key".into()),
+        Ok(Ok(WriteOutcome::PreconditionFailed { current })) => {
+            let msg = match current {
+                Some(v) => format!("If-Match does not hold: the row is at version {v}"),
+                None => "If-Match does not hold: there is no row with this key".into(),
+            };
+            let mut r = error(StatusCode::PRECONDITION_FAILED, "precondition_failed", msg);
+            if let Some(v) = current {
+                set_etag(&mut r, v);
+            }
+            r
+        }
+        Ok(Err(WriteError::Body(e))) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()),
+        Ok(Err(WriteError::Db(e))) => db_error(e),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the write task failed".into()),
+    }
+}
+
+fn db_error(e: DbError) -> Response {
+    match e {
+        DbError::Rejected(msg) => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected_by_database", msg),
+        DbError::BadKey(msg) => error(StatusCode::BAD_REQUEST, "invalid_key", msg),
+        DbError::Unavailable => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+        DbError::Schema(msg) => error(StatusCode::SERVICE_UNAVAILABLE, "entity_unavailable", msg),
+        DbError::Internal => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+fn envelope_response(code: StatusCode, env: &Envelope, status: CacheStatus) -> Response {
+    let mut r = Response::new(env.bytes.clone().into());
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    set_etag(&mut r, env.version);
+    set_cache_status(&mut r, status);
+    r
+}
+
+fn set_etag(r: &mut Response, version: i64) {
+    if let Ok(v) = header::HeaderValue::from_str(&format!("\"{version}\"")) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+}
+
+fn set_cache_status(r: &mut Response, status: CacheStatus) {
+    r.headers_mut()
+        .insert(CACHE_HEADER, header::HeaderValue::from_static(status.as_str()));
+}
+
+fn json_response(code: StatusCode, body: Value) -> Response {
+    let mut r = Response::new(body.to_string().into());
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(code: StatusCode, kind: &str, message: String) -> Response {
+    json_response(code, json!({"error": {"code": kind, "message": message}}))
+}
+
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    //! `POST /_test/holds` {"point","entity","key"} -> {"id"}; `GET /_test/holds/{id}/reached`
+    //! waits until a request is held; `POST /_test/holds/{id}/release` lets it go.
+    use super::*;
+    use std::time::Duration;
+
+    pub async fn handle<S, B>(sc: &Sidecar, method: &Method, rest: &str, body: S) -> Response
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Unpin,
+        B: Buf,
+    {
+        let parts: Vec<&str> = rest.split('/').collect();
+        match (method.clone(), parts.as_slice()) {
+            (Method::POST, ["holds"]) => {
+                let Ok(raw) = read_body(&HeaderMap::new(), body, 4096).await else {
+                    return error(StatusCode::BAD_REQUEST, "invalid_body", "unreadable".into());
+                };
+                let v: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+                let (Some(point), Some(entity), Some(key)) =
+                    (v["point"].as_str(), v["entity"].as_str(), v["key"].as_str())
+                else {
+                    return error(StatusCode::BAD_REQUEST, "invalid_body", "need point, entity, key".into());
+                };
+                let id = sc.hooks.arm(point, entity, key);
+                json_response(StatusCode::OK, json!({"id": id}))
+            }
+            (Method::GET, ["holds", id, "reached"]) => {
+                let id = id.parse().unwrap_or(0);
+                if sc.hooks.wait_reached(id, Duration::from_secs(10)).await {
+                    json_response(StatusCode::OK, json!({"reached": true}))
+                } else {
+                    error(StatusCode::REQUEST_TIMEOUT, "not_reached", "no request reached the hold".into())
+                }
+            }
+            (Method::POST, ["holds", id, "release"]) => {
+                if sc.hooks.release(id.parse().unwrap_or(0)) {
+                    json_response(StatusCode::OK, json!({"released": true}))
+                } else {
+                    error(StatusCode::NOT_FOUND, "unknown_hold", "no such hold".into())
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "no_route", "unknown test hook route".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_decoded_and_bounded() {
+        assert_eq!(parse_key("a%2Fb", 10).unwrap(), "a/b");
+        assert!(parse_key("a/b", 10).is_err());
+        assert!(parse_key("", 10).is_err());
+        assert!(parse_key("%FF", 10).is_err());
+        assert!(parse_key("%0A", 10).is_err());
+        assert!(parse_key(&"k".repeat(11), 10).unwrap_err().contains("limit is 10"));
+    }
+
+    #[test]
+    fn if_match_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_if_match(&h), Ok(None));
+        for (v, want) in [("\"12\"", 12), ("12", 12), ("W/\"7\"", 7)] {
+            h.insert(header::IF_MATCH, v.parse().unwrap());
+            assert_eq!(parse_if_match(&h), Ok(Some(want)));
+        }
+        for bad in ["*", "\"x\"", "-1", "\"1\", \"2\""] {
+            h.insert(header::IF_MATCH, bad.parse().unwrap());
+            assert!(parse_if_match(&h).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! PostgreSQL side of the protocol: one statement per write, versions from a per-table sequence.
+//!
+//! Table and column names come only from configuration and the catalog, and are always quoted as
+//! identifiers; keys and values are always bound parameters.
+//!
+//! Every statement that assigns a version first takes a transaction-scoped advisory lock on
+//! (table, key). `nextval` is evaluated under that lock, so for one key the versions increase in
+//! commit order, across update, delete and re-insert. Without it, an INSERT evaluates its
+//! `nextval` before it meets a concurrent DELETE of the same key and can commit a version below
+//! the delete's tombstone.
+
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use wtc_config::{DatabaseConfig, Entity};
+
+use crate::envelope::Envelope;
+
+/// `written_at` in RFC 3339, UTC, from the database clock.
+const NOW_RFC3339: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// Connection refused or lost, pool exhausted, statement timeout. The write may or may not
+    /// have committed when this comes back from a write.
+    #[error("the database is unavailable")]
+    Unavailable,
+    /// The database refused the values (type, constraint). Message in the database's words.
+    #[error("{0}")]
+    Rejected(String),
+    /// The key cannot be a value of the key column's type.
+    #[error("{0}")]
+    BadKey(String),
+    /// The configured table cannot be used as configured.
+    #[error("{0}")]
+    Schema(String),
+    #[error("internal database error")]
+    Internal,
+}
+
+impl DbError {
+    /// Whether a failed write may nevertheless have committed (the cache must then be repaired).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, DbError::Unavailable | DbError::Internal)
+    }
+
+    fn from_sqlx(e: sqlx::Error, key_only: bool) -> Self {
+        match &e {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                let message = db.message().to_string();
+                match code.get(..2) {
+                    Some("22") if key_only => DbError::BadKey(format!("invalid key: {message}")),
+                    Some("22") | Some("23") => DbError::Rejected(message),
+                    Some("08") | Some("53") | Some("57") | Some("40") => DbError::Unavailable,
+                    _ if code == "42703" => DbError::Rejected(message),
+                    _ => {
+                        tracing::error!(sqlstate = %code, "database error");
+                        DbError::Internal
+                    }
+                }
+            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => DbError::Unavailable,
+            other => {
+                tracing::error!(error = %other, "database client error");
+                DbError::Internal
+            }
+        }
+    }
+}
+
+/// What a write statement returned.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub envelope: Envelope,
+    pub created: bool,
+}
+
+/// Outcome of a conditional statement that matched no row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Precondition {
+    /// The row exists at another version (or does not exist: `None`).
+    Failed { current: Option<i64> },
+}
+
+pub struct Database {
+    pool: PgPool,
+    timeout: Duration,
+    tables: Vec<OnceCell<Arc<Table>>>,
+    entities: Vec<Entity>,
+}
+
+impl Database {
+    /// Builds the pool without connecting: the sidecar starts, and answers 503, when PostgreSQL
+    /// is not up yet.
+    pub fn new(config: &DatabaseConfig, entities: &[Entity]) -> Result<Self, String> {
+        let options = PgConnectOptions::from_str(&config.url)
+            .map_err(|_| "database.url is not a valid PostgreSQL URL".to_string())?
+            .options([("statement_timeout", config.statement_timeout_ms.to_string())])
+            .application_name("wtc-sidecar");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size)
+            // A ping before every acquire costs a round trip per request; a broken connection
+            // surfaces as an error on use instead, and the pool replaces it.
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_millis(config.statement_timeout_ms.min(2_000)))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            timeout: Duration::from_millis(config.statement_timeout_ms + 500),
+            tables: entities.iter().map(|_| OnceCell::new()).collect(),
+            entities: entities.to_vec(),
+        })
+    }
+
+    pub async fn ping(&self) -> bool {
+        let q = sqlx::query("SELECT 1").fetch_one(&self.pool);
+        matches!(tokio::time::timeout(Duration::from_secs(1), q).await, Ok(Ok(_)))
+    }
+
+    /// The table of entity `idx`, introspected on first use (the application may create or
+    /// migrate it after the sidecar started). Failures are not remembered.
+    pub async fn table(&self, idx: usize) -> Result<Arc<Table>, DbError> {
+        self.tables[idx]
+            .get_or_try_init(|| async {
+                let t = Table::load(&self.pool, &self.entities[idx]).await?;
+                Ok::<_, DbError>(Arc::new(t))
+            })
+            .await
+            .cloned()
+    }
+
+    async fn fetch_optional(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        key_only: bool,
+    ) -> Result<Option<PgRow>, DbError> {
+        match tokio::time::timeout(self.timeout, q.fetch_optional(&self.pool)).await {
+            Ok(r) => r.map_err(|e| DbError::from_sqlx(e, key_only)),
+            Err(_) => Err(DbError::Unavailable),
+        }
+    }
+
+    /// Reads the row of `key`; `None` when there is none.
+    pub async fn read(&self, table: &Table, key: &str) -> Result<Option<Envelope>, DbError> {
+        table.check_key(key)?;
+        let q = sqlx::query(AssertSqlSafe(table.read_sql.clone())).bind(key);
+        let row = self.fetch_optional(q, true).await?;
+        row.map(|r| row_envelope(&r)).transpose()
+    }
+
+    /// Upserts the fields of `body` (an object whose columns `check_body` accepted).
+    /// `if_match`: only update the row when it is at that version.
+    pub async fn upsert(
+        &self,
+        table: &Table,
+        key: &str,
+        body: &str,
+        columns: &[&str],
+        if_match: Option<i64>,
+    ) -> Result<Result<Committed, Precondition>, DbError> {
+        table.check_key(key)?;
+        let lock = lock_key(&table.name, key);
+        let row = match if_match {
+            None => {
+                let sql = table.upsert_sql(columns);
+                let q = sqlx::query(AssertSqlSafe(sql)).bind(body).bind(key).bind(lock);
+                self.fetch_optional(q, false).await?
+            }
+            Some(expected) => {
+                let sql = table.update_sql(columns);
+                let q = sqlx::query(AssertSqlSafe(sql))
+                    .bind(body)
+                    .bind(key)
+                    .bind(lock)
+                    .bind(expected);
+                self.fetch_optional(q, false).await?
+            }
+        };
+        match row {
+            Some(r) => {
+                let envelope = row_envelope(&r)?;
+                let created: bool = r.try_get(3).map_err(|_| DbError::Internal)?;
+                Ok(Ok(Committed { envelope, created }))
+            }
+            None => Ok(Err(Precondition::Failed {
+                current: self.current_version(table, key).await?,
+            })),
+        }
+    }
+
+    /// Deletes the row; the returned tombstone carries a fresh version from the sequence.
+    /// `Ok(None)` when there was no row (and no precondition was given).
+    pub async fn delete(
+        &self,
+        table: &Table,
+        key: &str,
+        if_match: Option<i64>,
+    ) -> Result<Result<Option<Envelope>, Precondition>, DbError> {
+        table.check_key(key)?;
+        let lock = lock_key(&table.name, key);
+        let q = match if_match {
+            None => sqlx::query(AssertSqlSafe(table.delete_sql.clone())).bind(key).bind(lock),
+            Some(v) => sqlx::query(AssertSqlSafe(table.delete_if_match_sql.clone()))
+                .bind(key)
+                .bind(lock)
+                .bind(v),
+        };
+        match self.fetch_optional(q, true).await? {
+            Some(r) => {
+                let version: i64 = r.try_get(0).map_err(|_| DbError::Internal)?;
+                let at: String = r.try_get(1).map_err(|_| DbError::Internal)?;
+                Ok(Ok(Some(Envelope::tombstone(version, &at))))
+            }
+            None if if_match.is_some() => Ok(Err(Precondition::Failed {
+                current: self.current_version(table, key).await?,
+            })),
+            None => Ok(Ok(None)),
+        }
+    }
+
+    async fn current_version(&self, table: &Table, key: &str) -> Result<Option<i64>, DbError> {
+        let q = sqlx::query(AssertSqlSafe(table.version_sql.clone())).bind(key);
+        let row = self.fetch_optional(q, true).await?;
+        row.map(|r| r.try_get::<i64, _>(0).map_err(|_| DbError::Internal))
+            .transpose()
+    }
+}
+
+fn row_envelope(r: &PgRow) -> Result<Envelope, DbError> {
+    let data: String = r.try_get(0).map_err(|_| DbError::Internal)?;
+    let version: i64 = r.try_get(1).map_err(|_| DbError::Internal)?;
+    let at: String = r.try_get(2).map_err(|_| DbError::Internal)?;
+    Ok(Envelope::row(version, &data, &at))
+}
+
+/// Advisory lock id for (table, key): FNV-1a, stable across processes and machines.
+fn lock_key(table: &str, key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in table.bytes().chain([0u8]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// One configured table as found in the catalog, with its statements.
+#[derive(Debug)]
+pub struct Table {
+    pub name: String,
+    /// Column name -> position, for the columns a body may set.
+    writable: HashMap<String, usize>,
+    key_column: String,
+    version_column: String,
+    key_is_integer: bool,
+    q_table: String,
+    q_key: String,
+    q_version: String,
+    key_cast: String,
+    returning: String,
+    next_version: String,
+    read_sql: Arc<str>,
+    version_sql: Arc<str>,
+    delete_sql: Arc<str>,
+    delete_if_match_sql: Arc<str>,
+}
+
+impl Table {
+    async fn load(pool: &PgPool, entity: &Entity) -> Result<Table, DbError> {
+        let regclass = quote_ident(&entity.table);
+        let cols = sqlx::query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnum::int4 \
+             FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
+             AND NOT a.attisdropped ORDER BY a.attnum",
+        )
+        .bind(&regclass)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| DbError::from_sqlx(e, false))?;
+        if cols.is_empty() {
+            return Err(DbError::Schema(format!(
+                "table {:?} of entity {:?} does not exist",
+                entity.table, entity.name
+            )));
+        }
+        let mut types = HashMap::new();
+        let mut attnums = HashMap::new();
+        for r in &cols {
+            let name: String = r.try_get(0).map_err(|_| DbError::Internal)?;
+            let ty: String = r.try_get(1).map_err(|_| DbError::Internal)?;
+            let num: i32 = r.try_get(2).map_err(|_| DbError::Internal)?;
+            types.insert(name.clone(), ty);
+            attnums.insert(name, num);
+        }
+        let missing = |c: &str| {
+            DbError::Schema(format!(
+                "table {:?} of entity {:?} has no column {c:?}",
+                entity.table, entity.name
+            ))
+        };
+        let key_type = types.get(&entity.key_column).ok_or_else(|| missing(&entity.key_column))?.clone();
+        let version_type = types
+            .get(&entity.version_column)
+            .ok_or_else(|| missing(&entity.version_column))?;
+        if version_type != "bigint" && version_type != "integer" {
+            return Err(DbError::Schema(format!(
+                "version column {:?} of table {:?} must be bigint or integer, not {version_type}",
+                entity.version_column, entity.table
+            )));
+        }
+        let unique: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = to_regclass($1) \
+             AND i.indisunique AND i.indnkeyatts = 1 AND i.indkey[0] = $2::int2 AND i.indpred IS NULL)",
+        )
+        .bind(&regclass)
+        .bind(attnums[&entity.key_column])
+        .fetch_one(pool)
+        .await
+        .map_err(|e| DbError::from_sqlx(e, false))?;
+        if !unique {
+            return Err(DbError::Schema(format!(
+                "key column {:?} of table {:?} needs a primary key or unique index",
+                entity.key_column, entity.table
+            )));
+        }
+
+        let sequence = sequence_name(&entity.table, &entity.version_column);
+        ensure_sequence(pool, &entity.table, &entity.version_column, &sequence).await?;
+
+        let q_table = quote_ident(&entity.table);
+        let q_key = quote_ident(&entity.key_column);
+        let q_version = quote_ident(&entity.version_column);
+        let key_cast = format!("CAST($KEY::text AS {key_type})");
+        let next_version = format!("nextval({}::regclass)", quote_literal(&quote_ident(&sequence)));
+        let data = format!(
+            "(to_jsonb(t) - {})::text, t.{q_version}::int8, {NOW_RFC3339}",
+            quote_literal(&entity.version_column)
+        );
+        let where_key = format!("t.{q_key} = {}", key_cast.replace("$KEY", "$1"));
+        let lock = "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($2::int8))";
+        let read_sql = format!("SELECT {data} FROM {q_table} AS t WHERE {where_key}");
+        let version_sql = format!("SELECT t.{q_version}::int8 FROM {q_table} AS t WHERE {where_key}");
+        let delete_sql = format!(
+            "{lock} DELETE FROM {q_table} AS t USING l WHERE {where_key} \
+             RETURNING {next_version}::int8, {NOW_RFC3339}"
+        );
+        let delete_if_match_sql = format!(
+            "{lock} DELETE FROM {q_table} AS t USING l WHERE {where_key} AND t.{q_version} = $3::int8 \
+             RETURNING {next_version}::int8, {NOW_RFC3339}"
+        );
+        let writable = attnums
+            .iter()
+            .filter(|(name, _)| **name != entity.version_column)
+            .map(|(name, n)| (name.clone(), *n as usize))
+            .collect();
+        Ok(Table {
+            name: entity.table.clone(),
+            writable,
+            key_column: entity.key_column.clone(),
+            version_column: entity.version_column.clone(),
+            key_is_integer: matches!(key_type.as_str(), "smallint" | "integer" | "bigint"),
+            q_table,
+            q_key,
+            q_version,
+            key_cast,
+            returning: data,
+            next_version,
+            read_sql: read_sql.into(),
+            version_sql: version_sql.into(),
+            delete_sql: delete_sql.into(),
+            delete_if_match_sql: delete_if_match_sql.into(),
+        })
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), DbError> {
+        if self.key_is_integer && key.parse::<i64>().is_err() {
+            return Err(DbError::BadKey(format!(
+                "key {key:?} is not an integer, and column {:?} holds integers",
+                self.key_column
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates a write body: the columns it names, in table order. The key column may appear
+    /// only with the key of the URL; the version column never.
+    pub fn check_body<'a>(&self, body: &'a Map<String, Value>, key: &str) -> Result<Vec<&'a str>, BodyError> {
+        let mut unknown = Vec::new();
+        let mut columns = Vec::new();
+        for (name, value) in body {
+            if *name == self.key_column {
+                let same = match value {
+                    Value::String(s) => s == key,
+                    Value::Number(n) => n.to_string() == key,
+                    _ => false,
+                };
+                if !same {
+                    return Err(BodyError::KeyMismatch(name.clone()));
+                }
+                continue;
+            }
+            match self.writable.get(name) {
+                Some(pos) => columns.push((*pos, name.as_str())),
+                None if *name == self.version_column => return Err(BodyError::VersionColumn(name.clone())),
+                None => unknown.push(name.clone()),
+            }
+        }
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(BodyError::UnknownColumns(unknown));
+        }
+        columns.sort_unstable();
+        Ok(columns.into_iter().map(|(_, n)| n).collect())
+    }
+
+    fn upsert_sql(&self, columns: &[&str]) -> String {
+        let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
+        let mut names = String::new();
+        let mut values = String::new();
+        let mut sets = String::new();
+        for c in columns {
+            let q = quote_ident(c);
+            names.push_str(&format!("{q}, "));
+            values.push_str(&format!("r.{q}, "));
+            sets.push_str(&format!("{q} = EXCLUDED.{q}, "));
+        }
+        format!(
+            "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($3::int8)) \
+             INSERT INTO {q_table} AS t ({names}{q_key}, {q_version}) \
+             SELECT {values}{key}, {next} FROM l, jsonb_populate_record(NULL::{q_table}, $1::jsonb) AS r \
+             ON CONFLICT ({q_key}) DO UPDATE SET {sets}{q_version} = EXCLUDED.{q_version} \
+             RETURNING {ret}, (t.xmax = 0)",
+            key = self.key_cast.replace("$KEY", "$2"),
+            next = self.next_version,
+            ret = self.returning,
+        )
+    }
+
+    fn update_sql(&self, columns: &[&str]) -> String {
+        let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
+        let mut sets = String::new();
+        for c in columns {
+            let q = quote_ident(c);
+            sets.push_str(&format!("{q} = r.{q}, "));
+        }
+        format!(
+            "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($3::int8)) \
+             UPDATE {q_table} AS t SET {sets}{q_version} = {next} \
+             FROM l, jsonb_populate_record(NULL::{q_table}, $1::jsonb) AS r \
+             WHERE t.{q_key} = {key} AND t.{q_version} = $4::int8 \
+             RETURNING {ret}, false",
+            key = self.key_cast.replace("$KEY", "$2"),
+            next = self.next_version,
+            ret = self.returning,
+        )
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BodyError {
+    #[error("unknown column(s): {}", .0.join(", "))]
+    UnknownColumns(Vec<String>),
+    #[error("column {0:?} is the version: the sidecar assigns it")]
+    VersionColumn(String),
+    #[error("column {0:?} is the key and differs from the key in the URL")]
+    KeyMismatch(String),
+}
+
+/// Name of the version sequence the sidecar owns for a table (at most 63 bytes).
+pub fn sequence_name(table: &str, version_column: &str) -> String {
+    let mut name = format!("{table}_{version_column}_wtc_seq");
+    while name.len() > 63 {
+        let cut = name.char_indices().nth(name.chars().count() - 1).map(|(i, _)| i).unwrap_or(0);
+        name.truncate(cut);
+    }
+    name
+}
+
+/// Creates the version sequence when missing and moves it past the versions already in the table
+/// (adopting an existing table). Serialized across sidecars by an advisory lock.
+async fn ensure_sequence(pool: &PgPool, table: &str, version_column: &str, sequence: &str) -> Result<(), DbError> {
+    let q_seq = quote_ident(sequence);
+    let mut tx = pool.begin().await.map_err(|e| DbError::from_sqlx(e, false))?;
+    let steps = [
+        format!("SELECT pg_advisory_xact_lock({})", lock_key("wtc-sequence", sequence)),
+        format!("CREATE SEQUENCE IF NOT EXISTS {q_seq} AS bigint"),
+        format!(
+            "SELECT setval({lit}::regclass, m) FROM (SELECT max({v})::int8 AS m FROM {t}) s \
+             WHERE m IS NOT NULL AND m >= (SELECT last_value FROM {q_seq})",
+            lit = quote_literal(&q_seq),
+            v = quote_ident(version_column),
+            t = quote_ident(table),
+        ),
+    ];
+    for sql in steps {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| DbError::from_sqlx(e, false))?;
+    }
+    tx.commit().await.map_err(|e| DbError::from_sqlx(e, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn lock_key_depends_on_table_and_key() {
+        assert_eq!(lock_key("t", "a"), lock_key("t", "a"));
+        assert_ne!(lock_key("t", "a"), lock_key("t", "b"));
+        assert_ne!(lock_key("ta", ""), lock_key("t", "a"));
+    }
+
+    #[test]
+    fn sequence_name_fits_postgres_limit() {
+        assert_eq!(sequence_name("accounts", "version"), "accounts_version_wtc_seq");
+        assert!(sequence_name(&"x".repeat(63), "version").len() <= 63);
+    }
+}

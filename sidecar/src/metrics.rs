@@ -1,0 +1,170 @@
+//! Prometheus metrics (`wtc_` prefix, base units). Label handles for each entity are resolved once
+//! at startup so the hot path only bumps atomics.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Handles for one entity.
+pub struct EntityMetrics {
+    pub hit: IntCounter,
+    pub miss: IntCounter,
+    pub bypass: IntCounter,
+    pub fill_won: IntCounter,
+    pub fill_lost_lease: IntCounter,
+    pub fill_rejected: IntCounter,
+    pub fill_waited: IntCounter,
+    pub write_ok: IntCounter,
+    pub write_repairing: IntCounter,
+    pub write_precondition_failed: IntCounter,
+    pub write_rejected: IntCounter,
+    pub write_failed: IntCounter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub entities: Vec<EntityMetrics>,
+    pub db_read: Histogram,
+    pub db_write: Histogram,
+    pub cache_step: Histogram,
+    pub cache_step_retries: IntCounter,
+    pub cache_step_failures: IntCounter,
+    pub repair_depth: IntGauge,
+    pub repair_oldest_age: Gauge,
+    pub repairs: IntCounter,
+    pub stale_window: Histogram,
+    pub redis_errors: IntCounter,
+    reads: IntCounter,
+    writes: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl Metrics {
+    pub fn new(entity_names: &[&str]) -> Self {
+        let registry = Registry::new();
+        let lookups = IntCounterVec::new(
+            Opts::new("wtc_cache_lookups_total", "Reads by what the cache did: hit, miss (read from the database), bypass (cache skipped)."),
+            &["entity", "result"],
+        )
+        .unwrap();
+        let fills = IntCounterVec::new(
+            Opts::new("wtc_fills_total", "Cache fills after a miss: won (stored), lost_lease (revoked by a write), rejected (newer version cached), waited (another filler's value used)."),
+            &["entity", "outcome"],
+        )
+        .unwrap();
+        let writes = IntCounterVec::new(
+            Opts::new("wtc_writes_total", "Writes by outcome: ok, repairing (committed, cache step failed), precondition_failed, rejected (bad input), failed (database error)."),
+            &["entity", "outcome"],
+        )
+        .unwrap();
+        let db = HistogramVec::new(
+            HistogramOpts::new("wtc_db_duration_seconds", "Database statement latency.").buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .unwrap();
+        let cache_step = Histogram::with_opts(
+            HistogramOpts::new("wtc_cache_step_duration_seconds", "Latency of a write's cache step, retries included.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap();
+        let stale_window = Histogram::with_opts(
+            HistogramOpts::new(
+                "wtc_stale_window_seconds",
+                "Time from a failed cache step to its repair: how long other sidecars could read an older version.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )
+        .unwrap();
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
+        let m = Metrics {
+            registry,
+            entities: entity_names
+                .iter()
+                .map(|e| EntityMetrics {
+                    hit: lookups.with_label_values(&[e, "hit"]),
+                    miss: lookups.with_label_values(&[e, "miss"]),
+                    bypass: lookups.with_label_values(&[e, "bypass"]),
+                    fill_won: fills.with_label_values(&[e, "won"]),
+                    fill_lost_lease: fills.with_label_values(&[e, "lost_lease"]),
+                    fill_rejected: fills.with_label_values(&[e, "rejected"]),
+                    fill_waited: fills.with_label_values(&[e, "waited"]),
+                    write_ok: writes.with_label_values(&[e, "ok"]),
+                    write_repairing: writes.with_label_values(&[e, "repairing"]),
+                    write_precondition_failed: writes.with_label_values(&[e, "precondition_failed"]),
+                    write_rejected: writes.with_label_values(&[e, "rejected"]),
+                    write_failed: writes.with_label_values(&[e, "failed"]),
+                })
+                .collect(),
+            db_read: db.with_label_values(&["read"]),
+            db_write: db.with_label_values(&["write"]),
+            cache_step,
+            cache_step_retries: counter("wtc_cache_step_retries_total", "Retries of failed cache steps."),
+            cache_step_failures: counter(
+                "wtc_cache_step_failures_total",
+                "Cache steps that failed after all retries (the key went to the repair queue).",
+            ),
+            repair_depth: gauge("wtc_repair_queue_depth", "Keys waiting in the repair queue."),
+            repair_oldest_age: Gauge::new(
+                "wtc_repair_queue_oldest_age_seconds",
+                "Age of the oldest key in the repair queue.",
+            )
+            .unwrap(),
+            repairs: counter("wtc_repairs_total", "Keys repaired (evicted) by the repair queue."),
+            stale_window,
+            redis_errors: counter("wtc_redis_errors_total", "Redis calls that failed."),
+            reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
+            writes: counter("wtc_write_operations_total", "Writes attempted (all outcomes)."),
+        };
+        for c in [
+            Box::new(lookups) as Box<dyn prometheus::core::Collector>,
+            Box::new(fills),
+            Box::new(writes),
+            Box::new(db),
+            Box::new(m.cache_step.clone()),
+            Box::new(m.cache_step_retries.clone()),
+            Box::new(m.cache_step_failures.clone()),
+            Box::new(m.repair_depth.clone()),
+            Box::new(m.repair_oldest_age.clone()),
+            Box::new(m.repairs.clone()),
+            Box::new(m.stale_window.clone()),
+            Box::new(m.redis_errors.clone()),
+            Box::new(m.reads.clone()),
+            Box::new(m.writes.clone()),
+        ] {
+            m.registry.register(c).unwrap();
+        }
+        m
+    }
+
+    pub fn read_done(&self) {
+        self.reads.inc();
+    }
+
+    pub fn write_done(&self) {
+        self.writes.inc();
+    }
+
+    /// The text exposition, with the write ratio computed at scrape time.
+    pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        let reads = self.reads.get() as f64;
+        let writes = self.writes.get() as f64;
+        let ratio = if reads + writes > 0.0 { writes / (reads + writes) } else { 0.0 };
+        let g = Gauge::new(
+            "wtc_write_ratio",
+            "Writes / all operations since start. Above 0.2-0.3, write-behind may serve better.",
+        )
+        .unwrap();
+        g.set(ratio);
+        families.extend(prometheus::core::Collector::collect(&g));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out).unwrap();
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,108 @@
+//! Process wiring: configuration, the server on loopback, the repair loop, graceful shutdown.
+
+use crate::api;
+use crate::sidecar::Sidecar;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use wtc_config::{Overrides, SidecarConfig};
+
+const USAGE: &str = "usage: wtc-sidecar [--config PATH]   (or WTC_CONFIG=PATH)
+Environment: WTC_DATABASE_URL, WTC_REDIS_URL and WTC_LISTEN override the file; RUST_LOG sets the log level.";
+
+/// Entry point shared by the release binary and the test build (with hold points).
+pub fn main_entry() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match load_config(std::env::args().skip(1).collect()) {
+        Ok(Some(c)) => c,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("wtc-sidecar: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wtc-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("wtc-sidecar: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: Vec<String>) -> Result<Option<SidecarConfig>, String> {
+    let mut path: Option<PathBuf> = std::env::var_os("WTC_CONFIG").map(PathBuf::from);
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--config" | "-c" => path = Some(it.next().ok_or("--config needs a path")?.into()),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--version" | "-V" => {
+                println!("wtc-sidecar {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let path = path.ok_or_else(|| format!("no configuration file given\n{USAGE}"))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
+    SidecarConfig::parse(&text, &Overrides::from_env())
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub async fn serve(config: SidecarConfig) -> Result<(), String> {
+    let listen = config.listen.clone();
+    let sc = Arc::new(Sidecar::new(config)?);
+    if cfg!(feature = "test-hooks") {
+        tracing::warn!("built with test hold points: not for production");
+    }
+    sc.spawn_repair_loop();
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, entities = sc.config.entities.len(), "wtc-sidecar listening");
+    // Tests start the sidecar on port 0 and read the address from this line.
+    println!("listening on {addr}");
+    warp::serve(api::routes(Arc::clone(&sc)))
+        .incoming(listener)
+        .graceful(shutdown_signal())
+        .run()
+        .await;
+    // Connections are closed; let writes whose clients hung up finish their cache step.
+    sc.writes_in_flight.close();
+    sc.writes_in_flight.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

@@ -1,0 +1,139 @@
+//! The sidecar's shared state (one `Sidecar`, like a controller's `Context`) and the outcomes of
+//! its protocol operations. The read path is in `read.rs`, the write path in `write.rs`; neither
+//! knows anything of HTTP.
+
+use crate::cache::Cache;
+use crate::db::{BodyError, Database, DbError};
+use crate::envelope::Envelope;
+use crate::hooks::Hooks;
+use crate::metrics::Metrics;
+use crate::read::Flights;
+use crate::repair::RepairQueue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+use wtc_config::SidecarConfig;
+
+pub struct Sidecar {
+    pub config: SidecarConfig,
+    entity_index: HashMap<String, usize>,
+    pub db: Database,
+    pub cache: Cache,
+    pub repair: RepairQueue,
+    pub metrics: Metrics,
+    pub hooks: Hooks,
+    pub(crate) flights: Flights,
+    /// Writes run as tasks of their own, so a client that hangs up cannot cut a committed write
+    /// off before its cache step; shutdown waits for them.
+    pub writes_in_flight: TaskTracker,
+}
+
+/// What the cache did for a request, reported in `X-Wtc-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from Redis.
+    Hit,
+    /// Read from the database (and filled, when this reader held the lease).
+    Miss,
+    /// Redis skipped: it is unreachable, or the key waits in the repair queue.
+    Bypass,
+    /// Write: the cache step succeeded (stored, or nothing older was left in the cache).
+    Ok,
+    /// Write committed but its cache step failed; the key is being repaired.
+    Repairing,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Ok => "ok",
+            CacheStatus::Repairing => "repairing",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadOutcome {
+    /// `None`: no such row. A tombstone is a `Some` with `deleted`.
+    pub envelope: Option<Envelope>,
+    pub status: CacheStatus,
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    Committed {
+        envelope: Envelope,
+        created: bool,
+        status: CacheStatus,
+    },
+    /// DELETE of a row that does not exist.
+    NotFound,
+    /// If-Match did not match; `current` is the row's version (`None`: no row).
+    PreconditionFailed { current: Option<i64> },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+}
+
+impl Sidecar {
+    pub fn new(config: SidecarConfig) -> Result<Self, String> {
+        let db = Database::new(&config.database, &config.entities)?;
+        let cache = Cache::new(
+            &config.redis,
+            Duration::from_millis(config.cache.redis_down_backoff_ms),
+        )
+        .map_err(|_| "redis.url is not a valid Redis URL".to_string())?;
+        let names: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
+        let metrics = Metrics::new(&names);
+        let entity_index = config
+            .entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Ok(Self {
+            entity_index,
+            db,
+            cache,
+            repair: RepairQueue::default(),
+            metrics,
+            hooks: Hooks::default(),
+            flights: Flights::default(),
+            writes_in_flight: TaskTracker::new(),
+            config,
+        })
+    }
+
+    pub fn entity(&self, name: &str) -> Option<usize> {
+        self.entity_index.get(name).copied()
+    }
+
+    pub fn entity_name(&self, idx: usize) -> &str {
+        &self.config.entities[idx].name
+    }
+
+    /// Keeps draining the repair queue until the process ends.
+    pub fn spawn_repair_loop(self: &Arc<Self>) {
+        let sc = Arc::clone(self);
+        let every = Duration::from_millis(sc.config.cache.repair_interval_ms.max(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !sc.repair.is_empty() {
+                    sc.repair.drain_once(&sc.cache, &sc.metrics).await;
+                }
+            }
+        });
+    }
+}
