@@ -333,7 +333,8 @@ mod test_hooks {
                 else {
                     return error(StatusCode::BAD_REQUEST, "invalid_body", "need point, entity, key".into());
                 };
-                let id = sc.hooks.arm(point, entity, key);
+                let after = v["release_after_ms"].as_u64().map(Duration::from_millis);
+                let id = sc.hooks.arm(point, entity, key, after);
                 json_response(StatusCode::OK, json!({"id": id}))
             }
             (Method::GET, ["holds", id, "reached"]) => {

@@ -32,6 +32,7 @@ mod armed {
         point: String,
         target: String,
         taken: bool,
+        release_after: Option<std::time::Duration>,
         reached: watch::Sender<bool>,
         released: watch::Sender<bool>,
     }
@@ -44,12 +45,15 @@ mod armed {
     }
 
     impl Hooks {
-        pub fn arm(&self, point: &str, entity: &str, key: &str) -> u64 {
+        /// `release_after`: let the request go by itself after that long (for tests that cannot
+        /// call back, e.g. once the server stopped accepting connections).
+        pub fn arm(&self, point: &str, entity: &str, key: &str, release_after: Option<std::time::Duration>) -> u64 {
             let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
             let hold = Hold {
                 point: point.to_string(),
                 target: format!("{entity}/{key}"),
                 taken: false,
+                release_after,
                 reached: watch::channel(false).0,
                 released: watch::channel(false).0,
             };
@@ -59,7 +63,7 @@ mod armed {
 
         pub async fn hold(&self, point: &'static str, entity: &str, key: &str) {
             let target = format!("{entity}/{key}");
-            let mut released = {
+            let (mut released, release_after) = {
                 let mut holds = self.holds.lock().unwrap();
                 let Some(h) = holds
                     .values_mut()
@@ -69,9 +73,16 @@ mod armed {
                 };
                 h.taken = true;
                 h.reached.send_replace(true);
-                h.released.subscribe()
+                (h.released.subscribe(), h.release_after)
             };
-            let _ = released.wait_for(|r| *r).await;
+            match release_after {
+                Some(after) => {
+                    let _ = tokio::time::timeout(after, released.wait_for(|r| *r)).await;
+                }
+                None => {
+                    let _ = released.wait_for(|r| *r).await;
+                }
+            }
         }
 
         /// Waits until a request is held at hold `id`; false after `timeout` or for an unknown id.

@@ -1,1 +1,446 @@
+//! Support for the end-to-end suites: real PostgreSQL (the cluster `scripts/local-services`
+//! starts), a real redis-server per test, and real sidecar processes (built with hold points).
+#![forbid(unsafe_code)]
 
+use serde_json::Value;
+use sqlx::PgPool;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use wtc_config::{CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, SidecarConfig};
+
+pub use wtc_sidecar::hooks::{FILL_BEFORE_STORE, WRITE_BEFORE_CACHE_STEP};
+
+/// The database the suites use: `WTC_DATABASE_URL` as printed by `scripts/local-services`.
+pub fn database_url() -> String {
+    std::env::var("WTC_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("WTC_DATABASE_URL is not set: run the tests through scripts/test (it starts PostgreSQL and Redis)")
+    })
+}
+
+pub async fn pg() -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&database_url())
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}_{:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+/// Creates a table shaped like the application tables the sidecar serves, with a text key.
+pub async fn create_table(pool: &PgPool, table: &str) {
+    let sql = format!(
+        "CREATE TABLE {table} (id text PRIMARY KEY, owner text, balance numeric NOT NULL DEFAULT 0, \
+         n integer, version bigint NOT NULL DEFAULT 0)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.unwrap();
+}
+
+/// Calls of SELECT statements on `table` (the sidecar's reads), from pg_stat_statements.
+pub async fn select_calls(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE 'SELECT%' AND query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'",
+    )
+    .bind(format!("FROM \"{table}\" AS t"))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+pub async fn db_version(pool: &PgPool, table: &str, key: &str) -> Option<i64> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {table} WHERE id = $1")))
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("wtc-tests").join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A redis-server of the test's own, on a free loopback port; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    persistence: bool,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `persistence`, data survives a restart (append-only file in the test's folder).
+    pub async fn start_with(persistence: bool) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+            persistence,
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", if self.persistence { "yes" } else { "no" }])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn().expect("redis-server is installed (scripts/local-services)"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.connection().await
+                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
+    }
+
+    /// kill -9.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("redis running");
+        signal(pid, sig);
+    }
+
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let mut c = self.connection().await.unwrap();
+        redis::cmd("GET").arg(key).query_async(&mut c).await.unwrap()
+    }
+
+    pub async fn del(&self, key: &str) {
+        let mut c = self.connection().await.unwrap();
+        redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await.unwrap();
+    }
+
+    /// Version of the cached envelope, if any.
+    pub async fn cached_version(&self, entity: &str, key: &str) -> Option<i64> {
+        let raw = self.get(&entry_key(entity, key)).await?;
+        let v: Value = serde_json::from_str(&raw).expect("cached value is JSON");
+        v["v"].as_i64()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// The Redis key of an entry, as the sidecar names it.
+pub fn entry_key(entity: &str, key: &str) -> String {
+    wtc_sidecar::cache::CacheKey::new(entity, key).entry
+}
+
+/// Builder for a sidecar configuration; fixtures start from `Fixture::new(redis)`.
+pub struct Fixture {
+    pub config: SidecarConfig,
+}
+
+impl Fixture {
+    pub fn new(redis_url: &str) -> Self {
+        Self {
+            config: SidecarConfig {
+                listen: "127.0.0.1:0".into(),
+                database: DatabaseConfig {
+                    url: database_url(),
+                    pool_size: 8,
+                    statement_timeout_ms: 5_000,
+                },
+                redis: RedisConfig {
+                    url: redis_url.into(),
+                    connect_timeout_ms: 300,
+                    response_timeout_ms: 200,
+                },
+                cache: CacheConfig::default(),
+                limits: Limits::default(),
+                entities: vec![],
+            },
+        }
+    }
+
+    pub fn entity(mut self, name: &str, table: &str) -> Self {
+        self.config.entities.push(Entity {
+            name: name.into(),
+            table: table.into(),
+            key_column: "id".into(),
+            version_column: "version".into(),
+            ttl_seconds: 300,
+        });
+        self
+    }
+
+    pub fn with(mut self, f: impl FnOnce(&mut SidecarConfig)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    pub async fn start(self) -> Sidecar {
+        Sidecar::start(&self.config).await
+    }
+}
+
+/// A running `wtc-sidecar` process (the build with hold points).
+pub struct Sidecar {
+    pub base: String,
+    pub http: reqwest::Client,
+    child: Child,
+    dir: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub etag: Option<i64>,
+    pub cache: Option<String>,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Reply {
+    pub fn version(&self) -> i64 {
+        self.body["v"].as_i64().unwrap_or_else(|| panic!("no version in {:?}", self.raw))
+    }
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+    pub fn error_message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+impl Sidecar {
+    pub async fn start(config: &SidecarConfig) -> Self {
+        let dir = scratch_dir("sidecar");
+        let path = dir.join("sidecar.toml");
+        std::fs::write(&path, config.render()).unwrap();
+        let mut child = Command::new(sidecar_binary())
+            .arg("--config")
+            .arg(&path)
+            .env_remove("WTC_DATABASE_URL")
+            .env_remove("WTC_REDIS_URL")
+            .env_remove("WTC_LISTEN")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the sidecar");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("sidecar printed its address in time")
+            .unwrap()
+            .expect("sidecar exited before listening");
+        let addr = line.strip_prefix("listening on ").expect("address line").to_string();
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            child,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("sidecar running")
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+
+    pub fn url(&self, entity: &str, key: &str) -> String {
+        format!("{}/v1/entities/{entity}/{key}", self.base)
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let resp = req.send().await.expect("request reached the sidecar");
+        let status = resp.status().as_u16();
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let etag = header("etag").and_then(|e| e.trim_matches('"').parse().ok());
+        let cache = header("x-wtc-cache");
+        let raw = resp.text().await.unwrap();
+        let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
+        Reply {
+            status,
+            etag,
+            cache,
+            body,
+            raw,
+        }
+    }
+
+    pub async fn get(&self, entity: &str, key: &str) -> Reply {
+        self.send(self.http.get(self.url(entity, key))).await
+    }
+
+    pub async fn put(&self, entity: &str, key: &str, body: Value) -> Reply {
+        self.send(self.http.put(self.url(entity, key)).json(&body)).await
+    }
+
+    pub async fn put_if(&self, entity: &str, key: &str, body: Value, version: i64) -> Reply {
+        let req = self
+            .http
+            .put(self.url(entity, key))
+            .header("if-match", format!("\"{version}\""))
+            .json(&body);
+        self.send(req).await
+    }
+
+    pub async fn delete(&self, entity: &str, key: &str) -> Reply {
+        self.send(self.http.delete(self.url(entity, key))).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Value of one sample line of /metrics (exact series text, e.g. `wtc_repair_queue_depth`).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in metrics"))
+    }
+
+    /// Arms a hold point for one key; returns its id.
+    pub async fn hold(&self, point: &str, entity: &str, key: &str) -> u64 {
+        self.arm_hold(serde_json::json!({"point": point, "entity": entity, "key": key})).await
+    }
+
+    /// A hold that lets its request go by itself after `ms`.
+    pub async fn hold_for(&self, point: &str, entity: &str, key: &str, ms: u64) -> u64 {
+        let body = serde_json::json!({"point": point, "entity": entity, "key": key, "release_after_ms": ms});
+        self.arm_hold(body).await
+    }
+
+    async fn arm_hold(&self, body: Value) -> u64 {
+        let r = self.send(self.http.post(format!("{}/_test/holds", self.base)).json(&body)).await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+        r.body["id"].as_u64().unwrap()
+    }
+
+    /// Waits until a request is stopped at the hold.
+    pub async fn wait_held(&self, id: u64) {
+        let r = self
+            .send(self.http.get(format!("{}/_test/holds/{id}/reached", self.base)))
+            .await;
+        assert_eq!(r.status, 200, "no request reached hold {id}: {}", r.raw);
+    }
+
+    pub async fn release(&self, id: u64) {
+        let r = self
+            .send(self.http.post(format!("{}/_test/holds/{id}/release", self.base)))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The sidecar built with hold points: `target/<profile>/wtc-sidecar-under-test`, next to the
+/// test binary's `deps/` folder (cargo builds a package's binaries before its integration tests).
+fn sidecar_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("WTC_SIDECAR_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
+    profile_dir.join("wtc-sidecar-under-test")
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,4 @@
+//! End-to-end suites of the sidecar: real PostgreSQL, real redis-server, real sidecar processes.
+//! One test binary (one link) for all of them.
+
+mod api;
