@@ -2,3 +2,6 @@
 //! One test binary (one link) for all of them.
 
 mod api;
+mod faults;
+mod history;
+mod races;
