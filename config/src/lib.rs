@@ -248,7 +248,10 @@ impl SidecarConfig {
                 ("version_column", &e.version_column),
             ] {
                 if ident.is_empty() || ident.len() > 63 || ident.contains('\0') {
-                    return invalid(format!("entity {:?}: {what} {ident:?} is not a valid identifier", e.name));
+                    return invalid(format!(
+                        "entity {:?}: {what} {ident:?} is not a valid identifier",
+                        e.name
+                    ));
                 }
             }
             if e.key_column == e.version_column {
@@ -258,13 +261,20 @@ impl SidecarConfig {
                 ));
             }
             if e.ttl_seconds == 0 {
-                return invalid(format!("entity {:?}: ttl_seconds must be at least 1", e.name));
+                return invalid(format!(
+                    "entity {:?}: ttl_seconds must be at least 1",
+                    e.name
+                ));
             }
         }
         if self.cache.lease_ttl_ms == 0 || self.cache.tombstone_ttl_seconds == 0 {
-            return invalid("cache.lease_ttl_ms and cache.tombstone_ttl_seconds must be positive".into());
+            return invalid(
+                "cache.lease_ttl_ms and cache.tombstone_ttl_seconds must be positive".into(),
+            );
         }
-        if !(self.cache.early_expiration_beta >= 0.0 && self.cache.early_expiration_beta.is_finite()) {
+        if !(self.cache.early_expiration_beta >= 0.0
+            && self.cache.early_expiration_beta.is_finite())
+        {
             return invalid("cache.early_expiration_beta must be a finite number >= 0".into());
         }
         if self.limits.max_key_bytes == 0 {
@@ -329,15 +339,35 @@ mod tests {
     #[test]
     fn rejects_what_would_break_at_runtime() {
         let cases = [
-            (MINIMAL.replace("name = \"accounts\"", "name = \"Bad Name\""), "entity name"),
-            (format!("listen = \"0.0.0.0:7480\"\n{MINIMAL}"), "not a loopback"),
-            (format!("{MINIMAL}\n[[entities]]\nname = \"accounts\"\ntable = \"t\""), "twice"),
-            (MINIMAL.replace("table = \"accounts\"", "table = \"a\"\nkey_column = \"version\""), "same column"),
+            (
+                MINIMAL.replace("name = \"accounts\"", "name = \"Bad Name\""),
+                "entity name",
+            ),
+            (
+                format!("listen = \"0.0.0.0:7480\"\n{MINIMAL}"),
+                "not a loopback",
+            ),
+            (
+                format!("{MINIMAL}\n[[entities]]\nname = \"accounts\"\ntable = \"t\""),
+                "twice",
+            ),
+            (
+                MINIMAL.replace(
+                    "table = \"accounts\"",
+                    "table = \"a\"\nkey_column = \"version\"",
+                ),
+                "same column",
+            ),
             (format!("{MINIMAL}\nsurprise = 1"), "unknown field"),
         ];
         for (text, expected) in cases {
-            let err = SidecarConfig::parse(&text, &Overrides::default()).unwrap_err().to_string();
-            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+            let err = SidecarConfig::parse(&text, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
         }
     }
 }

@@ -19,24 +19,37 @@ use warp::reply::Response;
 
 pub const CACHE_HEADER: &str = "x-wtc-cache";
 
-pub fn routes(sc: Arc<Sidecar>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub fn routes(
+    sc: Arc<Sidecar>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .then(move |method: Method, path: FullPath, headers: HeaderMap, body| {
-            let sc = Arc::clone(&sc);
-            async move { handle(sc, method, path.as_str(), &headers, body).await }
-        })
+        .then(
+            move |method: Method, path: FullPath, headers: HeaderMap, body| {
+                let sc = Arc::clone(&sc);
+                async move { handle(sc, method, path.as_str(), &headers, body).await }
+            },
+        )
 }
 
-async fn handle<S, B>(sc: Arc<Sidecar>, method: Method, path: &str, headers: &HeaderMap, body: S) -> Response
+async fn handle<S, B>(
+    sc: Arc<Sidecar>,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: S,
+) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
     match path {
-        "/healthz" => return only_get(&method).unwrap_or_else(|| json_response(StatusCode::OK, json!({"status": "ok"}))),
+        "/healthz" => {
+            return only_get(&method)
+                .unwrap_or_else(|| json_response(StatusCode::OK, json!({"status": "ok"})));
+        }
         "/readyz" => {
             return match only_get(&method) {
                 Some(r) => r,
@@ -60,13 +73,25 @@ where
         return test_hooks::handle(&sc, &method, rest, body).await;
     }
     let Some(rest) = path.strip_prefix("/v1/entities/") else {
-        return error(StatusCode::NOT_FOUND, "no_route", format!("no route for {path}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no route for {path}"),
+        );
     };
     let Some((entity, raw_key)) = rest.split_once('/') else {
-        return error(StatusCode::NOT_FOUND, "no_route", "expected /v1/entities/{entity}/{key}".into());
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "expected /v1/entities/{entity}/{key}".into(),
+        );
     };
     let Some(idx) = sc.entity(entity) else {
-        return error(StatusCode::NOT_FOUND, "unknown_entity", format!("no entity named {entity:?} is configured"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_entity",
+            format!("no entity named {entity:?} is configured"),
+        );
     };
     let key = match parse_key(raw_key, sc.config.limits.max_key_bytes) {
         Ok(k) => k,
@@ -107,8 +132,10 @@ where
                 "method_not_allowed",
                 format!("{method} is not supported here; use GET, PUT or DELETE"),
             );
-            r.headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static("GET, PUT, DELETE"));
+            r.headers_mut().insert(
+                header::ALLOW,
+                header::HeaderValue::from_static("GET, PUT, DELETE"),
+            );
             r
         }
     }
@@ -119,8 +146,13 @@ fn only_get(method: &Method) -> Option<Response> {
     if method == Method::GET || method == Method::HEAD {
         None
     } else {
-        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET".into());
-        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         Some(r)
     }
 }
@@ -128,9 +160,16 @@ fn only_get(method: &Method) -> Option<Response> {
 /// `/readyz`: ready only when the database answers (Redis being away degrades, not stops).
 async fn ready(sc: &Sidecar) -> Response {
     if sc.db.ping().await {
-        json_response(StatusCode::OK, json!({"status": "ready", "redis": sc.cache.is_up()}))
+        json_response(
+            StatusCode::OK,
+            json!({"status": "ready", "redis": sc.cache.is_up()}),
+        )
     } else {
-        error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database does not answer".into())
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database does not answer".into(),
+        )
     }
 }
 
@@ -145,7 +184,10 @@ fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
         return Err("the key is empty".into());
     }
     if key.len() > max_bytes {
-        return Err(format!("the key is {} bytes long; the limit is {max_bytes}", key.len()));
+        return Err(format!(
+            "the key is {} bytes long; the limit is {max_bytes}",
+            key.len()
+        ));
     }
     if key.chars().any(char::is_control) {
         return Err("the key contains control characters".into());
@@ -156,13 +198,21 @@ fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
 /// `If-Match: "N"` (also `N` and `W/"N"`).
 fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, String> {
     let mut values = headers.get_all(header::IF_MATCH).iter();
-    let Some(v) = values.next() else { return Ok(None) };
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
     if values.next().is_some() {
         return Err("give one If-Match header with one version".into());
     }
-    let s = v.to_str().map_err(|_| "If-Match is not ASCII".to_string())?.trim();
+    let s = v
+        .to_str()
+        .map_err(|_| "If-Match is not ASCII".to_string())?
+        .trim();
     let s = s.strip_prefix("W/").unwrap_or(s);
-    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s);
     s.parse::<i64>()
         .ok()
         .filter(|v| *v >= 0)
@@ -191,8 +241,13 @@ where
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|_| error(StatusCode::BAD_REQUEST, "invalid_body", "the body could not be read".into()))?;
+        let mut chunk = chunk.map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the body could not be read".into(),
+            )
+        })?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(too_large());
         }
@@ -222,7 +277,11 @@ fn read_response(r: Result<ReadOutcome, DbError>) -> Response {
             status,
         }) if !env.deleted => envelope_response(StatusCode::OK, &env, status),
         Ok(ReadOutcome { envelope, status }) => {
-            let mut r = error(StatusCode::NOT_FOUND, "not_found", "no row with this key".into());
+            let mut r = error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no row with this key".into(),
+            );
             if let Some(tombstone) = envelope {
                 set_etag(&mut r, tombstone.version);
             }
@@ -240,10 +299,18 @@ fn write_response(r: Result<Result<WriteOutcome, WriteError>, tokio::task::JoinE
             created,
             status,
         })) => {
-            let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             envelope_response(code, &envelope, status)
         }
-        Ok(Ok(WriteOutcome::NotFound)) => error(StatusCode::NOT_FOUND, "not_found", "no row with this key".into()),
+        Ok(Ok(WriteOutcome::NotFound)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no row with this key".into(),
+        ),
         Ok(Ok(WriteOutcome::PreconditionFailed { current })) => {
             let msg = match current {
                 Some(v) => format!("If-Match does not hold: the row is at version {v}"),
@@ -255,18 +322,34 @@ fn write_response(r: Result<Result<WriteOutcome, WriteError>, tokio::task::JoinE
             }
             r
         }
-        Ok(Err(WriteError::Body(e))) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()),
+        Ok(Err(WriteError::Body(e))) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        ),
         Ok(Err(WriteError::Db(e))) => db_error(e),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the write task failed".into()),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the write task failed".into(),
+        ),
     }
 }
 
 fn db_error(e: DbError) -> Response {
     match e {
-        DbError::Rejected(msg) => error(StatusCode::UNPROCESSABLE_ENTITY, "rejected_by_database", msg),
+        DbError::Rejected(msg) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected_by_database",
+            msg,
+        ),
         DbError::BadKey(msg) => error(StatusCode::BAD_REQUEST, "invalid_key", msg),
         DbError::Unavailable => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string());
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                e.to_string(),
+            );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             r
@@ -279,8 +362,10 @@ fn db_error(e: DbError) -> Response {
 fn envelope_response(code: StatusCode, env: &Envelope, status: CacheStatus) -> Response {
     let mut r = Response::new(env.bytes.clone().into());
     *r.status_mut() = code;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     set_etag(&mut r, env.version);
     set_cache_status(&mut r, status);
     r
@@ -293,15 +378,19 @@ fn set_etag(r: &mut Response, version: i64) {
 }
 
 fn set_cache_status(r: &mut Response, status: CacheStatus) {
-    r.headers_mut()
-        .insert(CACHE_HEADER, header::HeaderValue::from_static(status.as_str()));
+    r.headers_mut().insert(
+        CACHE_HEADER,
+        header::HeaderValue::from_static(status.as_str()),
+    );
 }
 
 fn json_response(code: StatusCode, body: Value) -> Response {
     let mut r = Response::new(body.to_string().into());
     *r.status_mut() = code;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -331,7 +420,11 @@ mod test_hooks {
                 let (Some(point), Some(entity), Some(key)) =
                     (v["point"].as_str(), v["entity"].as_str(), v["key"].as_str())
                 else {
-                    return error(StatusCode::BAD_REQUEST, "invalid_body", "need point, entity, key".into());
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        "need point, entity, key".into(),
+                    );
                 };
                 let after = v["release_after_ms"].as_u64().map(Duration::from_millis);
                 let id = sc.hooks.arm(point, entity, key, after);
@@ -342,7 +435,11 @@ mod test_hooks {
                 if sc.hooks.wait_reached(id, Duration::from_secs(10)).await {
                     json_response(StatusCode::OK, json!({"reached": true}))
                 } else {
-                    error(StatusCode::REQUEST_TIMEOUT, "not_reached", "no request reached the hold".into())
+                    error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "not_reached",
+                        "no request reached the hold".into(),
+                    )
                 }
             }
             (Method::POST, ["holds", id, "release"]) => {
@@ -352,7 +449,11 @@ mod test_hooks {
                     error(StatusCode::NOT_FOUND, "unknown_hold", "no such hold".into())
                 }
             }
-            _ => error(StatusCode::NOT_FOUND, "no_route", "unknown test hook route".into()),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "unknown test hook route".into(),
+            ),
         }
     }
 }
@@ -368,7 +469,11 @@ mod tests {
         assert!(parse_key("", 10).is_err());
         assert!(parse_key("%FF", 10).is_err());
         assert!(parse_key("%0A", 10).is_err());
-        assert!(parse_key(&"k".repeat(11), 10).unwrap_err().contains("limit is 10"));
+        assert!(
+            parse_key(&"k".repeat(11), 10)
+                .unwrap_err()
+                .contains("limit is 10")
+        );
     }
 
     #[test]

@@ -113,7 +113,9 @@ impl Database {
             // A ping before every acquire costs a round trip per request; a broken connection
             // surfaces as an error on use instead, and the pool replaces it.
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_millis(config.statement_timeout_ms.min(2_000)))
+            .acquire_timeout(Duration::from_millis(
+                config.statement_timeout_ms.min(2_000),
+            ))
             .connect_lazy_with(options);
         Ok(Self {
             pool,
@@ -125,7 +127,10 @@ impl Database {
 
     pub async fn ping(&self) -> bool {
         let q = sqlx::query("SELECT 1").fetch_one(&self.pool);
-        matches!(tokio::time::timeout(Duration::from_secs(1), q).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), q).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The table of entity `idx`, introspected on first use (the application may create or
@@ -174,7 +179,10 @@ impl Database {
         let row = match if_match {
             None => {
                 let sql = table.upsert_sql(columns);
-                let q = sqlx::query(AssertSqlSafe(sql)).bind(body).bind(key).bind(lock);
+                let q = sqlx::query(AssertSqlSafe(sql))
+                    .bind(body)
+                    .bind(key)
+                    .bind(lock);
                 self.fetch_optional(q, false).await?
             }
             Some(expected) => {
@@ -210,7 +218,9 @@ impl Database {
         table.check_key(key)?;
         let lock = lock_key(&table.name, key);
         let q = match if_match {
-            None => sqlx::query(AssertSqlSafe(table.delete_sql.clone())).bind(key).bind(lock),
+            None => sqlx::query(AssertSqlSafe(table.delete_sql.clone()))
+                .bind(key)
+                .bind(lock),
             Some(v) => sqlx::query(AssertSqlSafe(table.delete_if_match_sql.clone()))
                 .bind(key)
                 .bind(lock)
@@ -316,7 +326,10 @@ impl Table {
                 entity.table, entity.name
             ))
         };
-        let key_type = types.get(&entity.key_column).ok_or_else(|| missing(&entity.key_column))?.clone();
+        let key_type = types
+            .get(&entity.key_column)
+            .ok_or_else(|| missing(&entity.key_column))?
+            .clone();
         let version_type = types
             .get(&entity.version_column)
             .ok_or_else(|| missing(&entity.version_column))?;
@@ -349,7 +362,10 @@ impl Table {
         let q_key = quote_ident(&entity.key_column);
         let q_version = quote_ident(&entity.version_column);
         let key_cast = format!("CAST($KEY::text AS {key_type})");
-        let next_version = format!("nextval({}::regclass)", quote_literal(&quote_ident(&sequence)));
+        let next_version = format!(
+            "nextval({}::regclass)",
+            quote_literal(&quote_ident(&sequence))
+        );
         let data = format!(
             "(to_jsonb(t) - {})::text, t.{q_version}::int8, {NOW_RFC3339}",
             quote_literal(&entity.version_column)
@@ -357,7 +373,8 @@ impl Table {
         let where_key = format!("t.{q_key} = {}", key_cast.replace("$KEY", "$1"));
         let lock = "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($2::int8))";
         let read_sql = format!("SELECT {data} FROM {q_table} AS t WHERE {where_key}");
-        let version_sql = format!("SELECT t.{q_version}::int8 FROM {q_table} AS t WHERE {where_key}");
+        let version_sql =
+            format!("SELECT t.{q_version}::int8 FROM {q_table} AS t WHERE {where_key}");
         let delete_sql = format!(
             "{lock} DELETE FROM {q_table} AS t USING l WHERE {where_key} \
              RETURNING {next_version}::int8, {NOW_RFC3339}"
@@ -402,7 +419,11 @@ impl Table {
 
     /// Validates a write body: the columns it names, in table order. The key column may appear
     /// only with the key of the URL; the version column never.
-    pub fn check_body<'a>(&self, body: &'a Map<String, Value>, key: &str) -> Result<Vec<&'a str>, BodyError> {
+    pub fn check_body<'a>(
+        &self,
+        body: &'a Map<String, Value>,
+        key: &str,
+    ) -> Result<Vec<&'a str>, BodyError> {
         let mut unknown = Vec::new();
         let mut columns = Vec::new();
         for (name, value) in body {
@@ -419,7 +440,9 @@ impl Table {
             }
             match self.writable.get(name) {
                 Some(pos) => columns.push((*pos, name.as_str())),
-                None if *name == self.version_column => return Err(BodyError::VersionColumn(name.clone())),
+                None if *name == self.version_column => {
+                    return Err(BodyError::VersionColumn(name.clone()));
+                }
                 None => unknown.push(name.clone()),
             }
         }
@@ -488,7 +511,11 @@ pub enum BodyError {
 pub fn sequence_name(table: &str, version_column: &str) -> String {
     let mut name = format!("{table}_{version_column}_wtc_seq");
     while name.len() > 63 {
-        let cut = name.char_indices().nth(name.chars().count() - 1).map(|(i, _)| i).unwrap_or(0);
+        let cut = name
+            .char_indices()
+            .nth(name.chars().count() - 1)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
         name.truncate(cut);
     }
     name
@@ -496,11 +523,22 @@ pub fn sequence_name(table: &str, version_column: &str) -> String {
 
 /// Creates the version sequence when missing and moves it past the versions already in the table
 /// (adopting an existing table). Serialized across sidecars by an advisory lock.
-async fn ensure_sequence(pool: &PgPool, table: &str, version_column: &str, sequence: &str) -> Result<(), DbError> {
+async fn ensure_sequence(
+    pool: &PgPool,
+    table: &str,
+    version_column: &str,
+    sequence: &str,
+) -> Result<(), DbError> {
     let q_seq = quote_ident(sequence);
-    let mut tx = pool.begin().await.map_err(|e| DbError::from_sqlx(e, false))?;
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| DbError::from_sqlx(e, false))?;
     let steps = [
-        format!("SELECT pg_advisory_xact_lock({})", lock_key("wtc-sequence", sequence)),
+        format!(
+            "SELECT pg_advisory_xact_lock({})",
+            lock_key("wtc-sequence", sequence)
+        ),
         format!("CREATE SEQUENCE IF NOT EXISTS {q_seq} AS bigint"),
         format!(
             "SELECT setval({lit}::regclass, m) FROM (SELECT max({v})::int8 AS m FROM {t}) s \
@@ -538,7 +576,10 @@ mod tests {
 
     #[test]
     fn sequence_name_fits_postgres_limit() {
-        assert_eq!(sequence_name("accounts", "version"), "accounts_version_wtc_seq");
+        assert_eq!(
+            sequence_name("accounts", "version"),
+            "accounts_version_wtc_seq"
+        );
         assert!(sequence_name(&"x".repeat(63), "version").len() <= 63);
     }
 }

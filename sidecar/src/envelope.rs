@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn tombstone_round_trips() {
         let t = Envelope::tombstone(15, "2026-04-17T10:00:00Z");
-        assert_eq!(&t.bytes[..], br#"{"v":15,"deleted":true,"written_at":"2026-04-17T10:00:00Z"}"#);
+        assert_eq!(
+            &t.bytes[..],
+            br#"{"v":15,"deleted":true,"written_at":"2026-04-17T10:00:00Z"}"#
+        );
         let back = Envelope::parse_stored(t.bytes.clone()).unwrap();
         assert!(back.deleted);
         assert_eq!(back.version, 15);

@@ -47,7 +47,13 @@ mod armed {
     impl Hooks {
         /// `release_after`: let the request go by itself after that long (for tests that cannot
         /// call back, e.g. once the server stopped accepting connections).
-        pub fn arm(&self, point: &str, entity: &str, key: &str, release_after: Option<std::time::Duration>) -> u64 {
+        pub fn arm(
+            &self,
+            point: &str,
+            entity: &str,
+            key: &str,
+            release_after: Option<std::time::Duration>,
+        ) -> u64 {
             let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
             let hold = Hold {
                 point: point.to_string(),
@@ -87,9 +93,17 @@ mod armed {
 
         /// Waits until a request is held at hold `id`; false after `timeout` or for an unknown id.
         pub async fn wait_reached(&self, id: u64, timeout: std::time::Duration) -> bool {
-            let rx = self.holds.lock().unwrap().get(&id).map(|h| h.reached.subscribe());
+            let rx = self
+                .holds
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map(|h| h.reached.subscribe());
             let Some(mut rx) = rx else { return false };
-            matches!(tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await, Ok(Ok(_)))
+            matches!(
+                tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await,
+                Ok(Ok(_))
+            )
         }
 
         pub fn release(&self, id: u64) -> bool {

@@ -2,8 +2,8 @@
 //! at startup so the hot path only bumps atomics.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Handles for one entity.
@@ -40,7 +40,8 @@ pub struct Metrics {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 impl Metrics {
@@ -62,13 +63,17 @@ impl Metrics {
         )
         .unwrap();
         let db = HistogramVec::new(
-            HistogramOpts::new("wtc_db_duration_seconds", "Database statement latency.").buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("wtc_db_duration_seconds", "Database statement latency.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["op"],
         )
         .unwrap();
         let cache_step = Histogram::with_opts(
-            HistogramOpts::new("wtc_cache_step_duration_seconds", "Latency of a write's cache step, retries included.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "wtc_cache_step_duration_seconds",
+                "Latency of a write's cache step, retries included.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .unwrap();
         let stale_window = Histogram::with_opts(
@@ -95,7 +100,8 @@ impl Metrics {
                     fill_waited: fills.with_label_values(&[e, "waited"]),
                     write_ok: writes.with_label_values(&[e, "ok"]),
                     write_repairing: writes.with_label_values(&[e, "repairing"]),
-                    write_precondition_failed: writes.with_label_values(&[e, "precondition_failed"]),
+                    write_precondition_failed: writes
+                        .with_label_values(&[e, "precondition_failed"]),
                     write_rejected: writes.with_label_values(&[e, "rejected"]),
                     write_failed: writes.with_label_values(&[e, "failed"]),
                 })
@@ -103,22 +109,34 @@ impl Metrics {
             db_read: db.with_label_values(&["read"]),
             db_write: db.with_label_values(&["write"]),
             cache_step,
-            cache_step_retries: counter("wtc_cache_step_retries_total", "Retries of failed cache steps."),
+            cache_step_retries: counter(
+                "wtc_cache_step_retries_total",
+                "Retries of failed cache steps.",
+            ),
             cache_step_failures: counter(
                 "wtc_cache_step_failures_total",
                 "Cache steps that failed after all retries (the key went to the repair queue).",
             ),
-            repair_depth: gauge("wtc_repair_queue_depth", "Keys waiting in the repair queue."),
+            repair_depth: gauge(
+                "wtc_repair_queue_depth",
+                "Keys waiting in the repair queue.",
+            ),
             repair_oldest_age: Gauge::new(
                 "wtc_repair_queue_oldest_age_seconds",
                 "Age of the oldest key in the repair queue.",
             )
             .unwrap(),
-            repairs: counter("wtc_repairs_total", "Keys repaired (evicted) by the repair queue."),
+            repairs: counter(
+                "wtc_repairs_total",
+                "Keys repaired (evicted) by the repair queue.",
+            ),
             stale_window,
             redis_errors: counter("wtc_redis_errors_total", "Redis calls that failed."),
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
-            writes: counter("wtc_write_operations_total", "Writes attempted (all outcomes)."),
+            writes: counter(
+                "wtc_write_operations_total",
+                "Writes attempted (all outcomes).",
+            ),
         };
         for c in [
             Box::new(lookups) as Box<dyn prometheus::core::Collector>,
@@ -154,7 +172,11 @@ impl Metrics {
         let mut families = self.registry.gather();
         let reads = self.reads.get() as f64;
         let writes = self.writes.get() as f64;
-        let ratio = if reads + writes > 0.0 { writes / (reads + writes) } else { 0.0 };
+        let ratio = if reads + writes > 0.0 {
+            writes / (reads + writes)
+        } else {
+            0.0
+        };
         let g = Gauge::new(
             "wtc_write_ratio",
             "Writes / all operations since start. Above 0.2-0.3, write-behind may serve better.",

@@ -113,7 +113,12 @@ impl Sidecar {
         out
     }
 
-    async fn read_db(&self, table: &Table, key: &str, status: CacheStatus) -> Result<ReadOutcome, DbError> {
+    async fn read_db(
+        &self,
+        table: &Table,
+        key: &str,
+        status: CacheStatus,
+    ) -> Result<ReadOutcome, DbError> {
         let started = Instant::now();
         let envelope = self.db.read(table, key).await;
         let took = started.elapsed();
@@ -128,7 +133,14 @@ impl Sidecar {
     }
 
     /// The work of one flight: win the lease and fill, or wait for the winner's fill.
-    async fn fill(&self, idx: usize, key: &str, table: &Table, ck: &CacheKey, flight: &Flight) -> FlightResult {
+    async fn fill(
+        &self,
+        idx: usize,
+        key: &str,
+        table: &Table,
+        ck: &CacheKey,
+        flight: &Flight,
+    ) -> FlightResult {
         let m = &self.metrics.entities[idx];
         let token = new_token();
         let lease_ttl = Duration::from_millis(self.config.cache.lease_ttl_ms);
@@ -136,7 +148,9 @@ impl Sidecar {
             Ok(true) => {
                 flight.seal();
                 let out = self.read_db(table, key, CacheStatus::Miss).await?;
-                self.hooks.hold(hooks::FILL_BEFORE_STORE, self.entity_name(idx), key).await;
+                self.hooks
+                    .hold(hooks::FILL_BEFORE_STORE, self.entity_name(idx), key)
+                    .await;
                 let ttl = Duration::from_secs(self.config.entities[idx].ttl_seconds);
                 let stored = match &out.envelope {
                     Some(env) => self.cache.fill(ck, env, ttl, &token).await.map(Some),
@@ -199,7 +213,8 @@ impl Sidecar {
     /// XFetch: refresh early with a probability that grows as expiry nears, scaled by how long a
     /// database read takes, so one reader refreshes a hot key before it expires.
     fn refresh_due(&self, pttl_ms: i64, beta: f64) -> bool {
-        let delta_ms = self.flights.recompute_us.load(Ordering::Relaxed).max(1_000) as f64 / 1_000.0;
+        let delta_ms =
+            self.flights.recompute_us.load(Ordering::Relaxed).max(1_000) as f64 / 1_000.0;
         let r = fastrand::f64().max(f64::MIN_POSITIVE);
         delta_ms * beta * -r.ln() >= pttl_ms as f64
     }
@@ -211,7 +226,9 @@ impl Sidecar {
         let sc = Arc::clone(self);
         let (key, ck) = (key.to_string(), ck.clone());
         tokio::spawn(async move {
-            let Ok(table) = sc.db.table(idx).await else { return };
+            let Ok(table) = sc.db.table(idx).await else {
+                return;
+            };
             let flight = sc.flights.join_or_start(&ck.entry);
             let _ = flight
                 .result

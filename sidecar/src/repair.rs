@@ -24,7 +24,8 @@ pub struct RepairQueue {
 impl RepairQueue {
     pub fn push(&self, key: &CacheKey, metrics: &Metrics) {
         let mut p = self.pending.lock().unwrap();
-        p.entry(key.entry.clone()).or_insert_with(|| (key.clone(), Instant::now()));
+        p.entry(key.entry.clone())
+            .or_insert_with(|| (key.clone(), Instant::now()));
         self.len.store(p.len(), Ordering::SeqCst);
         metrics.repair_depth.set(p.len() as i64);
     }
@@ -43,7 +44,8 @@ impl RepairQueue {
 
     /// One pass: evict every pending key; stop at the first failure (Redis is still away).
     pub async fn drain_once(&self, cache: &Cache, metrics: &Metrics) {
-        let batch: Vec<(CacheKey, Instant)> = self.pending.lock().unwrap().values().cloned().collect();
+        let batch: Vec<(CacheKey, Instant)> =
+            self.pending.lock().unwrap().values().cloned().collect();
         for (key, since) in batch {
             if cache.evict(&key).await.is_err() {
                 metrics.redis_errors.inc();
@@ -57,7 +59,13 @@ impl RepairQueue {
             metrics.repairs.inc();
             metrics.stale_window.observe(since.elapsed().as_secs_f64());
         }
-        let oldest = self.pending.lock().unwrap().values().map(|(_, t)| t.elapsed()).max();
+        let oldest = self
+            .pending
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(_, t)| t.elapsed())
+            .max();
         metrics
             .repair_oldest_age
             .set(oldest.unwrap_or(Duration::ZERO).as_secs_f64());

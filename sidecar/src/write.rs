@@ -28,17 +28,23 @@ impl Sidecar {
         self.metrics.write_done();
         let m = &self.metrics.entities[idx];
         let table = self.db.table(idx).await?;
-        let columns = table.check_body(body, key).inspect_err(|_| m.write_rejected.inc())?;
+        let columns = table
+            .check_body(body, key)
+            .inspect_err(|_| m.write_rejected.inc())?;
         let ck = CacheKey::new(self.entity_name(idx), key);
         let intent = self.take_intent(&ck).await;
 
         let started = Instant::now();
         let result = self.db.upsert(&table, key, raw, &columns, if_match).await;
-        self.metrics.db_write.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .db_write
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(Committed { envelope, created })) => {
                 let ttl = Duration::from_secs(self.config.entities[idx].ttl_seconds);
-                let status = self.after_commit(idx, key, &ck, &envelope, ttl, intent.as_deref()).await;
+                let status = self
+                    .after_commit(idx, key, &ck, &envelope, ttl, intent.as_deref())
+                    .await;
                 Ok(WriteOutcome::Committed {
                     envelope,
                     created,
@@ -55,7 +61,12 @@ impl Sidecar {
     }
 
     /// Deletes the row and leaves a tombstone with a fresh version in the cache.
-    pub async fn delete(&self, idx: usize, key: &str, if_match: Option<i64>) -> Result<WriteOutcome, WriteError> {
+    pub async fn delete(
+        &self,
+        idx: usize,
+        key: &str,
+        if_match: Option<i64>,
+    ) -> Result<WriteOutcome, WriteError> {
         self.metrics.write_done();
         let table = self.db.table(idx).await?;
         let ck = CacheKey::new(self.entity_name(idx), key);
@@ -63,11 +74,15 @@ impl Sidecar {
 
         let started = Instant::now();
         let result = self.db.delete(&table, key, if_match).await;
-        self.metrics.db_write.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .db_write
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(Some(tombstone))) => {
                 let ttl = Duration::from_secs(self.config.cache.tombstone_ttl_seconds);
-                let status = self.after_commit(idx, key, &ck, &tombstone, ttl, intent.as_deref()).await;
+                let status = self
+                    .after_commit(idx, key, &ck, &tombstone, ttl, intent.as_deref())
+                    .await;
                 Ok(WriteOutcome::Committed {
                     envelope: tombstone,
                     created: false,
@@ -113,7 +128,13 @@ impl Sidecar {
         }
     }
 
-    async fn write_failed(&self, idx: usize, ck: &CacheKey, intent: Option<&str>, e: crate::db::DbError) -> WriteError {
+    async fn write_failed(
+        &self,
+        idx: usize,
+        ck: &CacheKey,
+        intent: Option<&str>,
+        e: crate::db::DbError,
+    ) -> WriteError {
         let m = &self.metrics.entities[idx];
         if e.outcome_unknown() {
             // The statement may have committed: whatever the cache holds may now be stale.
@@ -145,7 +166,9 @@ impl Sidecar {
         let mut attempt = 0u32;
         let stored = loop {
             match self.cache.store(ck, envelope, ttl, intent).await {
-                Ok(StoreOutcome::Stored | StoreOutcome::Stale | StoreOutcome::Skipped) => break true,
+                Ok(StoreOutcome::Stored | StoreOutcome::Stale | StoreOutcome::Skipped) => {
+                    break true;
+                }
                 Err(_) => {
                     self.metrics.redis_errors.inc();
                     if attempt >= budget.retries || !self.cache.is_up() {
@@ -160,7 +183,9 @@ impl Sidecar {
                 }
             }
         };
-        self.metrics.cache_step.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .cache_step
+            .observe(started.elapsed().as_secs_f64());
         if stored {
             m.write_ok.inc();
             CacheStatus::Ok

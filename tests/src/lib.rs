@@ -46,7 +46,10 @@ pub async fn create_table(pool: &PgPool, table: &str) {
         "CREATE TABLE {table} (id text PRIMARY KEY, owner text, balance numeric NOT NULL DEFAULT 0, \
          n integer, version bigint NOT NULL DEFAULT 0)"
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 /// Calls of SELECT statements on `table` (the sidecar's reads), from pg_stat_statements.
@@ -62,11 +65,13 @@ pub async fn select_calls(pool: &PgPool, table: &str) -> i64 {
 }
 
 pub async fn db_version(pool: &PgPool, table: &str, key: &str) -> Option<i64> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT version FROM {table} WHERE id = $1")))
-        .bind(key)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {table} WHERE id = $1"
+    )))
+    .bind(key)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -110,22 +115,39 @@ impl RedisServer {
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
-            .args(["--appendonly", if self.persistence { "yes" } else { "no" }])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        self.child = Some(cmd.spawn().expect("redis-server is installed (scripts/local-services)"));
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", if self.persistence { "yes" } else { "no" }])
+        .arg("--dir")
+        .arg(&self.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server is installed (scripts/local-services)"),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut c) = self.connection().await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -135,7 +157,9 @@ impl RedisServer {
     }
 
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
     }
 
     /// kill -9.
@@ -151,18 +175,30 @@ impl RedisServer {
     }
 
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().and_then(|c| c.id()).expect("redis running");
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("redis running");
         signal(pid, sig);
     }
 
     pub async fn get(&self, key: &str) -> Option<String> {
         let mut c = self.connection().await.unwrap();
-        redis::cmd("GET").arg(key).query_async(&mut c).await.unwrap()
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
     }
 
     pub async fn del(&self, key: &str) {
         let mut c = self.connection().await.unwrap();
-        redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await.unwrap();
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
     }
 
     /// Version of the cached envelope, if any.
@@ -263,7 +299,9 @@ pub struct Reply {
 
 impl Reply {
     pub fn version(&self) -> i64 {
-        self.body["v"].as_i64().unwrap_or_else(|| panic!("no version in {:?}", self.raw))
+        self.body["v"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no version in {:?}", self.raw))
     }
     pub fn error_code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
@@ -297,10 +335,16 @@ impl Sidecar {
             .expect("sidecar printed its address in time")
             .unwrap()
             .expect("sidecar exited before listening");
-        let addr = line.strip_prefix("listening on ").expect("address line").to_string();
+        let addr = line
+            .strip_prefix("listening on ")
+            .expect("address line")
+            .to_string();
         Self {
             base: format!("http://{addr}"),
-            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
             child,
             dir,
         }
@@ -311,7 +355,10 @@ impl Sidecar {
     }
 
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     pub fn url(&self, entity: &str, key: &str) -> String {
@@ -321,7 +368,12 @@ impl Sidecar {
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
         let resp = req.send().await.expect("request reached the sidecar");
         let status = resp.status().as_u16();
-        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let etag = header("etag").and_then(|e| e.trim_matches('"').parse().ok());
         let cache = header("x-wtc-cache");
         let raw = resp.text().await.unwrap();
@@ -340,7 +392,8 @@ impl Sidecar {
     }
 
     pub async fn put(&self, entity: &str, key: &str, body: Value) -> Reply {
-        self.send(self.http.put(self.url(entity, key)).json(&body)).await
+        self.send(self.http.put(self.url(entity, key)).json(&body))
+            .await
     }
 
     pub async fn put_if(&self, entity: &str, key: &str, body: Value, version: i64) -> Reply {
@@ -371,14 +424,18 @@ impl Sidecar {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no series {series} in metrics"))
     }
 
     /// Arms a hold point for one key; returns its id.
     pub async fn hold(&self, point: &str, entity: &str, key: &str) -> u64 {
-        self.arm_hold(serde_json::json!({"point": point, "entity": entity, "key": key})).await
+        self.arm_hold(serde_json::json!({"point": point, "entity": entity, "key": key}))
+            .await
     }
 
     /// A hold that lets its request go by itself after `ms`.
@@ -388,7 +445,13 @@ impl Sidecar {
     }
 
     async fn arm_hold(&self, body: Value) -> u64 {
-        let r = self.send(self.http.post(format!("{}/_test/holds", self.base)).json(&body)).await;
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/_test/holds", self.base))
+                    .json(&body),
+            )
+            .await;
         assert_eq!(r.status, 200, "{}", r.raw);
         r.body["id"].as_u64().unwrap()
     }
@@ -396,14 +459,20 @@ impl Sidecar {
     /// Waits until a request is stopped at the hold.
     pub async fn wait_held(&self, id: u64) {
         let r = self
-            .send(self.http.get(format!("{}/_test/holds/{id}/reached", self.base)))
+            .send(
+                self.http
+                    .get(format!("{}/_test/holds/{id}/reached", self.base)),
+            )
             .await;
         assert_eq!(r.status, 200, "no request reached hold {id}: {}", r.raw);
     }
 
     pub async fn release(&self, id: u64) {
         let r = self
-            .send(self.http.post(format!("{}/_test/holds/{id}/release", self.base)))
+            .send(
+                self.http
+                    .post(format!("{}/_test/holds/{id}/release", self.base)),
+            )
             .await;
         assert_eq!(r.status, 200, "{}", r.raw);
     }
@@ -423,7 +492,10 @@ fn sidecar_binary() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>");
     profile_dir.join("wtc-sidecar-under-test")
 }
 

@@ -108,7 +108,11 @@ impl Cache {
     /// bug, a wrong type) do not mean Redis is unreachable.
     fn note<T>(&self, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
         r.map_err(|e| {
-            if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+            {
                 let until = self.now_ms() + self.down_backoff.as_millis() as u64;
                 self.down_until_ms.store(until, Ordering::Relaxed);
             }
@@ -138,12 +142,20 @@ impl Cache {
     pub async fn peek(&self, key: &CacheKey) -> Result<(Option<Vec<u8>>, bool), CacheError> {
         let mut c = self.conn()?;
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&key.entry).cmd("EXISTS").arg(&key.lease);
+        pipe.cmd("GET")
+            .arg(&key.entry)
+            .cmd("EXISTS")
+            .arg(&key.lease);
         self.note(pipe.query_async(&mut c).await)
     }
 
     /// Tries to become the one filler of an empty slot.
-    pub async fn acquire_lease(&self, key: &CacheKey, token: &str, ttl: Duration) -> Result<bool, CacheError> {
+    pub async fn acquire_lease(
+        &self,
+        key: &CacheKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
         let mut c = self.conn()?;
         let r: Option<String> = self.note(
             redis::cmd("SET")
@@ -160,7 +172,12 @@ impl Cache {
 
     /// A writer's intent, taken before its commit: revokes any filler's lease and lets this write
     /// fill the slot if it is still empty at its cache step.
-    pub async fn write_intent(&self, key: &CacheKey, token: &str, ttl: Duration) -> Result<(), CacheError> {
+    pub async fn write_intent(
+        &self,
+        key: &CacheKey,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
         let mut c = self.conn()?;
         self.note(
             redis::cmd("SET")
@@ -230,7 +247,13 @@ impl Cache {
 
     pub async fn release(&self, key: &CacheKey, token: &str) -> Result<(), CacheError> {
         let mut c = self.conn()?;
-        self.note(self.release.key(&key.lease).arg(token).invoke_async::<Value>(&mut c).await)?;
+        self.note(
+            self.release
+                .key(&key.lease)
+                .arg(token)
+                .invoke_async::<Value>(&mut c)
+                .await,
+        )?;
         Ok(())
     }
 
@@ -238,7 +261,11 @@ impl Cache {
     /// Ignores the down window: the repair loop uses it to probe.
     pub async fn evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         let mut c = self.conn.clone();
-        let r = redis::cmd("DEL").arg(&key.entry).arg(&key.lease).query_async::<()>(&mut c).await;
+        let r = redis::cmd("DEL")
+            .arg(&key.entry)
+            .arg(&key.lease)
+            .query_async::<()>(&mut c)
+            .await;
         self.note(r)?;
         self.mark_up();
         Ok(())

@@ -34,27 +34,48 @@ async fn write_read_delete_with_envelope_etag_and_cache_status() {
     let s = setup().await;
     let sc = &s.sidecar;
 
-    let created = sc.put("accounts", "alice", json!({"owner": "Alice", "balance": 10})).await;
+    let created = sc
+        .put(
+            "accounts",
+            "alice",
+            json!({"owner": "Alice", "balance": 10}),
+        )
+        .await;
     assert_eq!(created.status, 201, "{}", created.raw);
     assert_eq!(created.cache.as_deref(), Some("ok"));
     let v1 = created.version();
     assert_eq!(created.etag, Some(v1));
     assert_eq!(created.body["data"]["owner"], "Alice");
     assert_eq!(created.body["data"]["id"], "alice");
-    assert!(created.body["data"].get("version").is_none(), "the version lives in v, not data");
+    assert!(
+        created.body["data"].get("version").is_none(),
+        "the version lives in v, not data"
+    );
     let written_at = created.body["written_at"].as_str().unwrap();
-    assert!(written_at.ends_with('Z') && written_at.contains('T'), "{written_at}");
+    assert!(
+        written_at.ends_with('Z') && written_at.contains('T'),
+        "{written_at}"
+    );
     assert_eq!(s.redis.cached_version("accounts", "alice").await, Some(v1));
     assert_eq!(db_version(&s.pool, &s.table, "alice").await, Some(v1));
 
     let hit = sc.get("accounts", "alice").await;
-    assert_eq!((hit.status, hit.cache.as_deref(), hit.etag), (200, Some("hit"), Some(v1)));
-    assert_eq!(hit.raw, created.raw, "a hit returns the stored envelope bytes");
+    assert_eq!(
+        (hit.status, hit.cache.as_deref(), hit.etag),
+        (200, Some("hit"), Some(v1))
+    );
+    assert_eq!(
+        hit.raw, created.raw,
+        "a hit returns the stored envelope bytes"
+    );
 
     let updated = sc.put("accounts", "alice", json!({"balance": 20})).await;
     assert_eq!(updated.status, 200);
     assert!(updated.version() > v1);
-    assert_eq!(updated.body["data"]["owner"], "Alice", "fields not sent are kept");
+    assert_eq!(
+        updated.body["data"]["owner"], "Alice",
+        "fields not sent are kept"
+    );
     assert_eq!(updated.body["data"]["balance"], 20);
 
     let reads_before = select_calls(&s.pool, &s.table).await;
@@ -66,7 +87,11 @@ async fn write_read_delete_with_envelope_etag_and_cache_status() {
 
     let gone = sc.get("accounts", "alice").await;
     assert_eq!((gone.status, gone.cache.as_deref()), (404, Some("hit")));
-    assert_eq!(gone.etag, Some(deleted.version()), "404 carries the tombstone's version");
+    assert_eq!(
+        gone.etag,
+        Some(deleted.version()),
+        "404 carries the tombstone's version"
+    );
     assert_eq!(gone.error_code(), "not_found");
     assert_eq!(
         select_calls(&s.pool, &s.table).await,
@@ -87,7 +112,11 @@ async fn versions_strictly_increase_across_update_delete_and_reinsert() {
     let mut versions = vec![];
     for round in 0..3 {
         versions.push(sc.put("accounts", "k", json!({"n": round})).await.version());
-        versions.push(sc.put("accounts", "k", json!({"n": round + 100})).await.version());
+        versions.push(
+            sc.put("accounts", "k", json!({"n": round + 100}))
+                .await
+                .version(),
+        );
         versions.push(sc.delete("accounts", "k").await.version());
     }
     versions.push(sc.put("accounts", "k", json!({"n": 1})).await.version());
@@ -95,7 +124,11 @@ async fn versions_strictly_increase_across_update_delete_and_reinsert() {
     let last = *versions.last().unwrap();
     assert_eq!(db_version(&s.pool, &s.table, "k").await, Some(last));
     let read = sc.get("accounts", "k").await;
-    assert_eq!((read.status, read.version()), (200, last), "the re-inserted row is served, not the tombstone");
+    assert_eq!(
+        (read.status, read.version()),
+        (200, last),
+        "the re-inserted row is served, not the tombstone"
+    );
 }
 
 #[tokio::test]
@@ -115,12 +148,21 @@ async fn if_match_makes_writes_conditional() {
     assert!(stale.error_message().contains(&v2.to_string()));
 
     let missing = sc.put_if("accounts", "nope", json!({"n": 1}), 1).await;
-    assert_eq!(missing.status, 412, "If-Match on a missing row never creates it");
+    assert_eq!(
+        missing.status, 412,
+        "If-Match on a missing row never creates it"
+    );
     assert_eq!(db_version(&s.pool, &s.table, "nope").await, None);
 
-    let req = sc.http.delete(sc.url("accounts", "c")).header("if-match", format!("\"{v1}\""));
+    let req = sc
+        .http
+        .delete(sc.url("accounts", "c"))
+        .header("if-match", format!("\"{v1}\""));
     assert_eq!(sc.send(req).await.status, 412);
-    let req = sc.http.delete(sc.url("accounts", "c")).header("if-match", format!("\"{v2}\""));
+    let req = sc
+        .http
+        .delete(sc.url("accounts", "c"))
+        .header("if-match", format!("\"{v2}\""));
     assert_eq!(sc.send(req).await.status, 200);
     assert_eq!(db_version(&s.pool, &s.table, "c").await, None);
 }
@@ -129,44 +171,119 @@ async fn if_match_makes_writes_conditional() {
 async fn bad_input_gets_a_specific_error_and_loses_nothing() {
     let s = setup().await;
     let sc = &s.sidecar;
-    let v = sc.put("accounts", "keep", json!({"owner": "K", "balance": 5})).await.version();
+    let v = sc
+        .put("accounts", "keep", json!({"owner": "K", "balance": 5}))
+        .await
+        .version();
     let url = sc.url("accounts", "keep");
 
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (sc.http.get(sc.url("nosuch", "k")), 404, "unknown_entity"),
-        (sc.http.put(sc.url("nosuch", "k")).body("{}"), 404, "unknown_entity"),
+        (
+            sc.http.put(sc.url("nosuch", "k")).body("{}"),
+            404,
+            "unknown_entity",
+        ),
         (sc.http.put(&url).body("{not json"), 400, "invalid_body"),
         (sc.http.put(&url).body("[1, 2]"), 400, "invalid_body"),
         (sc.http.put(&url).body("42"), 400, "invalid_body"),
         (sc.http.put(&url).body(""), 400, "invalid_body"),
-        (sc.http.put(&url).body(vec![0xffu8, 0xfe]), 400, "invalid_body"),
-        (sc.http.put(&url).body(format!("{{\"owner\": \"{}\"}}", "x".repeat(5000))), 413, "body_too_large"),
-        (sc.http.put(&url).body(r#"{"owner": "K", "nickname": "k"}"#), 422, "invalid_body"),
-        (sc.http.put(&url).body(r#"{"version": 999}"#), 422, "invalid_body"),
-        (sc.http.put(&url).body(r#"{"id": "other"}"#), 422, "invalid_body"),
-        (sc.http.put(&url).body(r#"{"balance": "lots"}"#), 422, "rejected_by_database"),
-        (sc.http.put(&url).body(r#"{"n": 1.5}"#), 422, "rejected_by_database"),
-        (sc.http.put(&url).body(r#"{"balance": null}"#), 422, "rejected_by_database"),
-        (sc.http.get(sc.url("accounts", &"k".repeat(65))), 400, "invalid_key"),
-        (sc.http.get(sc.url("accounts", "%FF%FE")), 400, "invalid_key"),
-        (sc.http.get(format!("{}/v1/entities/accounts/a/b", sc.base)), 400, "invalid_key"),
-        (sc.http.put(&url).header("if-match", "soon").body("{}"), 400, "invalid_if_match"),
+        (
+            sc.http.put(&url).body(vec![0xffu8, 0xfe]),
+            400,
+            "invalid_body",
+        ),
+        (
+            sc.http
+                .put(&url)
+                .body(format!("{{\"owner\": \"{}\"}}", "x".repeat(5000))),
+            413,
+            "body_too_large",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"owner": "K", "nickname": "k"}"#),
+            422,
+            "invalid_body",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"version": 999}"#),
+            422,
+            "invalid_body",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"id": "other"}"#),
+            422,
+            "invalid_body",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"balance": "lots"}"#),
+            422,
+            "rejected_by_database",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"n": 1.5}"#),
+            422,
+            "rejected_by_database",
+        ),
+        (
+            sc.http.put(&url).body(r#"{"balance": null}"#),
+            422,
+            "rejected_by_database",
+        ),
+        (
+            sc.http.get(sc.url("accounts", &"k".repeat(65))),
+            400,
+            "invalid_key",
+        ),
+        (
+            sc.http.get(sc.url("accounts", "%FF%FE")),
+            400,
+            "invalid_key",
+        ),
+        (
+            sc.http.get(format!("{}/v1/entities/accounts/a/b", sc.base)),
+            400,
+            "invalid_key",
+        ),
+        (
+            sc.http.put(&url).header("if-match", "soon").body("{}"),
+            400,
+            "invalid_if_match",
+        ),
         (sc.http.post(&url).body("{}"), 405, "method_not_allowed"),
-        (sc.http.get(format!("{}/v2/whatever", sc.base)), 404, "no_route"),
-        (sc.http.post(format!("{}/metrics", sc.base)), 405, "method_not_allowed"),
+        (
+            sc.http.get(format!("{}/v2/whatever", sc.base)),
+            404,
+            "no_route",
+        ),
+        (
+            sc.http.post(format!("{}/metrics", sc.base)),
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (req, status, code) in cases {
         let r = sc.send(req).await;
         assert_eq!((r.status, r.error_code()), (status, code), "{}", r.raw);
         let msg = r.error_message().to_lowercase();
         assert!(!msg.is_empty(), "every error says what is wrong: {}", r.raw);
-        for sql in ["insert ", "select ", "update ", "jsonb_populate", "advisory"] {
+        for sql in [
+            "insert ",
+            "select ",
+            "update ",
+            "jsonb_populate",
+            "advisory",
+        ] {
             assert!(!msg.contains(sql), "SQL leaked into {msg:?}");
         }
     }
-    let unknown = sc.send(sc.http.put(&url).body(r#"{"nickname": 1, "zz": 2}"#)).await;
+    let unknown = sc
+        .send(sc.http.put(&url).body(r#"{"nickname": 1, "zz": 2}"#))
+        .await;
     assert!(unknown.error_message().contains("nickname") && unknown.error_message().contains("zz"));
-    let typed = sc.send(sc.http.put(&url).body(r#"{"balance": "lots"}"#)).await;
+    let typed = sc
+        .send(sc.http.put(&url).body(r#"{"balance": "lots"}"#))
+        .await;
     assert!(typed.error_message().contains("numeric"), "{}", typed.raw);
 
     // Nothing was lost or changed by any of it.
@@ -174,7 +291,11 @@ async fn bad_input_gets_a_specific_error_and_loses_nothing() {
     assert_eq!((now.status, now.version()), (200, v));
     assert_eq!(now.body["data"]["owner"], "K");
     assert_eq!(db_version(&s.pool, &s.table, "keep").await, Some(v));
-    assert!(sc.metrics().await.contains("wtc_writes_total{entity=\"accounts\",outcome=\"rejected\"}"));
+    assert!(
+        sc.metrics()
+            .await
+            .contains("wtc_writes_total{entity=\"accounts\",outcome=\"rejected\"}")
+    );
 }
 
 #[tokio::test]
@@ -188,13 +309,21 @@ async fn integer_keys_are_checked_before_the_database() {
     .await
     .unwrap();
     let redis = RedisServer::start().await;
-    let sc = Fixture::new(&redis.url()).entity("items", &table).start().await;
+    let sc = Fixture::new(&redis.url())
+        .entity("items", &table)
+        .start()
+        .await;
     let ok = sc.put("items", "42", json!({"label": "x"})).await;
     assert_eq!(ok.status, 201, "{}", ok.raw);
     assert_eq!(ok.body["data"]["id"], 42);
     for bad in ["abc", "1.5"] {
         let r = sc.get("items", bad).await;
-        assert_eq!((r.status, r.error_code()), (400, "invalid_key"), "{}", r.raw);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (400, "invalid_key"),
+            "{}",
+            r.raw
+        );
         let r = sc.put("items", bad, json!({})).await;
         assert_eq!(r.status, 400, "{}", r.raw);
     }
@@ -236,7 +365,12 @@ async fn probes_and_metrics_pass_promtool() {
         .spawn()
         .expect("promtool is installed by scripts/local-services");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -249,22 +383,40 @@ async fn probes_and_metrics_pass_promtool() {
 #[tokio::test]
 async fn database_down_answers_503_and_leaves_the_cache_alone() {
     let redis = RedisServer::start().await;
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let sc = Fixture::new(&redis.url())
         .entity("accounts", "whatever")
         .with(|c| c.database.url = format!("postgres://wtc:wtc@127.0.0.1:{closed_port}/wtc"))
         .start()
         .await;
     let w = sc.put("accounts", "a", json!({"n": 1})).await;
-    assert_eq!((w.status, w.error_code()), (503, "database_unavailable"), "{}", w.raw);
+    assert_eq!(
+        (w.status, w.error_code()),
+        (503, "database_unavailable"),
+        "{}",
+        w.raw
+    );
     let r = sc.get("accounts", "a").await;
     assert_eq!(r.status, 503);
     let ready = sc.send(sc.http.get(format!("{}/readyz", sc.base))).await;
     assert_eq!(ready.status, 503);
     let mut c = redis.connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut c).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert!(keys.is_empty(), "cache touched: {keys:?}");
-    assert_eq!(sc.send(sc.http.get(format!("{}/healthz", sc.base))).await.status, 200);
+    assert_eq!(
+        sc.send(sc.http.get(format!("{}/healthz", sc.base)))
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -272,21 +424,32 @@ async fn sigterm_finishes_the_write_in_flight() {
     let s = setup().await;
     let mut sc = s.sidecar;
     // The write commits, then waits 1.5 s before its cache step; SIGTERM arrives meanwhile.
-    let hold = sc.hold_for(WRITE_BEFORE_CACHE_STEP, "accounts", "t", 1_500).await;
+    let hold = sc
+        .hold_for(WRITE_BEFORE_CACHE_STEP, "accounts", "t", 1_500)
+        .await;
     let url = sc.url("accounts", "t");
     let http = sc.http.clone();
     let write = tokio::spawn(async move { http.put(url).body(r#"{"n": 7}"#).send().await });
     sc.wait_held(hold).await;
     signal(sc.pid(), "TERM");
     assert!(
-        sc.wait_exit(std::time::Duration::from_millis(500)).await.is_none(),
+        sc.wait_exit(std::time::Duration::from_millis(500))
+            .await
+            .is_none(),
         "the sidecar exited with a write in flight"
     );
     let status = sc.wait_exit(std::time::Duration::from_secs(15)).await;
-    assert!(status.is_some_and(|st| st.success()), "clean exit after the write: {status:?}");
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "clean exit after the write: {status:?}"
+    );
     let resp = write.await.unwrap().expect("the client got its answer");
     assert_eq!(resp.status().as_u16(), 201);
     let version = db_version(&s.pool, &s.table, "t").await;
     assert!(version.is_some(), "the committed write is in the database");
-    assert_eq!(s.redis.cached_version("accounts", "t").await, version, "cache step ran before exit");
+    assert_eq!(
+        s.redis.cached_version("accounts", "t").await,
+        version,
+        "cache step ran before exit"
+    );
 }

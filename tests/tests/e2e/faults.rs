@@ -13,7 +13,10 @@ async fn setup() -> (sqlx::PgPool, String) {
 }
 
 async fn repaired(sc: &Sidecar) -> bool {
-    eventually(Duration::from_secs(15), || async { sc.metric("wtc_repair_queue_depth").await == 0.0 }).await
+    eventually(Duration::from_secs(15), || async {
+        sc.metric("wtc_repair_queue_depth").await == 0.0
+    })
+    .await
 }
 
 /// Redis paused (SIGSTOP) keeps its old values: the repair queue must evict them once it is back,
@@ -29,20 +32,33 @@ async fn redis_paused_during_writes_then_repaired() {
         .await;
     let keys = ["a", "b", "c"];
     for k in keys {
-        assert_eq!(sc.put("accounts", k, json!({"n": 0})).await.cache.as_deref(), Some("ok"));
+        assert_eq!(
+            sc.put("accounts", k, json!({"n": 0}))
+                .await
+                .cache
+                .as_deref(),
+            Some("ok")
+        );
     }
 
     redis.signal("STOP");
     let mut acked = vec![];
     for (i, k) in keys.iter().enumerate() {
         let w = sc.put("accounts", k, json!({"n": i + 1})).await;
-        assert_eq!(w.status, 200, "a committed write is acknowledged: {}", w.raw);
+        assert_eq!(
+            w.status, 200,
+            "a committed write is acknowledged: {}",
+            w.raw
+        );
         assert_eq!(w.cache.as_deref(), Some("repairing"));
         acked.push(w.version());
     }
     for (k, v) in keys.iter().zip(&acked) {
         let r = sc.get("accounts", k).await;
-        assert_eq!((r.status, r.cache.as_deref(), r.version()), (200, Some("bypass"), *v));
+        assert_eq!(
+            (r.status, r.cache.as_deref(), r.version()),
+            (200, Some("bypass"), *v)
+        );
         assert_eq!(db_version(&pool, &table, k).await, Some(*v));
     }
     assert_eq!(sc.metric("wtc_repair_queue_depth").await, 3.0);
@@ -52,12 +68,23 @@ async fn redis_paused_during_writes_then_repaired() {
     assert!(repaired(&sc).await, "the repair queue drained");
     for (k, v) in keys.iter().zip(&acked) {
         let cached = redis.cached_version("accounts", k).await;
-        assert!(cached.is_none() || cached == Some(*v), "{k}: cache {cached:?}, database {v}");
+        assert!(
+            cached.is_none() || cached == Some(*v),
+            "{k}: cache {cached:?}, database {v}"
+        );
         let r = sc.get("accounts", k).await;
         assert_eq!(r.version(), *v);
-        assert_eq!(redis.cached_version("accounts", k).await, Some(*v), "{k} cached again after repair");
+        assert_eq!(
+            redis.cached_version("accounts", k).await,
+            Some(*v),
+            "{k} cached again after repair"
+        );
     }
-    assert!(sc.metrics().await.contains("wtc_stale_window_seconds_count 3"));
+    assert!(
+        sc.metrics()
+            .await
+            .contains("wtc_stale_window_seconds_count 3")
+    );
 }
 
 /// Redis killed and restarted on the same port: the same promise, through a reconnect.
@@ -77,13 +104,20 @@ async fn redis_stopped_and_restarted() {
     let w = sc.put("accounts", "k", json!({"n": 1})).await;
     assert_eq!((w.status, w.cache.as_deref()), (200, Some("repairing")));
     let r = sc.get("accounts", "k").await;
-    assert_eq!((r.status, r.version()), (200, w.version()), "reads answer from the database");
+    assert_eq!(
+        (r.status, r.version()),
+        (200, w.version()),
+        "reads answer from the database"
+    );
 
     // Restart with the append-only file: the old version comes back with it.
     redis.restart().await;
     assert!(repaired(&sc).await);
     let cached = redis.cached_version("accounts", "k").await;
-    assert!(cached.is_none() || cached == Some(w.version()), "old version survived the repair: {cached:?}");
+    assert!(
+        cached.is_none() || cached == Some(w.version()),
+        "old version survived the repair: {cached:?}"
+    );
     assert_eq!(sc.get("accounts", "k").await.version(), w.version());
     assert_eq!(db_version(&pool, &table, "k").await, Some(w.version()));
 }

@@ -39,10 +39,17 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
             "CREATE TRIGGER {audit}_t AFTER INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {audit}_f()"
         ),
     ] {
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     let redis = RedisServer::start().await;
-    let start = || Fixture::new(&redis.url()).entity("accounts", &table).start();
+    let start = || {
+        Fixture::new(&redis.url())
+            .entity("accounts", &table)
+            .start()
+    };
     let sidecars = Arc::new([start().await, start().await]);
     for k in KEYS {
         assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
@@ -50,7 +57,10 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
 
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
     let run_for = Duration::from_secs(
-        std::env::var("WTC_HISTORY_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4),
+        std::env::var("WTC_HISTORY_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(4),
     );
     let until = Instant::now() + run_for;
     let mut tasks = vec![];
@@ -65,7 +75,8 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
                 let key = KEYS[fastrand::usize(..KEYS.len())];
                 let start = Instant::now();
                 let r = if writer {
-                    sc.put("accounts", key, json!({"n": worker * 1_000_000 + n})).await
+                    sc.put("accounts", key, json!({"n": worker * 1_000_000 + n}))
+                        .await
                 } else {
                     sc.get("accounts", key).await
                 };
@@ -85,11 +96,19 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
     let evictor = {
         let url = redis.url();
         tokio::spawn(async move {
-            let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let mut c = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
             let mut evictions = 0u64;
             while Instant::now() < until {
                 let key = entry_key("accounts", KEYS[fastrand::usize(..KEYS.len())]);
-                redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await.unwrap();
+                redis::cmd("DEL")
+                    .arg(key)
+                    .query_async::<()>(&mut c)
+                    .await
+                    .unwrap();
                 evictions += 1;
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(500..3_000))).await;
             }
@@ -102,12 +121,14 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
     let evictions = evictor.await.unwrap();
 
     let history = history.lock().unwrap().clone();
-    let committed: HashSet<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT id, version FROM {audit}")))
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let committed: HashSet<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, version FROM {audit}"
+    )))
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
 
     let (mut writes, mut reads, mut stale, mut lost, mut phantom) = (0, 0, vec![], vec![], vec![]);
     for key in KEYS {
@@ -145,10 +166,25 @@ async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions()
         lost.len(),
         phantom.len()
     );
-    assert!(writes > 50 && reads > 50 && evictions > 50, "too little happened to prove anything");
-    assert!(stale.is_empty(), "stale reads (key, read, acknowledged before): {stale:?}");
-    assert!(lost.is_empty(), "acknowledged versions missing from the database: {lost:?}");
-    assert!(phantom.is_empty(), "versions read but never committed: {phantom:?}");
-    let per_key: HashMap<&str, usize> = KEYS.iter().map(|k| (*k, history.iter().filter(|o| o.key == *k).count())).collect();
+    assert!(
+        writes > 50 && reads > 50 && evictions > 50,
+        "too little happened to prove anything"
+    );
+    assert!(
+        stale.is_empty(),
+        "stale reads (key, read, acknowledged before): {stale:?}"
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged versions missing from the database: {lost:?}"
+    );
+    assert!(
+        phantom.is_empty(),
+        "versions read but never committed: {phantom:?}"
+    );
+    let per_key: HashMap<&str, usize> = KEYS
+        .iter()
+        .map(|k| (*k, history.iter().filter(|o| o.key == *k).count()))
+        .collect();
     assert!(per_key.values().all(|n| *n > 10), "{per_key:?}");
 }

@@ -22,7 +22,10 @@ async fn setup() -> Setup {
 
 impl Setup {
     async fn sidecar(&self) -> Sidecar {
-        Fixture::new(&self.redis.url()).entity("accounts", &self.table).start().await
+        Fixture::new(&self.redis.url())
+            .entity("accounts", &self.table)
+            .start()
+            .await
     }
 }
 
@@ -37,7 +40,8 @@ async fn slow_filler_cannot_install_a_version_older_than_an_acknowledged_write()
 
     let hold = sc.hold(FILL_BEFORE_STORE, "accounts", "k").await;
     let (http, url) = (sc.http.clone(), sc.url("accounts", "k"));
-    let reader = tokio::spawn(async move { http.get(url).send().await.unwrap().text().await.unwrap() });
+    let reader =
+        tokio::spawn(async move { http.get(url).send().await.unwrap().text().await.unwrap() });
     sc.wait_held(hold).await;
 
     let w = sc.put("accounts", "k", json!({"n": 2})).await;
@@ -47,8 +51,15 @@ async fn slow_filler_cannot_install_a_version_older_than_an_acknowledged_write()
     sc.release(hold).await;
 
     let seen: serde_json::Value = serde_json::from_str(&reader.await.unwrap()).unwrap();
-    assert_eq!(seen["v"], v1, "the reader began before the write; v1 is a fine answer for it");
-    assert_eq!(s.redis.cached_version("accounts", "k").await, None, "the old fill was refused");
+    assert_eq!(
+        seen["v"], v1,
+        "the reader began before the write; v1 is a fine answer for it"
+    );
+    assert_eq!(
+        s.redis.cached_version("accounts", "k").await,
+        None,
+        "the old fill was refused"
+    );
     let after = sc.get("accounts", "k").await;
     assert_eq!(after.version(), v2);
     assert!(
@@ -72,7 +83,11 @@ async fn late_cache_step_after_a_newer_write_is_rejected() {
     })
     .await;
     assert!(a.version() < v_b);
-    assert_eq!(a.cache.as_deref(), Some("ok"), "a rejected stale step is not a failure");
+    assert_eq!(
+        a.cache.as_deref(),
+        Some("ok"),
+        "a rejected stale step is not a failure"
+    );
     assert_eq!(s.redis.cached_version("accounts", "k").await, Some(v_b));
     assert_eq!(sc.get("accounts", "k").await.version(), v_b);
 }
@@ -109,13 +124,20 @@ async fn late_cache_step_into_an_evicted_slot_is_skipped() {
     })
     .await;
     assert!(a.version() < v_b);
-    assert_eq!(s.redis.cached_version("accounts", "k").await, None, "nothing older may be cached");
+    assert_eq!(
+        s.redis.cached_version("accounts", "k").await,
+        None,
+        "nothing older may be cached"
+    );
     assert_eq!(sc.get("accounts", "k").await.version(), v_b);
     assert_eq!(s.redis.cached_version("accounts", "k").await, Some(v_b));
 }
 
 /// Runs write A (n = 1) held before its cache step, runs `meanwhile`, then releases A.
-async fn late_writer<T>(sc: &Sidecar, meanwhile: impl std::future::Future<Output = T>) -> (Reply, T) {
+async fn late_writer<T>(
+    sc: &Sidecar,
+    meanwhile: impl std::future::Future<Output = T>,
+) -> (Reply, T) {
     let hold = sc.hold(WRITE_BEFORE_CACHE_STEP, "accounts", "k").await;
     let req = sc.http.put(sc.url("accounts", "k")).body(r#"{"n": 1}"#);
     let a = tokio::spawn(async move { req.send().await.unwrap() });
@@ -124,7 +146,10 @@ async fn late_writer<T>(sc: &Sidecar, meanwhile: impl std::future::Future<Output
     sc.release(hold).await;
     let resp = a.await.unwrap();
     let status = resp.status().as_u16();
-    let cache = resp.headers().get("x-wtc-cache").map(|v| v.to_str().unwrap().to_string());
+    let cache = resp
+        .headers()
+        .get("x-wtc-cache")
+        .map(|v| v.to_str().unwrap().to_string());
     let raw = resp.text().await.unwrap();
     let reply = Reply {
         status,
@@ -161,7 +186,10 @@ async fn herd_of_200_misses_on_two_sidecars_costs_at_most_two_database_reads() {
         readers.push(tokio::spawn(async move {
             barrier.wait().await;
             let r = http.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.headers()["etag"].to_str().unwrap().to_string())
+            (
+                r.status().as_u16(),
+                r.headers()["etag"].to_str().unwrap().to_string(),
+            )
         }));
     }
     for r in readers {
@@ -170,5 +198,8 @@ async fn herd_of_200_misses_on_two_sidecars_costs_at_most_two_database_reads() {
     }
     let reads = select_calls(&s.pool, &s.table).await - before;
     println!("herd: 200 readers, 2 sidecars, {reads} database read(s)");
-    assert!((1..=2).contains(&reads), "{reads} database reads for one cold key");
+    assert!(
+        (1..=2).contains(&reads),
+        "{reads} database reads for one cold key"
+    );
 }
