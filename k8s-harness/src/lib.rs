@@ -485,8 +485,9 @@ impl ControlPlane {
         ];
         if !options.controller_manager {
             // Without the serviceaccount controller no `default` ServiceAccount appears, and the
-            // admission plugin would reject every pod.
-            args.push("--disable-admission-plugins=ServiceAccount".into());
+            // admission plugin would reject every pod; without the node lifecycle controller
+            // nothing would remove the not-ready taint TaintNodesByCondition puts on new nodes.
+            args.push("--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into());
         }
         cp.spawn("kube-apiserver", &args)?;
         cp.wait_ready(options.timeout)?;
@@ -796,6 +797,22 @@ impl ControlPlane {
         procs.iter().find(|p| p.name == name).map(|p| p.log.clone())
     }
 
+    /// The last `bytes` of every component's log, for failure messages.
+    pub fn log_tails(&self, bytes: usize) -> String {
+        let procs = self.procs.lock().expect("procs lock");
+        let mut out = String::new();
+        for p in procs.iter() {
+            let _ = write!(
+                out,
+                "\n--- {} ({}):\n{}",
+                p.name,
+                p.log.display(),
+                log_tail(&p.log, bytes)
+            );
+        }
+        out
+    }
+
     /// Stops all components (reverse start order) and removes the temp dir.
     fn stop(&mut self) {
         let procs = std::mem::take(self.procs.get_mut().expect("procs lock"));
@@ -845,6 +862,8 @@ pub const CONTROLLERS: &[&str] = &[
     "root-ca-certificate-publisher-controller",
     "endpointslice-controller",
     "pod-garbage-collector-controller",
+    // Removes the node.kubernetes.io/not-ready taint that admission puts on new nodes.
+    "node-lifecycle-controller",
 ];
 
 /// A namespace made for one test.
@@ -985,18 +1004,26 @@ async fn wait_node_ready(client: &Client, name: &str, deadline: Instant) -> Resu
     let api: Api<Node> = Api::all(client.clone());
     loop {
         let ready = api.get_opt(name).await?.is_some_and(|n| {
-            n.status
+            let ready = n
+                .status
                 .and_then(|s| s.conditions)
                 .unwrap_or_default()
                 .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let tainted = n
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .iter()
+                .any(|t| t.key.starts_with("node.kubernetes.io/"));
+            ready && !tainted
         });
         if ready {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(Error::Other(format!(
-                "node {name} did not become Ready (kwok)"
+                "node {name} did not become Ready and untainted (kwok, node-lifecycle-controller)"
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -18,7 +18,19 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() > deadline {
+            let cp = shared();
+            let pods = cp
+                .kubectl()
+                .args(["get", "pods,rs,deploy,nodes", "-A", "-o", "wide"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!(
+                "timed out waiting for {what}\n{pods}\n{}",
+                cp.log_tails(3000)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
