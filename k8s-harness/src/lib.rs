@@ -754,6 +754,20 @@ impl ControlPlane {
             .ok_or_else(|| Error::Other("TokenRequest returned no status".into()))
     }
 
+    /// Writes a kubeconfig for a ServiceAccount (token from the TokenRequest API, valid for one
+    /// hour, namespace preset) into the control plane's temp dir and returns its path; for
+    /// running a binary (e.g. the operator) as that ServiceAccount.
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let token = self.service_account_token(namespace, name).await?;
+        let yaml = kubeconfig_yaml(&self.server, self.ca.cert_pem(), &token)
+            .replace("namespace: default", &format!("namespace: {namespace}"));
+        let path = self
+            .root()
+            .join(format!("kubeconfig-sa-{namespace}-{name}"));
+        fs::write(&path, yaml).map_err(io_ctx(format!("write {}", path.display())))?;
+        Ok(path)
+    }
+
     /// Creates a fresh namespace `<prefix>-<random>` for one test. When the controller-manager
     /// runs, waits until its `default` ServiceAccount exists so pods can be created at once.
     /// Namespaces are not deleted automatically (the whole control plane is thrown away at the

@@ -104,6 +104,28 @@ async fn service_account_token_authenticates_with_rbac() {
         }
         other => panic!("expected 403 for the default ServiceAccount, got {other:?}"),
     }
+    // The same identity through a kubeconfig file, as a separate process would use it.
+    let kubeconfig = cp
+        .service_account_kubeconfig(ns.name(), "default")
+        .await
+        .expect("service account kubeconfig");
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .output()
+        .expect("run kubectl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("system:serviceaccount:{}:default", ns.name()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
