@@ -56,6 +56,16 @@ fn load_config(args: Vec<String>) -> Result<Option<SidecarConfig>, String> {
                 println!("{USAGE}");
                 return Ok(None);
             }
+            "--probe" => {
+                // For exec probes: the API listens on loopback only, out of the kubelet's reach.
+                let url = it
+                    .next()
+                    .ok_or("--probe needs a URL such as http://127.0.0.1:7480/readyz")?;
+                return match probe(&url) {
+                    Ok(()) => Ok(None),
+                    Err(e) => Err(format!("probe failed: {e}")),
+                };
+            }
             "--version" | "-V" => {
                 println!("wtc-sidecar {}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
@@ -69,6 +79,27 @@ fn load_config(args: Vec<String>) -> Result<Option<SidecarConfig>, String> {
     SidecarConfig::parse(&text, &Overrides::from_env())
         .map(Some)
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// GET `url` (plain `http://host:port/path`) and succeed on a 2xx answer.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr: std::net::SocketAddr = host
+        .parse()
+        .map_err(|_| format!("{host} is not host:port"))?;
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).map_err(|e| e.to_string())?;
+    match &head[9..10] {
+        b"2" => Ok(()),
+        _ => Err(String::from_utf8_lossy(&head).into_owned()),
+    }
 }
 
 pub async fn serve(config: SidecarConfig) -> Result<(), String> {

@@ -1,0 +1,248 @@
+//! The `WriteThroughCache` custom resource (group `wtc.dev`, version `v1alpha1`).
+//!
+//! Defaults and validation live in the schema, so the API server applies and enforces them; CEL
+//! rules cover what one field alone cannot say (unique entity names, exactly one Redis mode).
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wtc.dev",
+    version = "v1alpha1",
+    kind = "WriteThroughCache",
+    plural = "writethroughcaches",
+    shortname = "wtc",
+    namespaced,
+    status = "WriteThroughCacheStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Redis","type":"string","jsonPath":".status.redisEndpoint"}"#,
+    printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injectedPods"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.entities.all(e, self.entities.exists_one(f, f.name == e.name))").message("entity names must be unique"))]
+pub struct WriteThroughCacheSpec {
+    /// The application's database: every write is committed here first.
+    pub database: DatabaseSpec,
+    /// Tables served through the cache.
+    #[schemars(length(min = 1, max = 64))]
+    pub entities: Vec<EntitySpec>,
+    /// Where the cache lives: a Redis this operator runs (`managed`) or one you run (`external`).
+    pub redis: RedisSpec,
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+    /// Which pods may use this cache (besides opting in with the annotation).
+    #[serde(default)]
+    pub injection: InjectionSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    #[serde(default)]
+    pub engine: DatabaseEngine,
+    /// Secret key holding the database URL (`postgres://user:password@host/db`).
+    pub url_secret: SecretKeySelector,
+    #[serde(default = "default_pool_size")]
+    #[schemars(range(min = 1, max = 200))]
+    pub pool_size: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseEngine {
+    #[default]
+    Postgres,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeySelector {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EntitySpec {
+    /// Name in the sidecar's URLs: `/v1/entities/{name}/{key}`.
+    #[schemars(regex(pattern = r"^[a-z0-9_-]{1,63}$"), length(min = 1, max = 63))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub table: String,
+    #[serde(default = "default_key_column")]
+    #[schemars(length(min = 1, max = 63))]
+    pub key_column: String,
+    #[serde(default = "default_version_column")]
+    #[schemars(length(min = 1, max = 63))]
+    pub version_column: String,
+    #[serde(default = "default_ttl_seconds")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ttl_seconds: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("set exactly one of redis.managed and redis.external"))]
+pub struct RedisSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedRedis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalRedis>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedRedis {
+    #[serde(default = "default_redis_image")]
+    pub image: String,
+    /// 0 stops Redis (the sidecars then read from the database); 1 runs it.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = 1))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Redis `maxmemory`, e.g. `256mb`.
+    #[serde(default = "default_maxmemory")]
+    #[schemars(regex(pattern = r"^[0-9]+(b|kb|mb|gb)?$"))]
+    pub maxmemory: String,
+    #[serde(default)]
+    pub eviction_policy: EvictionPolicy,
+    /// Append-only persistence. Off by default: the database is the source of truth.
+    #[serde(default)]
+    pub persistence: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvictionPolicy {
+    #[default]
+    AllkeysLru,
+    AllkeysLfu,
+    VolatileLru,
+    VolatileLfu,
+    VolatileTtl,
+    Noeviction,
+}
+
+impl EvictionPolicy {
+    pub fn as_redis(&self) -> &'static str {
+        match self {
+            EvictionPolicy::AllkeysLru => "allkeys-lru",
+            EvictionPolicy::AllkeysLfu => "allkeys-lfu",
+            EvictionPolicy::VolatileLru => "volatile-lru",
+            EvictionPolicy::VolatileLfu => "volatile-lfu",
+            EvictionPolicy::VolatileTtl => "volatile-ttl",
+            EvictionPolicy::Noeviction => "noeviction",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalRedis {
+    /// Secret key holding the Redis URL (`redis://:password@host:6379`).
+    pub url_secret: SecretKeySelector,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default = "default_sidecar_image")]
+    pub image: String,
+    /// Loopback port the application calls.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Retries of a failed cache step after the commit.
+    #[serde(default = "default_retries")]
+    #[schemars(range(min = 0, max = 20))]
+    pub retries: u32,
+    #[serde(default = "default_base_delay_ms")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub retry_base_delay_ms: u64,
+    #[serde(default = "default_max_delay_ms")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub retry_max_delay_ms: u64,
+    /// XFetch early refresh factor; 0 turns early refresh off.
+    #[serde(default = "default_beta")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub early_expiration_beta: f64,
+}
+
+impl Default for SidecarSpec {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every field has a default")
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionSpec {
+    /// Only pods matching this selector get the sidecar (in addition to the opt-in annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteThroughCacheStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `RedisReady`, `ConfigValid`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// `host:port` the sidecars use (managed Redis), or `external`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_endpoint: Option<String>,
+    /// Running pods with the sidecar injected for this cache.
+    #[serde(default)]
+    pub injected_pods: i32,
+}
+
+fn default_pool_size() -> u32 {
+    8
+}
+fn default_key_column() -> String {
+    "id".into()
+}
+fn default_version_column() -> String {
+    "version".into()
+}
+fn default_ttl_seconds() -> u64 {
+    300
+}
+fn default_redis_image() -> String {
+    "redis:7.2-alpine".into()
+}
+fn default_one() -> i32 {
+    1
+}
+fn default_maxmemory() -> String {
+    "256mb".into()
+}
+fn default_sidecar_image() -> String {
+    format!("ghcr.io/wtc-dev/wtc-sidecar:{}", env!("CARGO_PKG_VERSION"))
+}
+fn default_port() -> u16 {
+    7480
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_base_delay_ms() -> u64 {
+    5
+}
+fn default_max_delay_ms() -> u64 {
+    50
+}
+fn default_beta() -> f64 {
+    1.0
+}

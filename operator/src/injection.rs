@@ -1,0 +1,306 @@
+//! Sidecar injection, the pure part: given a Pod being created and the cache it names, decide
+//! whether to inject and build the JSON patch. The webhook server (`webhook.rs`) only does I/O.
+
+use crate::crd::WriteThroughCache;
+use crate::resources::{
+    CACHE_LABEL, CONFIG_KEY, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
+    restricted_container, secret_env,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, EnvVar, ExecAction, Pod, Probe, Volume, VolumeMount,
+};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+/// Pods opt in with this annotation, naming a `WriteThroughCache` in their namespace.
+pub const INJECT_ANNOTATION: &str = "wtc.dev/inject";
+pub const SIDECAR_NAME: &str = "wtc-sidecar";
+const CONFIG_VOLUME: &str = "wtc-sidecar-config";
+const CONFIG_DIR: &str = "/etc/wtc";
+
+#[derive(Debug, PartialEq)]
+pub enum Decision {
+    /// Leave the pod as it is, for this reason.
+    Skip(&'static str),
+    /// Apply this JSON patch.
+    Inject(json_patch::Patch),
+}
+
+/// The cache a pod asks for, if any.
+pub fn requested_cache(pod: &Pod) -> Option<&str> {
+    pod.annotations().get(INJECT_ANNOTATION).map(String::as_str)
+}
+
+/// `native`: the cluster runs sidecars as init containers with `restartPolicy: Always` (1.29+).
+pub fn plan(pod: &Pod, cache: Option<&WriteThroughCache>, native: bool) -> Decision {
+    if requested_cache(pod).is_none() {
+        return Decision::Skip("not opted in");
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Decision::Skip("pod has no spec");
+    };
+    if spec.host_network == Some(true) {
+        // Loopback would be the node's: the sidecar's API would be open to the whole node.
+        return Decision::Skip("host network");
+    }
+    let named = |cs: &Option<Vec<Container>>| cs.iter().flatten().any(|c| c.name == SIDECAR_NAME);
+    if named(&Some(spec.containers.clone())) || named(&spec.init_containers) {
+        return Decision::Skip("already injected");
+    }
+    let Some(cache) = cache else {
+        return Decision::Skip("no such cache in this namespace");
+    };
+    if let Some(sel) = &cache.spec.injection.pod_selector
+        && !selector_matches(sel, pod)
+    {
+        return Decision::Skip("pod does not match the cache's pod selector");
+    }
+
+    let mut container = sidecar_container(cache);
+    let mut ops: Vec<Value> = vec![];
+    if native {
+        container.restart_policy = Some("Always".into());
+        // First, so it is up before the other init containers and the application start.
+        match &spec.init_containers {
+            Some(_) => {
+                ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}))
+            }
+            None => {
+                ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]}))
+            }
+        }
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
+    }
+    let volume = Volume {
+        name: CONFIG_VOLUME.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(cache),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    match &spec.volumes {
+        Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    }
+    // The label lets the operator count injected pods with a selector.
+    let label_path = format!(
+        "/metadata/labels/{}",
+        CACHE_LABEL.replace('~', "~0").replace('/', "~1")
+    );
+    match &pod.metadata.labels {
+        Some(_) => ops.push(json!({"op": "add", "path": label_path, "value": cache.name_any()})),
+        None => ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {CACHE_LABEL: cache.name_any()}})),
+    }
+    Decision::Inject(serde_json::from_value(Value::Array(ops)).expect("well-formed patch"))
+}
+
+/// The sidecar container: configuration from the cache's ConfigMap, credentials by
+/// `secretKeyRef` only, never inline.
+pub fn sidecar_container(cache: &WriteThroughCache) -> Container {
+    let spec = &cache.spec;
+    let mut env = vec![secret_env(
+        "WTC_DATABASE_URL",
+        &spec.database.url_secret.name,
+        &spec.database.url_secret.key,
+    )];
+    match (&spec.redis.external, redis_endpoint(cache)) {
+        (Some(ext), _) => env.push(secret_env(
+            "WTC_REDIS_URL",
+            &ext.url_secret.name,
+            &ext.url_secret.key,
+        )),
+        (None, Some(endpoint)) => {
+            env.push(secret_env(
+                "WTC_REDIS_PASSWORD",
+                &auth_secret_name(cache),
+                PASSWORD_KEY,
+            ));
+            env.push(EnvVar {
+                name: "WTC_REDIS_URL".into(),
+                // Kubernetes expands $(VAR) from the variables defined before it.
+                value: Some(format!("redis://:$(WTC_REDIS_PASSWORD)@{endpoint}")),
+                ..EnvVar::default()
+            });
+        }
+        (None, None) => {}
+    }
+    let port = spec.sidecar.port;
+    Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(spec.sidecar.image.clone()),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        env: Some(env),
+        resources: spec.sidecar.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: CONFIG_VOLUME.into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        // The API listens on loopback only, out of the kubelet's reach: the binary probes itself.
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec![
+                    "/wtc-sidecar".into(),
+                    "--probe".into(),
+                    format!("http://127.0.0.1:{port}/readyz"),
+                ]),
+            }),
+            period_seconds: Some(5),
+            timeout_seconds: Some(2),
+            ..Probe::default()
+        }),
+        security_context: Some(restricted_container()),
+        ..Container::default()
+    }
+}
+
+fn selector_matches(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    pod: &Pod,
+) -> bool {
+    let labels = pod.labels();
+    let exact = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    exact && exprs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::fixtures::CacheBuilder;
+
+    fn pod(annotated: bool) -> Pod {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "app", "namespace": "shop"},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        if annotated {
+            p.annotations_mut()
+                .insert(INJECT_ANNOTATION.into(), "orders".into());
+        }
+        p
+    }
+
+    fn apply(p: &Pod, patch: &json_patch::Patch) -> Pod {
+        let mut v = serde_json::to_value(p).unwrap();
+        json_patch::patch(&mut v, patch).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn injects_a_native_sidecar_with_secret_refs_and_config() {
+        let cache = CacheBuilder::new("orders").build();
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true) else {
+            panic!("no injection")
+        };
+        let out = apply(&pod(true), &patch);
+        let spec = out.spec.unwrap();
+        let sc = &spec.init_containers.unwrap()[0];
+        assert_eq!(
+            (sc.name.as_str(), sc.restart_policy.as_deref()),
+            (SIDECAR_NAME, Some("Always"))
+        );
+        let env = sc.env.clone().unwrap();
+        let db = env.iter().find(|e| e.name == "WTC_DATABASE_URL").unwrap();
+        assert!(db.value.is_none(), "credentials never inline");
+        assert_eq!(
+            db.value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "app-db"
+        );
+        let url = env.iter().find(|e| e.name == "WTC_REDIS_URL").unwrap();
+        assert_eq!(
+            url.value.as_deref(),
+            Some("redis://:$(WTC_REDIS_PASSWORD)@orders-redis.shop.svc:6379")
+        );
+        assert!(sc.readiness_probe.is_some());
+        assert_eq!(
+            spec.volumes.unwrap()[0].config_map.as_ref().unwrap().name,
+            "orders-sidecar"
+        );
+        assert_eq!(out.metadata.labels.unwrap()[CACHE_LABEL], "orders");
+        // Injecting again changes nothing.
+        let again = plan(&apply(&pod(true), &patch), Some(&cache), true);
+        assert_eq!(again, Decision::Skip("already injected"));
+    }
+
+    #[test]
+    fn regular_container_on_older_clusters() {
+        let cache = CacheBuilder::new("orders").external().build();
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), false) else {
+            panic!()
+        };
+        let out = apply(&pod(true), &patch).spec.unwrap();
+        assert_eq!(out.containers.len(), 2);
+        assert_eq!(out.containers[1].name, SIDECAR_NAME);
+        let env = out.containers[1].env.clone().unwrap();
+        let url = env.iter().find(|e| e.name == "WTC_REDIS_URL").unwrap();
+        assert_eq!(
+            url.value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "redis"
+        );
+    }
+
+    #[test]
+    fn leaves_alone_what_it_should() {
+        let cache = CacheBuilder::new("orders").build();
+        assert_eq!(
+            plan(&pod(false), Some(&cache), true),
+            Decision::Skip("not opted in")
+        );
+        assert_eq!(
+            plan(&pod(true), None, true),
+            Decision::Skip("no such cache in this namespace")
+        );
+        let mut host = pod(true);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(
+            plan(&host, Some(&cache), true),
+            Decision::Skip("host network")
+        );
+        let mut selective = cache.clone();
+        selective.spec.injection.pod_selector =
+            Some(serde_json::from_value(json!({"matchLabels": {"tier": "api"}})).unwrap());
+        assert!(matches!(
+            plan(&pod(true), Some(&selective), true),
+            Decision::Skip(_)
+        ));
+        let mut labelled = pod(true);
+        labelled.labels_mut().insert("tier".into(), "api".into());
+        assert!(matches!(
+            plan(&labelled, Some(&selective), true),
+            Decision::Inject(_)
+        ));
+    }
+}

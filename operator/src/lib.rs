@@ -1,0 +1,17 @@
+//! wtc-operator: reconciles `WriteThroughCache` resources into a Redis deployment and the sidecar's
+//! configuration, and injects the sidecar into pods that opt in.
+//!
+//! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
+//! patch); then `reconcile` (apply + status), `webhook` and `certs` (the admission server), `run`.
+#![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod crd;
+pub mod injection;
+pub mod metrics;
+pub mod reconcile;
+pub mod resources;
+pub mod run;
+pub mod webhook;
+
+pub use run::main_entry;

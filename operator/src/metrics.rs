@@ -1,0 +1,75 @@
+//! The operator's own metrics (`wtc_operator_` prefix).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciliations: IntCounter,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: Histogram,
+    pub injections: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let reconciliations = IntCounter::new(
+            "wtc_operator_reconciliations_total",
+            "Reconciliations started.",
+        )
+        .unwrap();
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "wtc_operator_reconcile_errors_total",
+                "Reconciliations that failed, by error kind.",
+            ),
+            &["error"],
+        )
+        .unwrap();
+        let reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "wtc_operator_reconcile_duration_seconds",
+                "Time to reconcile one cache.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .unwrap();
+        let injections = IntCounterVec::new(
+            Opts::new(
+                "wtc_operator_admissions_total",
+                "Pods seen by the injection webhook, by result.",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        registry
+            .register(Box::new(reconciliations.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(reconcile_errors.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(reconcile_duration.clone()))
+            .unwrap();
+        registry.register(Box::new(injections.clone())).unwrap();
+        Self {
+            registry,
+            reconciliations,
+            reconcile_errors,
+            reconcile_duration,
+            injections,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,369 @@
+//! The controller: desired objects (from `resources`), applied server-side with one field manager,
+//! leftovers removed, then status. `error_policy` backs off; an invalid spec waits for a change.
+
+use crate::crd::{WriteThroughCache, WriteThroughCacheStatus};
+use crate::metrics::Metrics;
+use crate::resources::{self, CACHE_LABEL, Desired, InvalidSpec, PASSWORD_KEY};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const FIELD_MANAGER: &str = "wtc-operator";
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the resource has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Label for `wtc_operator_reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "client",
+            Error::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciliations.inc();
+    let result = apply_all(&cr, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+pub fn error_policy(cr: Arc<WriteThroughCache>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    tracing::warn!(cache = %cr.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5 + fastrand::u64(..5)))
+}
+
+async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error> {
+    let ns = cr.namespace().ok_or(Error::NoNamespace)?;
+    let client = &ctx.client;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // The password is made once and then read back: the desired-objects step stays pure.
+    let password = match secrets.get_opt(&resources::auth_secret_name(cr)).await? {
+        Some(s) => s
+            .data
+            .and_then(|d| {
+                d.get(PASSWORD_KEY)
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            })
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(resources::new_password),
+        None => resources::new_password(),
+    };
+
+    let desired = match resources::desired(cr, &password) {
+        Ok(d) => d,
+        Err(InvalidSpec(msg)) => {
+            // Nothing to retry until the spec changes: no hot loop.
+            update_status(cr, ctx, Health::Invalid(msg)).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let Desired { config_map, redis } = desired;
+    apply(client, &ns, &config_map).await?;
+    let redis_ready = match redis {
+        Some(m) => {
+            apply(client, &ns, &m.secret).await?;
+            apply(client, &ns, &m.service).await?;
+            let deployment = apply(client, &ns, &m.deployment).await?;
+            deployment_available(&deployment)
+        }
+        None => {
+            remove_managed_redis(cr, client, &ns).await?;
+            RedisHealth::External
+        }
+    };
+    update_status(cr, ctx, Health::Valid(redis_ready)).await?;
+    // Watches on the owned objects bring changes; the periodic pass refreshes the pod count.
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch(&obj.name_any(), &pp, &Patch::Apply(obj)).await?)
+}
+
+/// Switching from managed to external Redis: the managed objects are no longer wanted.
+async fn remove_managed_redis(
+    cr: &WriteThroughCache,
+    client: &Client,
+    ns: &str,
+) -> Result<(), Error> {
+    let uid = cr.uid();
+    let owned = |o: &Option<
+        Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    >| { o.iter().flatten().any(|r| Some(&r.uid) == uid.as_ref()) };
+    let dp = DeleteParams::background();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    if let Some(d) = deployments.get_opt(&resources::redis_name(cr)).await?
+        && owned(&d.metadata.owner_references)
+    {
+        deployments.delete(&d.name_any(), &dp).await?;
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    if let Some(s) = services.get_opt(&resources::redis_name(cr)).await?
+        && owned(&s.metadata.owner_references)
+    {
+        services.delete(&s.name_any(), &dp).await?;
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    if let Some(s) = secrets.get_opt(&resources::auth_secret_name(cr)).await?
+        && owned(&s.metadata.owner_references)
+    {
+        secrets.delete(&s.name_any(), &dp).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum RedisHealth {
+    Available,
+    Unavailable(String),
+    External,
+}
+
+enum Health {
+    Invalid(String),
+    Valid(RedisHealth),
+}
+
+fn deployment_available(d: &Deployment) -> RedisHealth {
+    let status = d.status.clone().unwrap_or_default();
+    let current = status.observed_generation >= d.metadata.generation;
+    let available = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Available" && c.status == "True");
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if wanted == 0 {
+        RedisHealth::Unavailable("managed Redis is scaled to 0 replicas".into())
+    } else if current && available && status.available_replicas.unwrap_or(0) >= 1 {
+        RedisHealth::Available
+    } else {
+        RedisHealth::Unavailable("the Redis Deployment is not available yet".into())
+    }
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    old: &[Condition],
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    // lastTransitionTime moves only when the status does.
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) -> Result<(), Error> {
+    let ns = cr.namespace().ok_or(Error::NoNamespace)?;
+    let generation = cr.metadata.generation;
+    let old = cr.status.clone().unwrap_or_default();
+    let (valid, valid_msg, redis) = match &health {
+        Health::Invalid(msg) => (false, msg.clone(), None),
+        Health::Valid(r) => (
+            true,
+            "the spec renders a valid sidecar configuration".to_string(),
+            Some(r.clone()),
+        ),
+    };
+    let (redis_ok, redis_reason, redis_msg) = match &redis {
+        Some(RedisHealth::Available) => (
+            true,
+            "Available",
+            "the managed Redis is available".to_string(),
+        ),
+        Some(RedisHealth::External) => (
+            true,
+            "External",
+            "Redis is external; the sidecars connect to it".to_string(),
+        ),
+        Some(RedisHealth::Unavailable(m)) => (false, "Unavailable", m.clone()),
+        None => (
+            false,
+            "InvalidSpec",
+            "not reconciled: the spec is invalid".to_string(),
+        ),
+    };
+    let ready = valid && redis_ok;
+    let ready_reason = if ready {
+        "Ready"
+    } else if !valid {
+        "InvalidSpec"
+    } else {
+        "RedisUnavailable"
+    };
+    let ready_msg = if ready {
+        "the cache is ready".to_string()
+    } else if !valid {
+        valid_msg.clone()
+    } else {
+        redis_msg.clone()
+    };
+    let conditions = vec![
+        condition(
+            "Ready",
+            ready,
+            ready_reason,
+            ready_msg,
+            generation,
+            &old.conditions,
+        ),
+        condition(
+            "RedisReady",
+            redis_ok,
+            redis_reason,
+            redis_msg,
+            generation,
+            &old.conditions,
+        ),
+        condition(
+            "ConfigValid",
+            valid,
+            if valid { "Valid" } else { "InvalidSpec" },
+            valid_msg,
+            generation,
+            &old.conditions,
+        ),
+    ];
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let injected = pods
+        .list_metadata(&ListParams::default().labels(&format!("{CACHE_LABEL}={}", cr.name_any())))
+        .await?
+        .items
+        .len() as i32;
+    let status = WriteThroughCacheStatus {
+        observed_generation: generation,
+        conditions,
+        redis_endpoint: resources::redis_endpoint(cr).or_else(|| Some("external".into())),
+        injected_pods: injected,
+    };
+    let was_ready = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let api: Api<WriteThroughCache> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": "wtc.dev/v1alpha1",
+        "kind": "WriteThroughCache",
+        "status": status,
+    });
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if was_ready != ready || cr.status.is_none() {
+        let (type_, reason) = if ready {
+            (EventType::Normal, "Ready")
+        } else {
+            (EventType::Warning, ready_reason)
+        };
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(status.conditions[0].message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the controller until the stream ends (shutdown signal).
+pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String>) {
+    let caches: Api<WriteThroughCache> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=wtc-operator");
+    let (deployments, services, config_maps): (Api<Deployment>, Api<Service>, Api<ConfigMap>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
+        client,
+        metrics,
+    });
+    Controller::new(caches, watcher::Config::default().any_semantic())
+        .owns(deployments, owned.clone())
+        .owns(services, owned.clone())
+        .owns(config_maps, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}

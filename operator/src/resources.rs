@@ -1,0 +1,454 @@
+//! The desired objects for one `WriteThroughCache`: pure, no client. Spec in, objects out, so unit
+//! tests drive it from plain data; `reconcile` applies what it returns.
+
+use crate::crd::{ManagedRedis, WriteThroughCache};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
+use wtc_config::{
+    CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, RetryBudget, SidecarConfig,
+};
+
+pub const REDIS_PORT: i32 = 6379;
+pub const CONFIG_KEY: &str = "sidecar.toml";
+pub const PASSWORD_KEY: &str = "password";
+pub const CACHE_LABEL: &str = "wtc.dev/cache";
+
+pub fn redis_name(cr: &WriteThroughCache) -> String {
+    format!("{}-redis", cr.name_any())
+}
+pub fn auth_secret_name(cr: &WriteThroughCache) -> String {
+    format!("{}-redis-auth", cr.name_any())
+}
+pub fn config_map_name(cr: &WriteThroughCache) -> String {
+    format!("{}-sidecar", cr.name_any())
+}
+
+/// Everything the operator keeps in the cluster for one cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub config_map: ConfigMap,
+    /// Present only for `redis.managed`.
+    pub redis: Option<ManagedObjects>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagedObjects {
+    pub secret: Secret,
+    pub deployment: Deployment,
+    pub service: Service,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+/// The sidecar configuration this cache renders. URLs stay empty: the sidecar gets them from
+/// `WTC_DATABASE_URL` and `WTC_REDIS_URL`, which come from Secrets.
+pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
+    let spec = &cr.spec;
+    SidecarConfig {
+        listen: format!("127.0.0.1:{}", spec.sidecar.port),
+        database: DatabaseConfig {
+            url: String::new(),
+            pool_size: spec.database.pool_size,
+            statement_timeout_ms: 5_000,
+        },
+        redis: RedisConfig {
+            url: String::new(),
+            connect_timeout_ms: 500,
+            response_timeout_ms: 250,
+        },
+        cache: CacheConfig {
+            early_expiration_beta: spec.sidecar.early_expiration_beta,
+            retry: RetryBudget {
+                retries: spec.sidecar.retries,
+                base_delay_ms: spec.sidecar.retry_base_delay_ms,
+                max_delay_ms: spec.sidecar.retry_max_delay_ms,
+            },
+            ..CacheConfig::default()
+        },
+        limits: Limits::default(),
+        entities: spec
+            .entities
+            .iter()
+            .map(|e| Entity {
+                name: e.name.clone(),
+                table: e.table.clone(),
+                key_column: e.key_column.clone(),
+                version_column: e.version_column.clone(),
+                ttl_seconds: e.ttl_seconds,
+            })
+            .collect(),
+    }
+}
+
+pub fn labels(cr: &WriteThroughCache, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), component.to_string()),
+        ("app.kubernetes.io/instance".to_string(), cr.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "wtc-operator".to_string(),
+        ),
+        (CACHE_LABEL.to_string(), cr.name_any()),
+    ])
+}
+
+fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cr.namespace(),
+        labels: Some(labels(cr, component)),
+        owner_references: cr.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Builds the desired objects. `redis_password` is the managed Redis password already stored in
+/// the cluster (or a fresh one): the builder never invents secrets, so it stays deterministic.
+pub fn desired(cr: &WriteThroughCache, redis_password: &str) -> Result<Desired, InvalidSpec> {
+    if cr.meta().uid.is_none() || cr.namespace().is_none() {
+        return Err(InvalidSpec(
+            "the resource has no uid or namespace yet".into(),
+        ));
+    }
+    let config = sidecar_config(cr);
+    // The file leaves the URLs to the environment; check everything else the sidecar will check.
+    let mut probe = config.clone();
+    probe.database.url = "postgres://placeholder".into();
+    probe.redis.url = "redis://placeholder".into();
+    probe.validate().map_err(|e| InvalidSpec(e.to_string()))?;
+
+    let config_map = ConfigMap {
+        metadata: meta(cr, config_map_name(cr), "wtc-sidecar"),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config.render())])),
+        ..ConfigMap::default()
+    };
+    let redis = cr
+        .spec
+        .redis
+        .managed
+        .as_ref()
+        .map(|m| managed_redis(cr, m, redis_password));
+    Ok(Desired { config_map, redis })
+}
+
+fn managed_redis(cr: &WriteThroughCache, m: &ManagedRedis, password: &str) -> ManagedObjects {
+    let name = redis_name(cr);
+    let selector = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "wtc-redis".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), cr.name_any()),
+    ]);
+    let secret = Secret {
+        metadata: meta(cr, auth_secret_name(cr), "wtc-redis"),
+        data: Some(BTreeMap::from([(
+            PASSWORD_KEY.to_string(),
+            ByteString(password.as_bytes().to_vec()),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+    let args = vec![
+        "--port".to_string(),
+        REDIS_PORT.to_string(),
+        "--requirepass".into(),
+        "$(REDIS_PASSWORD)".into(),
+        "--maxmemory".into(),
+        m.maxmemory.clone(),
+        "--maxmemory-policy".into(),
+        m.eviction_policy.as_redis().into(),
+        "--save".into(),
+        String::new(),
+        "--appendonly".into(),
+        if m.persistence { "yes" } else { "no" }.into(),
+        "--dir".into(),
+        "/data".into(),
+    ];
+    let container = Container {
+        name: "redis".into(),
+        image: Some(m.image.clone()),
+        command: Some(vec!["redis-server".into()]),
+        args: Some(args),
+        env: Some(vec![secret_env(
+            "REDIS_PASSWORD",
+            &auth_secret_name(cr),
+            PASSWORD_KEY,
+        )]),
+        ports: Some(vec![ContainerPort {
+            name: Some("redis".into()),
+            container_port: REDIS_PORT,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(REDIS_PORT),
+                ..TCPSocketAction::default()
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        resources: m.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(restricted_container()),
+        ..Container::default()
+    };
+    let deployment = Deployment {
+        metadata: meta(cr, name.clone(), "wtc-redis"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(m.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..LabelSelector::default()
+            },
+            // One Redis at a time: two would split the cache's writes between them.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cr, "wtc-redis")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "data".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(999),
+                        fs_group: Some(999),
+                        ..PodSecurityContext::default()
+                    }),
+                    automount_service_account_token: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let service = Service {
+        metadata: meta(cr, name, "wtc-redis"),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("redis".into()),
+                port: REDIS_PORT,
+                target_port: Some(IntOrString::Int(REDIS_PORT)),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    ManagedObjects {
+        secret,
+        deployment,
+        service,
+    }
+}
+
+/// `host:port` of the managed Redis, as the sidecars reach it.
+pub fn redis_endpoint(cr: &WriteThroughCache) -> Option<String> {
+    cr.spec.redis.managed.as_ref()?;
+    Some(format!(
+        "{}.{}.svc:{REDIS_PORT}",
+        redis_name(cr),
+        cr.namespace().unwrap_or_default()
+    ))
+}
+
+pub fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+pub fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// A password for the managed Redis: 32 alphanumerics, safe inside a URL.
+pub fn new_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..32)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! Builder fixtures: a cache as a user would write it, then variations.
+    use crate::crd::*;
+    use kube::api::ObjectMeta;
+
+    pub struct CacheBuilder(pub WriteThroughCache);
+
+    impl CacheBuilder {
+        pub fn new(name: &str) -> Self {
+            let spec: WriteThroughCacheSpec = serde_json::from_value(serde_json::json!({
+                "database": {"urlSecret": {"name": "app-db", "key": "url"}},
+                "entities": [{"name": "accounts", "table": "accounts"}],
+                "redis": {"managed": {}},
+            }))
+            .unwrap();
+            let mut cr = WriteThroughCache::new(name, spec);
+            cr.metadata = ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                uid: Some("0000-1111".into()),
+                generation: Some(1),
+                ..ObjectMeta::default()
+            };
+            Self(cr)
+        }
+        pub fn external(mut self) -> Self {
+            self.0.spec.redis = RedisSpec {
+                managed: None,
+                external: Some(ExternalRedis {
+                    url_secret: SecretKeySelector {
+                        name: "redis".into(),
+                        key: "url".into(),
+                    },
+                }),
+            };
+            self
+        }
+        pub fn entity(mut self, name: &str) -> Self {
+            let mut e = self.0.spec.entities[0].clone();
+            e.name = name.into();
+            e.table = name.into();
+            self.0.spec.entities.push(e);
+            self
+        }
+        pub fn build(self) -> WriteThroughCache {
+            self.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::CacheBuilder;
+    use super::*;
+
+    #[test]
+    fn managed_cache_gets_redis_objects_owned_by_the_resource() {
+        let cr = CacheBuilder::new("orders").build();
+        let d = desired(&cr, "pw").unwrap();
+        let r = d.redis.expect("managed Redis");
+        assert_eq!(r.deployment.metadata.name.as_deref(), Some("orders-redis"));
+        assert_eq!(r.service.metadata.name.as_deref(), Some("orders-redis"));
+        assert_eq!(r.secret.metadata.name.as_deref(), Some("orders-redis-auth"));
+        for owners in [
+            &d.config_map.metadata.owner_references,
+            &r.deployment.metadata.owner_references,
+            &r.service.metadata.owner_references,
+            &r.secret.metadata.owner_references,
+        ] {
+            let o = &owners.as_ref().unwrap()[0];
+            assert_eq!(
+                (o.kind.as_str(), o.uid.as_str(), o.controller),
+                ("WriteThroughCache", "0000-1111", Some(true))
+            );
+        }
+        let args = r.deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--maxmemory-policy", "allkeys-lru"])
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"]),
+            "password by env, never inline"
+        );
+        assert_eq!(
+            redis_endpoint(&cr).as_deref(),
+            Some("orders-redis.shop.svc:6379")
+        );
+    }
+
+    #[test]
+    fn rendered_config_is_what_the_sidecar_parses() {
+        let cr = CacheBuilder::new("orders").entity("items").build();
+        let d = desired(&cr, "pw").unwrap();
+        let toml = &d.config_map.data.unwrap()[CONFIG_KEY];
+        let overrides = wtc_config::Overrides {
+            database_url: Some("postgres://db/app".into()),
+            redis_url: Some("redis://r:6379".into()),
+            listen: None,
+        };
+        let parsed = wtc_config::SidecarConfig::parse(toml, &overrides).unwrap();
+        assert_eq!(parsed.entities.len(), 2);
+        assert_eq!(parsed.listen, "127.0.0.1:7480");
+        assert_eq!(parsed.cache.retry.retries, 3);
+    }
+
+    #[test]
+    fn external_redis_has_no_managed_objects() {
+        let cr = CacheBuilder::new("orders").external().build();
+        let d = desired(&cr, "pw").unwrap();
+        assert!(d.redis.is_none());
+        assert_eq!(redis_endpoint(&cr), None);
+    }
+
+    #[test]
+    fn specs_the_sidecar_would_refuse_are_invalid() {
+        let mut cr = CacheBuilder::new("orders").build();
+        cr.spec.entities[0].key_column = "version".into();
+        let err = desired(&cr, "pw").unwrap_err();
+        assert!(err.0.contains("same column"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_url_safe_and_fresh() {
+        let (a, b) = (new_password(), new_password());
+        assert_ne!(a, b);
+        assert!(a.len() == 32 && a.chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+}

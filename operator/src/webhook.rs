@@ -1,0 +1,323 @@
+//! The injection webhook's I/O: its MutatingWebhookConfiguration, and an HTTPS server (hyper +
+//! tokio-rustls, since warp 0.4 has no TLS) that answers AdmissionReviews with `injection::plan`.
+//! Every failure admits the pod unchanged: a broken operator must never block pod creation.
+
+use crate::certs::WebhookCerts;
+use crate::crd::WriteThroughCache;
+use crate::injection::{self, Decision};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::Client;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use tokio_rustls::TlsAcceptor;
+
+pub const PATH: &str = "/mutate";
+/// Namespaces whose pods are never sent to the webhook.
+pub const ALWAYS_EXCLUDED: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+/// A namespace labelled `wtc.dev/injection=disabled` is excluded too.
+pub const NAMESPACE_OPT_OUT_LABEL: &str = "wtc.dev/injection";
+
+/// Where the API server reaches the webhook.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Service {
+        namespace: String,
+        name: String,
+        port: i32,
+    },
+    /// `https://host:port` (tests serve the webhook from the test process).
+    Url(String),
+}
+
+/// The configuration the operator keeps applied. `ca_bundle`: `None` under cert-manager, whose CA
+/// injector fills it from `inject_ca_from`.
+pub fn configuration(
+    name: &str,
+    endpoint: &Endpoint,
+    ca_bundle: Option<&str>,
+    operator_namespace: &str,
+    inject_ca_from: Option<&str>,
+) -> MutatingWebhookConfiguration {
+    let client_config = WebhookClientConfig {
+        ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
+        service: match endpoint {
+            Endpoint::Service {
+                namespace,
+                name,
+                port,
+            } => Some(ServiceReference {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                path: Some(PATH.into()),
+                port: Some(*port),
+            }),
+            Endpoint::Url(_) => None,
+        },
+        url: match endpoint {
+            Endpoint::Url(u) => Some(format!("{u}{PATH}")),
+            Endpoint::Service { .. } => None,
+        },
+    };
+    let mut excluded: Vec<String> = ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
+    excluded.push(operator_namespace.to_string());
+    MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            annotations: inject_ca_from
+                .map(|c| [("cert-manager.io/inject-ca-from".to_string(), c.to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "inject.wtc.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            failure_policy: Some("Ignore".into()),
+            timeout_seconds: Some(5),
+            reinvocation_policy: Some("Never".into()),
+            client_config,
+            rules: Some(vec![RuleWithOperations {
+                operations: Some(vec!["CREATE".into()]),
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                resources: Some(vec!["pods".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![
+                    LabelSelectorRequirement {
+                        key: "kubernetes.io/metadata.name".into(),
+                        operator: "NotIn".into(),
+                        values: Some(excluded),
+                    },
+                    LabelSelectorRequirement {
+                        key: NAMESPACE_OPT_OUT_LABEL.into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec!["disabled".into()]),
+                    },
+                ]),
+                ..LabelSelector::default()
+            }),
+            // The operator's own pods are never mutated, whatever namespace they run in.
+            object_selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "app.kubernetes.io/name".into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec!["wtc-operator".into()]),
+                }]),
+                ..LabelSelector::default()
+            }),
+            match_policy: Some("Equivalent".into()),
+            match_conditions: None,
+        }]),
+    }
+}
+
+pub async fn apply_configuration(
+    client: &Client,
+    config: &MutatingWebhookConfiguration,
+) -> Result<(), kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let name = config.metadata.name.clone().unwrap_or_default();
+    let pp = PatchParams::apply(crate::reconcile::FIELD_MANAGER).force();
+    api.patch(&name, &pp, &Patch::Apply(config)).await?;
+    Ok(())
+}
+
+pub struct Webhook {
+    client: Client,
+    metrics: Arc<Metrics>,
+    /// Native sidecars (init containers with `restartPolicy: Always`) are available.
+    native_sidecars: bool,
+    tls: RwLock<TlsAcceptor>,
+}
+
+pub fn acceptor(certs: &WebhookCerts) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(certs.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(certs.key_pem.as_bytes())
+        .map_err(|e| format!("serving key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Webhook {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        native_sidecars: bool,
+        certs: &WebhookCerts,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            client,
+            metrics,
+            native_sidecars,
+            tls: RwLock::new(acceptor(certs)?),
+        })
+    }
+
+    /// Serves new connections with the renewed certificate.
+    pub fn rotate(&self, certs: &WebhookCerts) -> Result<(), String> {
+        *self.tls.write().unwrap() = acceptor(certs)?;
+        Ok(())
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = Arc::clone(&self);
+            let tls = self.tls.read().unwrap().clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let me = Arc::clone(&me);
+                    async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(addr).await
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/healthz" {
+            return text(StatusCode::OK, "ok");
+        }
+        if req.uri().path() != PATH || req.method() != hyper::Method::POST {
+            return text(StatusCode::NOT_FOUND, "not found");
+        }
+        let body = match Limited::new(req.into_body(), 8 * 1024 * 1024)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "unreadable body"),
+        };
+        let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("not an AdmissionReview: {e}"),
+                );
+            }
+        };
+        let request: AdmissionRequest<Pod> = match review.try_into() {
+            Ok(r) => r,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("no request in the review: {e}"),
+                );
+            }
+        };
+        let response = self.admit(&request).await;
+        let out: AdmissionReview<DynamicObject> = response.into_review();
+        match serde_json::to_vec(&out) {
+            Ok(v) => {
+                let mut r = Response::new(Full::new(Bytes::from(v)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    "application/json".parse().unwrap(),
+                );
+                r
+            }
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not encode the response",
+            ),
+        }
+    }
+
+    async fn admit(&self, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
+        let allowed = AdmissionResponse::from(request);
+        let Some(pod) = request.object.as_ref() else {
+            return allowed;
+        };
+        let Some(cache_name) = injection::requested_cache(pod) else {
+            self.count("skipped");
+            return allowed;
+        };
+        let namespace = request.namespace.clone().unwrap_or_default();
+        let api: Api<WriteThroughCache> = Api::namespaced(self.client.clone(), &namespace);
+        let cache = match api.get_opt(cache_name).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%namespace, cache = cache_name, error = %e, "cache lookup failed; admitting unchanged");
+                self.count("error");
+                return allowed;
+            }
+        };
+        match injection::plan(pod, cache.as_ref(), self.native_sidecars) {
+            Decision::Skip(reason) => {
+                tracing::info!(%namespace, cache = cache_name, reason, "not injecting");
+                self.count("skipped");
+                allowed
+            }
+            Decision::Inject(patch) => match allowed.clone().with_patch(patch) {
+                Ok(r) => {
+                    self.count("injected");
+                    r
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not encode the patch");
+                    self.count("error");
+                    allowed
+                }
+            },
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics.injections.with_label_values(&[result]).inc();
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r
+}
+
+/// Native sidecars are on by default from Kubernetes 1.29.
+pub async fn supports_native_sidecars(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(v) => {
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            let major: u32 = v.major.parse().unwrap_or(0);
+            major > 1 || (major == 1 && minor >= 29)
+        }
+        Err(_) => false,
+    }
+}
