@@ -1,0 +1,855 @@
+//! wtc-bench: what the sidecar costs against doing the same work in-process, in one run.
+//!
+//! Baseline: the sidecar's own library (`Sidecar::read` / `Sidecar::put`) called in this process,
+//! with the same configuration (pools, timeouts): the same statement and the same Redis script
+//! without the HTTP hop. Against it: the sidecar process over HTTP on loopback. Both see the same
+//! workload at the same fixed rates and in a closed loop. See docs/benchmarks.md.
+#![forbid(unsafe_code)]
+
+mod http;
+mod load;
+mod plot;
+mod procfs;
+mod report;
+
+use http::HttpConn;
+use load::{Client, Kind, Plan, Run};
+use report::{Batches, Herd, Machine, Phase, Report};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use wtc_config::{CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, SidecarConfig};
+use wtc_sidecar::sidecar::{CacheStatus, Sidecar};
+
+/// When set, this binary is the sidecar: `--sidecar embedded` runs the sidecar's own entry point
+/// in a child process of this binary (used by the test, which has no release build at hand).
+const AS_SIDECAR: &str = "WTC_BENCH_AS_SIDECAR";
+
+const USAGE: &str = "usage: wtc-bench [--short] [--seconds S] [--peak-seconds S] [--conns N]
+                 [--hit-rates R,R] [--miss-rates R,R] [--write-rates R,R]
+                 [--herd N] [--herd-rounds N] [--batches N]
+                 [--sidecar PATH|embedded] [--json PATH] [--doc PATH] [--plot PATH]
+Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\").
+--sidecar defaults to the wtc-sidecar next to this binary (target/release/wtc-sidecar).";
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub short: bool,
+    pub seconds: f64,
+    pub peak_seconds: f64,
+    pub conns: usize,
+    pub hit_rates: Vec<f64>,
+    pub miss_rates: Vec<f64>,
+    pub write_rates: Vec<f64>,
+    pub herd: usize,
+    pub herd_rounds: usize,
+    pub batches: usize,
+    pub sidecar: Option<String>,
+    pub json: Option<PathBuf>,
+    pub doc: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    pub command: String,
+}
+
+fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
+    let mut o = Opts {
+        short: false,
+        seconds: 10.0,
+        peak_seconds: 5.0,
+        conns: 16,
+        hit_rates: vec![1000.0, 5000.0],
+        miss_rates: vec![250.0, 1000.0],
+        write_rates: vec![250.0, 1000.0],
+        herd: 1000,
+        herd_rounds: 5,
+        batches: 20,
+        sidecar: None,
+        json: None,
+        doc: None,
+        plot: None,
+        command: std::iter::once("wtc-bench".to_string())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let (mut seconds, mut peak, mut herd, mut rounds, mut batches) = (None, None, None, None, None);
+    let mut it = args.into_iter();
+    let num = |v: Option<String>, name: &str| -> Result<f64, String> {
+        v.and_then(|s| s.parse::<f64>().ok())
+            .filter(|n| *n > 0.0)
+            .ok_or_else(|| format!("{name} needs a positive number"))
+    };
+    let rates = |v: Option<String>, name: &str| -> Result<Vec<f64>, String> {
+        let v = v.ok_or_else(|| format!("{name} needs rates"))?;
+        v.split(',')
+            .map(|s| s.trim().parse::<f64>().ok().filter(|r| *r > 0.0))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("{name}: {v:?} is not a list of positive rates"))
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--short" => o.short = true,
+            "--seconds" => seconds = Some(num(it.next(), &a)?),
+            "--peak-seconds" => peak = Some(num(it.next(), &a)?),
+            "--conns" => o.conns = num(it.next(), &a)? as usize,
+            "--hit-rates" => o.hit_rates = rates(it.next(), &a)?,
+            "--miss-rates" => o.miss_rates = rates(it.next(), &a)?,
+            "--write-rates" => o.write_rates = rates(it.next(), &a)?,
+            "--herd" => herd = Some(num(it.next(), &a)? as usize),
+            "--herd-rounds" => rounds = Some(num(it.next(), &a)? as usize),
+            "--batches" => batches = Some(num(it.next(), &a)? as usize),
+            "--sidecar" => o.sidecar = Some(it.next().ok_or("--sidecar needs a path")?),
+            "--json" => o.json = Some(it.next().ok_or("--json needs a path")?.into()),
+            "--doc" => o.doc = Some(it.next().ok_or("--doc needs a path")?.into()),
+            "--plot" => o.plot = Some(it.next().ok_or("--plot needs a path")?.into()),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if o.short {
+        o.seconds = 0.4;
+        o.peak_seconds = 0.4;
+        o.herd = 200;
+        o.herd_rounds = 1;
+        o.batches = 2;
+    }
+    o.seconds = seconds.unwrap_or(o.seconds);
+    o.peak_seconds = peak.unwrap_or(o.peak_seconds);
+    o.herd = herd.unwrap_or(o.herd);
+    o.herd_rounds = rounds.unwrap_or(o.herd_rounds);
+    o.batches = batches.unwrap_or(o.batches);
+    o.conns = o.conns.max(1);
+    Ok(Some(o))
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os(AS_SIDECAR).is_some() {
+        return wtc_sidecar::main_entry();
+    }
+    let opts = match parse_args(std::env::args().skip(1).collect()) {
+        Ok(Some(o)) => o,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("wtc-bench: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    // The same runtime as the sidecar's (multi-threaded, one worker per core), so the in-process
+    // baseline runs on what an application using the library would run on.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("wtc-bench: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env(name: &str) -> Result<String, String> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{name} is not set: eval \"$(scripts/local-services)\" first"))
+}
+
+fn log(msg: &str) {
+    eprintln!("wtc-bench: {msg}");
+}
+
+/// The sidecar process under measurement; killed on drop.
+struct SidecarProcess {
+    child: Child,
+    addr: SocketAddr,
+    pid: u32,
+    binary: String,
+}
+
+impl SidecarProcess {
+    async fn start(binary: Option<&str>, config: &SidecarConfig) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("wtc-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let path = dir.join("sidecar.toml");
+        std::fs::write(&path, config.render()).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let (mut cmd, shown) = match binary {
+            Some("embedded") => {
+                let mut c = Command::new(&exe);
+                c.env(AS_SIDECAR, "1").env("WTC_CONFIG", &path);
+                (c, format!("{} (embedded sidecar)", exe.display()))
+            }
+            other => {
+                let bin = match other {
+                    Some(p) => PathBuf::from(p),
+                    None => exe.with_file_name("wtc-sidecar"),
+                };
+                if !bin.exists() {
+                    return Err(format!(
+                        "no sidecar binary at {}: cargo build --release -p wtc-sidecar (or --sidecar PATH|embedded)",
+                        bin.display()
+                    ));
+                }
+                let mut c = Command::new(&bin);
+                c.arg("--config").arg(&path);
+                (c, bin.display().to_string())
+            }
+        };
+        let mut child = cmd
+            .env_remove("WTC_DATABASE_URL")
+            .env_remove("WTC_REDIS_URL")
+            .env_remove("WTC_LISTEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start the sidecar {shown}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let line = tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(stdout).lines().next_line(),
+        )
+        .await
+        .map_err(|_| "the sidecar did not print its address in 30 s".to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the sidecar exited before listening")?;
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("unexpected first line from the sidecar: {line:?}"))?;
+        let pid = child.id().ok_or("the sidecar exited")?;
+        Ok(Self {
+            child,
+            addr,
+            pid,
+            binary: shown,
+        })
+    }
+}
+
+struct Bench {
+    opts: Opts,
+    entity: String,
+    table: String,
+    inproc: Arc<Sidecar>,
+    sidecar: SidecarProcess,
+    http: Vec<Client>,
+    pg: sqlx::PgPool,
+    redis: redis::aio::MultiplexedConnection,
+    hot_keys: u64,
+    write_keys: u64,
+    cold_next: u64,
+    cold_rows: u64,
+    phases: Vec<Phase>,
+}
+
+async fn run(opts: Opts) -> Result<(), String> {
+    let db_url = env("WTC_DATABASE_URL")?;
+    let redis_url = env("WTC_REDIS_URL")?;
+    let load_before = procfs::loadavg();
+    let started = Instant::now();
+    let pid = std::process::id();
+    let table = format!("wtc_bench_{pid}");
+    let entity = format!("bench{pid}");
+
+    let pg = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db_url)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+    let redis = redis::Client::open(redis_url.as_str())
+        .map_err(|e| e.to_string())?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("cannot connect to Redis: {e}"))?;
+
+    let conns = opts.conns;
+    let hot_keys = 1_000u64;
+    let write_keys = 10_000u64;
+    // Cold keys: every miss reads a key of its own; budget each miss phase generously.
+    let fixed_need: f64 = opts.miss_rates.iter().map(|r| r * opts.seconds + 1.0).sum();
+    let peak_budget = peak_miss_budget(&opts);
+    let cold_rows =
+        (2.0 * fixed_need) as u64 + 2 * peak_budget + (2 * opts.herd_rounds as u64) + 100;
+    log(&format!(
+        "table {table}: {hot_keys} hot, {write_keys} write and {cold_rows} cold rows"
+    ));
+    create_table(&pg, &table, hot_keys, write_keys, cold_rows).await?;
+
+    let config = SidecarConfig {
+        listen: "127.0.0.1:0".into(),
+        database: DatabaseConfig {
+            url: db_url,
+            pool_size: 8,
+            statement_timeout_ms: 5_000,
+        },
+        redis: RedisConfig {
+            url: redis_url,
+            connect_timeout_ms: 500,
+            response_timeout_ms: 250,
+        },
+        cache: CacheConfig::default(),
+        limits: Limits::default(),
+        entities: vec![Entity {
+            name: entity.clone(),
+            table: table.clone(),
+            key_column: "id".into(),
+            version_column: "version".into(),
+            ttl_seconds: 300,
+        }],
+    };
+    let inproc = Arc::new(Sidecar::new(config.clone())?);
+    let sidecar = SidecarProcess::start(opts.sidecar.as_deref(), &config).await?;
+    log(&format!(
+        "sidecar {} (pid {}) on {}",
+        sidecar.binary, sidecar.pid, sidecar.addr
+    ));
+    let rss_start = procfs::rss_kib(sidecar.pid);
+    let mut http = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let c = HttpConn::connect(sidecar.addr)
+            .await
+            .map_err(|e| format!("cannot connect to the sidecar: {e}"))?;
+        http.push(Client::Http(Box::new(c)));
+    }
+    let mut b = Bench {
+        opts: opts.clone(),
+        entity,
+        table,
+        inproc,
+        sidecar,
+        http,
+        pg,
+        redis,
+        hot_keys,
+        write_keys,
+        cold_next: 0,
+        cold_rows,
+        phases: Vec::new(),
+    };
+    let result = b.measure_all(rss_start, load_before, started).await;
+    b.cleanup().await;
+    result
+}
+
+fn peak_miss_budget(opts: &Opts) -> u64 {
+    // Misses are database reads: well under 10,000/s on this kind of machine.
+    (opts.peak_seconds * 10_000.0) as u64 + 100
+}
+
+async fn create_table(
+    pg: &sqlx::PgPool,
+    table: &str,
+    hot: u64,
+    writes: u64,
+    cold: u64,
+) -> Result<(), String> {
+    let q = |s: String| async move {
+        sqlx::query(sqlx::AssertSqlSafe(s))
+            .execute(pg)
+            .await
+            .map_err(|e| format!("setting up the table: {e}"))
+    };
+    q(format!("DROP TABLE IF EXISTS {table}")).await?;
+    q(format!("DROP SEQUENCE IF EXISTS {table}_version_wtc_seq")).await?;
+    q(format!(
+        "CREATE TABLE {table} (id text PRIMARY KEY, owner text, balance numeric NOT NULL DEFAULT 0, \
+         n integer, version bigint NOT NULL DEFAULT 0)"
+    ))
+    .await?;
+    for (prefix, n) in [("h", hot), ("w", writes), ("c", cold)] {
+        q(format!(
+            "INSERT INTO {table} (id, owner, balance, n, version) \
+             SELECT '{prefix}' || i, 'owner-' || i, (i % 1000) + 0.5, i, 1 \
+             FROM generate_series(0, {}) AS i",
+            n - 1
+        ))
+        .await?;
+    }
+    q(format!("ANALYZE {table}")).await?;
+    Ok(())
+}
+
+/// Calls of SELECT statements on `table` (the sidecar's reads), from pg_stat_statements: the
+/// query of `select_calls` in tests/src/lib.rs.
+async fn select_calls(pool: &sqlx::PgPool, table: &str) -> Result<i64, String> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE 'SELECT%' AND query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'",
+    )
+    .bind(format!("FROM \"{table}\" AS t"))
+    .fetch_one(pool)
+    .await
+    .map_err(|e| format!("pg_stat_statements: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Generator,
+    RedisGet,
+    InProcess,
+    Sidecar,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Generator => "generator alone",
+            Target::RedisGet => "Redis GET",
+            Target::InProcess => "in-process",
+            Target::Sidecar => "sidecar",
+        }
+    }
+}
+
+impl Bench {
+    fn plan(&self, kind: Kind, cold_count: u64) -> Plan {
+        Plan {
+            kind,
+            entity: self.entity.clone(),
+            idx: 0,
+            hot_keys: self.hot_keys,
+            write_keys: self.write_keys,
+            cold_base: self.cold_next,
+            cold_count,
+        }
+    }
+
+    fn clients(&mut self, target: Target) -> Vec<Client> {
+        let n = self.opts.conns;
+        match target {
+            Target::Generator => (0..n).map(|_| Client::Noop).collect(),
+            Target::RedisGet => (0..n)
+                .map(|_| Client::RedisGet(Arc::clone(&self.inproc)))
+                .collect(),
+            Target::InProcess => (0..n)
+                .map(|_| Client::InProcess(Arc::clone(&self.inproc)))
+                .collect(),
+            Target::Sidecar => std::mem::take(&mut self.http),
+        }
+    }
+
+    async fn evict_cold(&mut self, from: u64, count: u64) -> Result<(), String> {
+        let end = (from + count).min(self.cold_rows);
+        let mut i = from;
+        while i < end {
+            let mut pipe = redis::pipe();
+            for k in i..(i + 1000).min(end) {
+                let ck = wtc_sidecar::cache::CacheKey::new(&self.entity, &format!("c{k}"));
+                pipe.cmd("DEL").arg(&ck.entry).arg(&ck.lease).ignore();
+            }
+            pipe.query_async::<()>(&mut self.redis)
+                .await
+                .map_err(|e| format!("evicting: {e}"))?;
+            i += 1000;
+        }
+        Ok(())
+    }
+
+    /// One phase: `rate` Some = fixed rate, None = closed loop (peak).
+    async fn phase(
+        &mut self,
+        kind: Kind,
+        target: Target,
+        rate: Option<f64>,
+    ) -> Result<Phase, String> {
+        let secs = match rate {
+            Some(_) => self.opts.seconds,
+            None => self.opts.peak_seconds,
+        };
+        let cold_count = match (kind, rate) {
+            (Kind::Miss, Some(r)) => (r * secs) as u64 + 1,
+            (Kind::Miss, None) => peak_miss_budget(&self.opts),
+            _ => 0,
+        };
+        let cold_count = cold_count.min(self.cold_rows.saturating_sub(self.cold_next));
+        if kind == Kind::Miss {
+            if cold_count == 0 {
+                return Err("out of cold keys".into());
+            }
+            self.evict_cold(self.cold_next, cold_count).await?;
+        }
+        let plan = Arc::new(self.plan(kind, cold_count));
+        let clients = self.clients(target);
+        let pid = self.sidecar.pid;
+        let is_sidecar = target == Target::Sidecar;
+        let cpu0 = procfs::cpu_us(pid);
+        let stop = Arc::new(AtomicBool::new(false));
+        let rss_max = Arc::new(AtomicU64::new(0));
+        let sampler = is_sidecar.then(|| {
+            let (stop, rss_max) = (Arc::clone(&stop), Arc::clone(&rss_max));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(r) = procfs::rss_kib(pid) {
+                        rss_max.fetch_max(r, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        });
+        let dur = Duration::from_secs_f64(secs);
+        let (clients, run): (Vec<Client>, Run) = match rate {
+            Some(r) => load::fixed_rate(clients, plan, r, dur).await,
+            None => load::closed_loop(clients, plan, dur).await,
+        };
+        let cpu1 = procfs::cpu_us(pid);
+        stop.store(true, Ordering::Relaxed);
+        if let Some(s) = sampler {
+            let _ = s.await;
+        }
+        if is_sidecar {
+            self.http = clients;
+        }
+        if kind == Kind::Miss {
+            self.cold_next += run.ok + run.bad;
+        }
+        let requests = run.ok + run.bad;
+        let (cpu_per_req, rss) = if is_sidecar {
+            let cpu = match (cpu0, cpu1) {
+                (Some(a), Some(b)) if requests > 0 => Some((b - a) / requests as f64),
+                _ => None,
+            };
+            (cpu, Some(rss_max.load(Ordering::Relaxed)))
+        } else {
+            (None, None)
+        };
+        let p = Phase::new(kind, target, rate, self.opts.conns, &run, cpu_per_req, rss);
+        log(&p.one_line());
+        Ok(p)
+    }
+
+    async fn measure_all(
+        &mut self,
+        rss_start: Option<u64>,
+        load_before: String,
+        started: Instant,
+    ) -> Result<(), String> {
+        // Warm-up: fill every hot key, open every pool connection, load the table on both sides.
+        for i in 0..self.hot_keys {
+            let key = format!("h{i}");
+            self.inproc
+                .read(0, &key)
+                .await
+                .map_err(|e| format!("warm-up read: {e}"))?;
+        }
+        let warm = Duration::from_secs_f64(if self.opts.short { 0.2 } else { 1.0 });
+        for target in [Target::InProcess, Target::Sidecar] {
+            for kind in [Kind::Hit, Kind::Write] {
+                let plan = Arc::new(self.plan(kind, 0));
+                let clients = self.clients(target);
+                let (clients, run) = load::closed_loop(clients, plan, warm).await;
+                if target == Target::Sidecar {
+                    self.http = clients;
+                }
+                if run.ok == 0 {
+                    return Err(format!(
+                        "warm-up: no {} answered as expected by the {} ({} failed)",
+                        kind.name(),
+                        target.name(),
+                        run.bad
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_idle = procfs::rss_kib(self.sidecar.pid);
+
+        let opts = self.opts.clone();
+        for &rate in &opts.hit_rates {
+            for t in [
+                Target::Generator,
+                Target::RedisGet,
+                Target::InProcess,
+                Target::Sidecar,
+            ] {
+                let p = self.phase(Kind::Hit, t, Some(rate)).await?;
+                self.phases.push(p);
+            }
+        }
+        for (kind, rates) in [
+            (Kind::Miss, &opts.miss_rates),
+            (Kind::Write, &opts.write_rates),
+        ] {
+            for &rate in rates {
+                for t in [Target::InProcess, Target::Sidecar] {
+                    let p = self.phase(kind, t, Some(rate)).await?;
+                    self.phases.push(p);
+                }
+            }
+        }
+        for kind in [Kind::Hit, Kind::Miss, Kind::Write] {
+            for t in [Target::InProcess, Target::Sidecar] {
+                let p = self.phase(kind, t, None).await?;
+                self.phases.push(p);
+            }
+        }
+        let mut herds = Vec::new();
+        for t in [Target::InProcess, Target::Sidecar] {
+            herds.push(self.herd(t).await?);
+        }
+        let mut batches = Vec::new();
+        for t in [Target::InProcess, Target::Sidecar] {
+            batches.push(self.batches(t).await?);
+        }
+        let rss_after = procfs::rss_kib(self.sidecar.pid);
+        let machine = self.machine(load_before).await;
+        let report = Report {
+            short: self.opts.short,
+            command: self.opts.command.clone(),
+            machine,
+            conns: self.opts.conns,
+            seconds: self.opts.seconds,
+            peak_seconds: self.opts.peak_seconds,
+            sidecar_binary: self.sidecar.binary.clone(),
+            rss_start_kib: rss_start,
+            rss_idle_kib: rss_idle,
+            rss_after_kib: rss_after,
+            phases: std::mem::take(&mut self.phases),
+            herds,
+            batches,
+            wall_seconds: started.elapsed().as_secs_f64(),
+        };
+        let json = report.to_json();
+        if let Some(path) = &self.opts.json {
+            std::fs::write(path, serde_json::to_string_pretty(&json).expect("json"))
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        let md = report.markdown();
+        if let Some(path) = &self.opts.doc {
+            report::write_doc(path, &md)?;
+            log(&format!("wrote {}", path.display()));
+        } else {
+            println!("{md}");
+        }
+        if let Some(path) = &self.opts.plot {
+            plot::latency_png(&report, path)?;
+            log(&format!("wrote {}", path.display()));
+        }
+        Ok(())
+    }
+
+    /// `opts.herd` concurrent readers of one cold key, `opts.herd_rounds` times (a new key each
+    /// round); database reads counted by PostgreSQL.
+    async fn herd(&mut self, target: Target) -> Result<Herd, String> {
+        let n = self.opts.herd;
+        let mut conns: Vec<Option<HttpConn>> = Vec::with_capacity(n);
+        if target == Target::Sidecar {
+            for _ in 0..n {
+                let c = HttpConn::connect(self.sidecar.addr)
+                    .await
+                    .map_err(|e| format!("herd connection: {e}"))?;
+                conns.push(Some(c));
+            }
+        } else {
+            conns.resize_with(n, || None);
+        }
+        let mut reads = Vec::new();
+        let (mut answered, mut from_db, mut failed) = (0u64, 0u64, 0u64);
+        let mut spans = Vec::new();
+        for _ in 0..self.opts.herd_rounds {
+            if self.cold_next >= self.cold_rows {
+                return Err("out of cold keys".into());
+            }
+            let key = format!("c{}", self.cold_next);
+            self.evict_cold(self.cold_next, 1).await?;
+            self.cold_next += 1;
+            let before = select_calls(&self.pg, &self.table).await?;
+            let gate = Arc::new(tokio::sync::Semaphore::new(0));
+            let mut tasks = Vec::with_capacity(n);
+            for slot in conns.iter_mut() {
+                let gate = Arc::clone(&gate);
+                let conn = slot.take();
+                let sc = Arc::clone(&self.inproc);
+                let path = format!("/v1/entities/{}/{key}", self.entity);
+                let key = key.clone();
+                tasks.push(tokio::spawn(async move {
+                    gate.acquire().await.expect("gate").forget();
+                    match conn {
+                        Some(mut c) => {
+                            let r = c.request("GET", &path, None).await;
+                            let outcome = match r {
+                                Ok(r) if r.status == 200 => r.cache,
+                                _ => None,
+                            };
+                            (Some(c), outcome)
+                        }
+                        None => {
+                            let outcome = match sc.read(0, &key).await {
+                                Ok(o) if o.envelope.is_some() => {
+                                    Some(o.status.as_str().to_string())
+                                }
+                                _ => None,
+                            };
+                            (None, outcome)
+                        }
+                    }
+                }));
+            }
+            // Let every task reach the gate, then open it at once.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t0 = Instant::now();
+            gate.add_permits(n);
+            for (slot, t) in conns.iter_mut().zip(tasks) {
+                let (c, outcome) = t.await.expect("herd task");
+                *slot = c;
+                match outcome.as_deref() {
+                    Some(s) if s == CacheStatus::Miss.as_str() => from_db += 1,
+                    Some(_) => answered += 1,
+                    None => failed += 1,
+                }
+            }
+            spans.push(t0.elapsed().as_secs_f64() * 1e3);
+            let after = select_calls(&self.pg, &self.table).await?;
+            reads.push(after - before);
+        }
+        let h = Herd {
+            target,
+            readers: n,
+            db_reads: reads,
+            answered_from_cache: answered,
+            answered_from_db: from_db,
+            failed,
+            span_ms: spans,
+        };
+        log(&h.one_line());
+        Ok(h)
+    }
+
+    /// `opts.batches` batches of 100 writes sent one after another on one connection (what a
+    /// client does until POST /v1/batch exists).
+    async fn batches(&mut self, target: Target) -> Result<Batches, String> {
+        let mut client = match target {
+            Target::Sidecar => {
+                let mut all = std::mem::take(&mut self.http);
+                let c = all.pop().expect("a connection");
+                self.http = all;
+                c
+            }
+            _ => Client::InProcess(Arc::clone(&self.inproc)),
+        };
+        let plan = self.plan(Kind::Write, 0);
+        let mut times = Vec::new();
+        let mut bad = 0u64;
+        let started = Instant::now();
+        for b in 0..self.opts.batches as u64 {
+            let t0 = Instant::now();
+            for j in 0..100 {
+                if !load::exec(&mut client, &plan, b * 100 + j).await {
+                    bad += 1;
+                }
+            }
+            times.push(t0.elapsed().as_nanos() as u64);
+        }
+        let elapsed = started.elapsed();
+        if target == Target::Sidecar {
+            self.http.push(client);
+        }
+        let n = times.len() as u64;
+        times.sort_unstable();
+        let run = Run {
+            lat_ns: times,
+            ok: n,
+            bad: 0,
+            elapsed,
+        };
+        let b = Batches::new(target, &run, bad);
+        log(&b.one_line());
+        Ok(b)
+    }
+
+    async fn machine(&mut self, load_before: String) -> Machine {
+        let show = |name: &'static str| {
+            let pg = self.pg.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                    .fetch_one(&pg)
+                    .await
+                    .unwrap_or_else(|_| "unknown".into())
+            }
+        };
+        let synchronous_commit = show("synchronous_commit").await;
+        let pg_version = show("server_version").await;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.redis)
+            .await
+            .unwrap_or_default();
+        let redis_version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string();
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model: procfs::cpu_model(),
+            load_before,
+            load_after: procfs::loadavg(),
+            synchronous_commit,
+            pg_version,
+            redis_version,
+            pool_size: self.inproc.config.database.pool_size,
+            date,
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        let _ = self.sidecar.child.start_kill();
+        let _ = self.sidecar.child.wait().await;
+        // The table, its sequence and every Redis key of this run's entity.
+        for sql in [
+            format!("DROP TABLE IF EXISTS {}", self.table),
+            format!("DROP SEQUENCE IF EXISTS {}_version_wtc_seq", self.table),
+        ] {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pg)
+                .await;
+        }
+        let pattern = format!("wtc:{{{}:*", self.entity);
+        let mut cursor: u64 = 0;
+        loop {
+            let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(5000)
+                .query_async(&mut self.redis)
+                .await;
+            let Ok((next, keys)) = r else { break };
+            if !keys.is_empty() {
+                let _ = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut self.redis)
+                    .await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("wtc-bench-{}", std::process::id())),
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! Runs `wtc-bench --short` against the real PostgreSQL and Redis (`scripts/test` starts them)
+//! and checks that the report holds sane figures. Never asserts on timing: only that every phase
+//! ran, answered, and produced non-zero measurements.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn num(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
+}
+
+#[test]
+fn short_run_reports_sane_figures() {
+    assert!(
+        std::env::var_os("WTC_DATABASE_URL").is_some()
+            && std::env::var_os("WTC_REDIS_URL").is_some(),
+        "WTC_DATABASE_URL / WTC_REDIS_URL are not set: run the tests through scripts/test (it starts PostgreSQL and Redis)"
+    );
+    let dir = std::env::temp_dir().join(format!("wtc-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, doc, png) = (
+        dir.join("report.json"),
+        dir.join("benchmarks.md"),
+        dir.join("latency.png"),
+    );
+    // The sidecar runs as a child process of the bench binary itself (`embedded`): the same
+    // entry point as target/release/wtc-sidecar, without needing a release build here.
+    let sidecar = std::env::var("WTC_BENCH_SIDECAR").unwrap_or_else(|_| "embedded".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_wtc-bench"))
+        .args(["--short", "--sidecar", &sidecar, "--json"])
+        .arg(&json)
+        .arg("--doc")
+        .arg(&doc)
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .expect("run wtc-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "wtc-bench --short failed:\n{stderr}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["short"], true);
+    let phases = report["phases"].as_array().expect("phases");
+    // hits: 2 rates x 4 targets; misses and writes: 2 rates x 2 targets; peaks: 3 x 2.
+    assert_eq!(phases.len(), 8 + 4 + 4 + 6, "{phases:?}");
+    let mut sidecar_cpu = 0.0;
+    for p in phases {
+        let ok = num(p, "ok");
+        let bad = num(p, "bad");
+        assert!(ok > 0.0, "no request answered as expected: {p}");
+        assert!(
+            ok >= 0.9 * (ok + bad),
+            "too many unexpected answers: {p}\n{stderr}"
+        );
+        assert!(num(p, "throughput") > 0.0, "{p}");
+        let pcts = ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"].map(|f| num(p, f));
+        assert!(pcts[0] > 0.0, "zero p50: {p}");
+        assert!(
+            pcts.windows(2).all(|w| w[0] <= w[1]),
+            "percentiles out of order: {p}"
+        );
+        if p["target"] == "sidecar" {
+            sidecar_cpu += num(p, "sidecar_cpu_us_per_req");
+            assert!(num(p, "sidecar_rss_max_kib") > 0.0, "{p}");
+        }
+    }
+    assert!(sidecar_cpu > 0.0, "the sidecar used no CPU at all?");
+    assert!(report["rss_idle_kib"].as_f64().unwrap_or(0.0) > 0.0);
+    for h in report["herds"].as_array().expect("herds") {
+        assert_eq!(num(h, "failed"), 0.0, "{h}");
+        for r in h["db_reads"].as_array().unwrap() {
+            // A cold key is read from the database at least once; how often more is the figure.
+            assert!(r.as_i64().unwrap() >= 1, "{h}");
+        }
+    }
+    for b in report["batches"].as_array().expect("batches") {
+        assert!(num(b, "batches") > 0.0 && num(b, "p50_ms") > 0.0, "{b}");
+        assert_eq!(num(b, "bad_writes"), 0.0, "{b}");
+    }
+    assert!(!report["targets"].as_array().unwrap().is_empty());
+    let md = std::fs::read_to_string(&doc).unwrap();
+    assert!(
+        md.contains("wtc-bench:begin") && md.contains("| hit |"),
+        "{md}"
+    );
+    let png_bytes = std::fs::read(&png).unwrap();
+    assert!(png_bytes.starts_with(b"\x89PNG"), "not a PNG");
+    let _ = std::fs::remove_dir_all(&dir);
+}
