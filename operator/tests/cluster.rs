@@ -1,0 +1,519 @@
+//! The operator against a real control plane (etcd, kube-apiserver, controller-manager, scheduler
+//! and kwok from `scripts/k8s-testbin`): the CRD as users apply it, the controller, the webhook.
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use std::process::Output;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+use wtc_k8s_harness::{ControlPlane, shared};
+use wtc_operator::certs::WebhookCerts;
+use wtc_operator::crd::WriteThroughCache;
+use wtc_operator::metrics::Metrics;
+use wtc_operator::webhook::{self, Endpoint, Webhook};
+
+const CRD_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../crds/writethroughcache.yaml"
+);
+
+/// The control plane with the CRD applied from `crds/`, as a user would (`kubectl apply -f crds/`).
+fn cluster() -> &'static ControlPlane {
+    static CRD: Once = Once::new();
+    let cp = shared();
+    CRD.call_once(|| {
+        let out = cp
+            .kubectl()
+            .args(["apply", "-f", CRD_FILE])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl apply -f crds/: {}",
+            stderr(&out)
+        );
+        let out = cp
+            .kubectl()
+            .args([
+                "wait",
+                "--for",
+                "condition=established",
+                "crd/writethroughcaches.wtc.dev",
+                "--timeout=60s",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "CRD not established: {}",
+            stderr(&out)
+        );
+    });
+    cp
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn kubectl_apply(cp: &ControlPlane, ns: &str, yaml: &str) -> Output {
+    use std::io::Write;
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "-n", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn cache_yaml(name: &str, redis: &str) -> String {
+    format!(
+        r#"apiVersion: wtc.dev/v1alpha1
+kind: WriteThroughCache
+metadata:
+  name: {name}
+spec:
+  database:
+    urlSecret: {{name: app-db, key: url}}
+  entities:
+    - name: accounts
+      table: accounts
+  redis:
+{redis}
+"#
+    )
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            shared().log_tails(2000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_caches_are_rejected_with_a_readable_message() {
+    let cp = cluster();
+    let ns = cp.namespace("wtc-invalid").await.unwrap();
+    let cases = [
+        (
+            "no-db",
+            "apiVersion: wtc.dev/v1alpha1\nkind: WriteThroughCache\nmetadata: {name: no-db}\nspec:\n  entities: [{name: a, table: a}]\n  redis: {managed: {}}\n".to_string(),
+            "spec.database: Required value",
+        ),
+        (
+            "dup",
+            cache_yaml("dup", "    managed: {}").replace(
+                "    - name: accounts\n      table: accounts\n",
+                "    - {name: accounts, table: a}\n    - {name: accounts, table: b}\n",
+            ),
+            "entity names must be unique",
+        ),
+        (
+            "both",
+            cache_yaml("both", "    managed: {}\n    external: {urlSecret: {name: r, key: url}}"),
+            "set exactly one of redis.managed and redis.external",
+        ),
+        ("neither", cache_yaml("neither", "    {}"), "set exactly one of redis.managed and redis.external"),
+        (
+            "bad-name",
+            cache_yaml("bad-name", "    managed: {}").replace("name: accounts", "name: Accounts!"),
+            "spec.entities[0].name",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        let out = kubectl_apply(cp, ns.name(), &yaml);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(
+            stderr(&out).contains(expected),
+            "{name}: {:?} should contain {expected:?}",
+            stderr(&out)
+        );
+    }
+    let ok = kubectl_apply(cp, ns.name(), &cache_yaml("fine", "    managed: {}"));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Defaults come from the schema.
+    let api: Api<WriteThroughCache> = ns.api();
+    let fine = api.get("fine").await.unwrap();
+    assert_eq!(fine.spec.entities[0].key_column, "id");
+    assert_eq!(fine.spec.redis.managed.unwrap().maxmemory, "256mb");
+    let out = cp
+        .kubectl()
+        .args(["get", "wtc", "-n", ns.name()])
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    for col in ["NAME", "READY", "REDIS", "INJECTED", "AGE"] {
+        assert!(
+            header.contains(col),
+            "kubectl get wtc: {header:?} lacks {col}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn controller_creates_owned_objects_reports_ready_and_follows_changes() {
+    let cp = cluster();
+    let client = cp.client();
+    let ns = cp.namespace("wtc-reconcile").await.unwrap();
+    let controller = tokio::spawn(wtc_operator::reconcile::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        Some(ns.name().to_string()),
+    ));
+    let out = kubectl_apply(
+        cp,
+        ns.name(),
+        &cache_yaml("orders", "    managed: {maxmemory: 64mb}"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    let uid = caches.get("orders").await.unwrap().uid().unwrap();
+
+    let deployments: Api<Deployment> = ns.api();
+    let services: Api<Service> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+    let config_maps: Api<ConfigMap> = ns.api();
+    let d = eventually("the Redis Deployment", Duration::from_secs(30), || async {
+        deployments.get_opt("orders-redis").await.unwrap()
+    })
+    .await;
+    let owned_by_cache =
+        |o: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+            o.iter()
+                .flatten()
+                .any(|r| r.uid == uid && r.controller == Some(true))
+        };
+    assert!(owned_by_cache(&d.metadata.owner_references));
+    assert!(owned_by_cache(
+        &services
+            .get("orders-redis")
+            .await
+            .unwrap()
+            .metadata
+            .owner_references
+    ));
+    let secret = secrets.get("orders-redis-auth").await.unwrap();
+    assert!(owned_by_cache(&secret.metadata.owner_references));
+    let cm = config_maps.get("orders-sidecar").await.unwrap();
+    assert!(owned_by_cache(&cm.metadata.owner_references));
+    assert!(cm.data.unwrap()["sidecar.toml"].contains("table = \"accounts\""));
+
+    // controller-manager + scheduler + kwok make the Deployment Available; status follows.
+    let ready = eventually("Ready=True", Duration::from_secs(90), || async {
+        let c = caches.get("orders").await.unwrap();
+        let st = c.status.clone()?;
+        let ready = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && st.observed_generation == c.metadata.generation).then_some(c)
+    })
+    .await;
+    let status = ready.status.unwrap();
+    assert_eq!(
+        status.redis_endpoint.as_deref(),
+        Some(format!("orders-redis.{}.svc:6379", ns.name()).as_str())
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "RedisReady" && c.status == "True")
+    );
+
+    // A spec change reaches the objects; the password survives reconciles.
+    let password = secret.data.unwrap()["password"].clone();
+    caches
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"redis": {"managed": {"maxmemory": "128mb"}}, "entities": [{"name": "accounts", "table": "accounts", "ttlSeconds": 60}]}})),
+        )
+        .await
+        .unwrap();
+    eventually("the new maxmemory", Duration::from_secs(30), || async {
+        let d = deployments.get("orders-redis").await.unwrap();
+        let args = d.spec?.template.spec?.containers[0].args.clone()?;
+        args.windows(2)
+            .any(|w| w == ["--maxmemory", "128mb"])
+            .then_some(())
+    })
+    .await;
+    eventually(
+        "the new TTL in the sidecar config",
+        Duration::from_secs(30),
+        || async {
+            let cm = config_maps.get("orders-sidecar").await.unwrap();
+            cm.data?
+                .get("sidecar.toml")?
+                .contains("ttl_seconds = 60")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        secrets
+            .get("orders-redis-auth")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["password"],
+        password
+    );
+
+    // Drift is corrected.
+    deployments
+        .patch(
+            "orders-redis",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .unwrap();
+    eventually("drift corrected", Duration::from_secs(30), || async {
+        let d = deployments.get("orders-redis").await.unwrap();
+        (d.spec?.replicas == Some(1)).then_some(())
+    })
+    .await;
+
+    // Switching to external Redis removes the managed objects.
+    caches
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"redis": {"managed": null, "external": {"urlSecret": {"name": "r", "key": "url"}}}}})),
+        )
+        .await
+        .unwrap();
+    eventually("managed Redis removed", Duration::from_secs(30), || async {
+        (deployments.get_opt("orders-redis").await.unwrap().is_none()
+            && secrets
+                .get_opt("orders-redis-auth")
+                .await
+                .unwrap()
+                .is_none())
+        .then_some(())
+    })
+    .await;
+
+    // Deleting the cache lets the garbage collector remove what it owned.
+    caches
+        .delete("orders", &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually("garbage collection", Duration::from_secs(60), || async {
+        config_maps
+            .get_opt("orders-sidecar")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    controller.abort();
+}
+
+#[tokio::test]
+async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
+    let cp = cluster();
+    let client = cp.client();
+    let ns = cp.namespace("wtc-inject").await.unwrap();
+    let out = kubectl_apply(cp, ns.name(), &cache_yaml("orders", "    managed: {}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let certs = WebhookCerts::generate(&["127.0.0.1".to_string()], time::OffsetDateTime::now_utc())
+        .unwrap();
+    let native = webhook::supports_native_sidecars(&client).await;
+    assert!(
+        native,
+        "the test cluster runs Kubernetes {} with native sidecars",
+        wtc_k8s_harness::KUBERNETES_MINOR
+    );
+    let hook = Arc::new(
+        Webhook::new(client.clone(), Arc::new(Metrics::default()), native, &certs).unwrap(),
+    );
+    let listener = Webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(Arc::clone(&hook).serve(listener));
+    let config_name = format!("wtc-test-{}", ns.name());
+    let config = webhook::configuration(
+        &config_name,
+        &Endpoint::Url(format!("https://127.0.0.1:{port}")),
+        Some(&certs.ca_pem),
+        "wtc-system",
+        None,
+    );
+    webhook::apply_configuration(&client, &config)
+        .await
+        .unwrap();
+
+    let pods: Api<Pod> = ns.api();
+    let pod = |name: &str, annotated: bool| -> Pod {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        if annotated {
+            p.annotations_mut()
+                .insert("wtc.dev/inject".into(), "orders".into());
+        }
+        p
+    };
+    // The configuration takes a moment to reach the API server's webhook cache.
+    let injected = eventually("an injected pod", Duration::from_secs(30), || async {
+        let name = format!("app-{}", fastrand::u32(..));
+        let p = pods
+            .create(&PostParams::default(), &pod(&name, true))
+            .await
+            .unwrap();
+        let has = p
+            .spec
+            .as_ref()?
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == "wtc-sidecar");
+        has.then_some(p)
+    })
+    .await;
+    let spec = injected.spec.unwrap();
+    let sidecar = spec
+        .init_containers
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "wtc-sidecar")
+        .unwrap();
+    assert_eq!(
+        sidecar.restart_policy.as_deref(),
+        Some("Always"),
+        "native sidecar"
+    );
+    assert!(sidecar.readiness_probe.is_some());
+    for e in sidecar.env.unwrap() {
+        if e.name == "WTC_DATABASE_URL" || e.name == "WTC_REDIS_PASSWORD" {
+            assert!(
+                e.value.is_none() && e.value_from.unwrap().secret_key_ref.is_some(),
+                "{} by secretKeyRef",
+                e.name
+            );
+        }
+    }
+    assert!(spec.volumes.unwrap().iter().any(|v| {
+        v.config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "orders-sidecar")
+    }));
+    assert_eq!(injected.metadata.labels.unwrap()["wtc.dev/cache"], "orders");
+
+    let plain = pods
+        .create(&PostParams::default(), &pod("plain", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        plain
+            .spec
+            .unwrap()
+            .init_containers
+            .unwrap_or_default()
+            .len(),
+        0
+    );
+    assert_eq!(
+        plain
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("wtc.dev/cache"),
+        None
+    );
+
+    // A namespace that opted out is never sent to the webhook.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let excluded = format!("{}-off", ns.name());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": excluded, "labels": {"wtc.dev/injection": "disabled"}}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let other: Api<Pod> = Api::namespaced(client.clone(), &excluded);
+    let p = eventually(
+        "a pod in the excluded namespace",
+        Duration::from_secs(30),
+        || async {
+            other
+                .create(&PostParams::default(), &pod("app", true))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert!(
+        p.spec
+            .unwrap()
+            .init_containers
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // With the operator down (nothing listening where the webhook points), pods are still
+    // created: failurePolicy Ignore.
+    server.abort();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = webhook::configuration(
+        &config_name,
+        &Endpoint::Url(format!("https://127.0.0.1:{closed}")),
+        Some(&certs.ca_pem),
+        "wtc-system",
+        None,
+    );
+    webhook::apply_configuration(&client, &down).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = pods
+        .create(&PostParams::default(), &pod("while-down", true))
+        .await
+        .unwrap();
+    assert_eq!(p.name_any(), "while-down");
+
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
+    configs
+        .delete(&config_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
