@@ -26,6 +26,7 @@ options:
   --webhook-cert-secret NAME   Secret holding the webhook CA and certificate (default wtc-operator-webhook-tls)
   --cert-manager NS/CERT       certificates come from cert-manager: read --tls-dir, annotate for CA injection
   --tls-dir DIR                tls.crt and tls.key (with --cert-manager; default /tls)
+  --owner-cluster-role NAME    make the webhook configuration owned by this ClusterRole (the chart's)
   --no-webhook                 run the controller only";
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,7 @@ pub struct Options {
     pub webhook_cert_secret: String,
     pub cert_manager: Option<String>,
     pub tls_dir: String,
+    pub owner_cluster_role: Option<String>,
     pub webhook: bool,
 }
 
@@ -57,6 +59,7 @@ impl Options {
             webhook_cert_secret: "wtc-operator-webhook-tls".into(),
             cert_manager: None,
             tls_dir: "/tls".into(),
+            owner_cluster_role: None,
             webhook: true,
         };
         let mut it = args.iter();
@@ -86,6 +89,7 @@ impl Options {
                 "--webhook-cert-secret" => o.webhook_cert_secret = value()?,
                 "--cert-manager" => o.cert_manager = Some(value()?),
                 "--tls-dir" => o.tls_dir = value()?,
+                "--owner-cluster-role" => o.owner_cluster_role = Some(value()?),
                 "--no-webhook" => o.webhook = false,
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -149,6 +153,7 @@ pub fn main_entry() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     let options = match Options::parse(&args) {
         Ok(o) => o,
@@ -221,6 +226,12 @@ async fn start_webhook(
         &options.operator_namespace,
         options.cert_manager.as_deref(),
     );
+    let config = match &options.owner_cluster_role {
+        Some(role) => webhook::owned_by_cluster_role(client, config, role)
+            .await
+            .map_err(|e| format!("cannot read ClusterRole {role}: {e}"))?,
+        None => config,
+    };
     webhook::apply_configuration(client, &config)
         .await
         .map_err(|e| format!("cannot apply the MutatingWebhookConfiguration: {e}"))?;
@@ -267,14 +278,24 @@ fn read_tls_dir(dir: &str) -> Result<WebhookCerts, String> {
 mod tests {
     use super::*;
 
-    /// `crds/` is generated: regenerate with `cargo run -p wtc-operator -- crdgen > crds/writethroughcache.yaml`.
+    /// `crds/` (and the chart's copy) are generated: regenerate with `scripts/crdgen`.
     #[test]
-    fn committed_crd_matches_the_rust_types() {
-        let committed = include_str!("../../crds/writethroughcache.yaml");
-        assert!(
-            committed == crd_yaml(),
-            "crds/writethroughcache.yaml is out of date: run `cargo run -p wtc-operator -- crdgen > crds/writethroughcache.yaml`"
-        );
+    fn committed_crds_match_the_rust_types() {
+        for (path, committed) in [
+            (
+                "crds/writethroughcache.yaml",
+                include_str!("../../crds/writethroughcache.yaml"),
+            ),
+            (
+                "charts/wtc-operator/crds/writethroughcache.yaml",
+                include_str!("../../charts/wtc-operator/crds/writethroughcache.yaml"),
+            ),
+        ] {
+            assert!(
+                committed == crd_yaml(),
+                "{path} is out of date: run scripts/crdgen"
+            );
+        }
     }
 
     #[test]

@@ -126,6 +126,25 @@ pub fn configuration(
     }
 }
 
+/// Makes the configuration owned by the operator's ClusterRole, so uninstalling the chart (which
+/// deletes the ClusterRole) lets the garbage collector remove the webhook as well.
+pub async fn owned_by_cluster_role(
+    client: &Client,
+    mut config: MutatingWebhookConfiguration,
+    cluster_role: &str,
+) -> Result<MutatingWebhookConfiguration, kube::Error> {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use kube::Resource;
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get(cluster_role)
+        .await?;
+    config.metadata.owner_references = role.controller_owner_ref(&()).map(|mut o| {
+        o.controller = Some(false);
+        vec![o]
+    });
+    Ok(config)
+}
+
 pub async fn apply_configuration(
     client: &Client,
     config: &MutatingWebhookConfiguration,

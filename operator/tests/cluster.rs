@@ -20,6 +20,7 @@ const CRD_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../crds/writethroughcache.yaml"
 );
+const CHART_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/wtc-operator");
 
 /// The control plane with the CRD applied from `crds/`, as a user would (`kubectl apply -f crds/`).
 fn cluster() -> &'static ControlPlane {
@@ -516,4 +517,175 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         .delete(&config_name, &DeleteParams::default())
         .await
         .unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `helm install` of the chart, then the operator binary runs authenticated as the chart's
+/// ServiceAccount: any permission missing from the chart's RBAC fails this test.
+#[tokio::test]
+async fn chart_installs_and_the_operator_runs_under_its_service_account() {
+    let cp = cluster();
+    let client = cp.client();
+    let release_ns = "wtc-system";
+    let out = cp
+        .helm()
+        .args([
+            "install",
+            "wtc",
+            CHART_DIR,
+            "-n",
+            release_ns,
+            "--create-namespace",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm install: {}", stderr(&out));
+    let name = "wtc-wtc-operator";
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), release_ns);
+    let d = deployments.get(name).await.unwrap();
+    let pod_spec = d.spec.unwrap().template.spec.unwrap();
+    let sc = pod_spec.containers[0].security_context.clone().unwrap();
+    assert_eq!(
+        (
+            sc.read_only_root_filesystem,
+            sc.allow_privilege_escalation,
+            sc.run_as_non_root
+        ),
+        (Some(true), Some(false), Some(true))
+    );
+    assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(pod_spec.service_account_name.as_deref(), Some(name));
+
+    // The operator as a process of this test, with the ServiceAccount's token only.
+    let kubeconfig = cp
+        .service_account_kubeconfig(release_ns, name)
+        .await
+        .unwrap();
+    let (webhook_port, metrics_port) = (free_port(), free_port());
+    let log_path = std::env::temp_dir().join(format!("wtc-operator-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_wtc-operator"))
+        .args(["run", "--operator-namespace", release_ns])
+        .args([
+            "--webhook-url",
+            &format!("https://127.0.0.1:{webhook_port}"),
+        ])
+        .args(["--webhook-addr", &format!("127.0.0.1:{webhook_port}")])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args([
+            "--webhook-config",
+            name,
+            "--webhook-cert-secret",
+            &format!("{name}-webhook-tls"),
+        ])
+        .args(["--owner-cluster-role", name])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let ns = cp.namespace("wtc-helm").await.unwrap();
+    let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(Some(st)) = operator.try_wait() {
+            panic!("the operator exited ({st}):\n{}", read_log());
+        }
+        let c = caches.get("shop").await.unwrap();
+        let ready = c
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not Ready: {:?}\n{}",
+            c.status,
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let pods: Api<Pod> = ns.api();
+    eventually("injection by the chart's operator", Duration::from_secs(30), || async {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("app-{}", fastrand::u32(..)), "annotations": {"wtc.dev/inject": "shop"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        let p = pods.create(&PostParams::default(), &p).await.unwrap();
+        p.spec?.init_containers?.iter().any(|c| c.name == "wtc-sidecar").then_some(())
+    })
+    .await;
+    eventually(
+        "the injected pod counted in status",
+        Duration::from_secs(90),
+        || async {
+            let c = caches.get("shop").await.unwrap();
+            (c.status?.injected_pods >= 1).then_some(())
+        },
+    )
+    .await;
+
+    let metrics = reqwest_like_get(metrics_port, "/metrics").await;
+    assert!(
+        metrics.contains("wtc_operator_reconciliations_total"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("wtc_operator_reconcile_errors_total{"),
+        "reconcile errors:\n{metrics}\n{}",
+        read_log()
+    );
+    let log = read_log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refused something:\n{log}"
+    );
+
+    // Uninstalling removes the ClusterRole, and with it (garbage collector) the webhook configuration.
+    operator.kill().await.unwrap();
+    let out = cp
+        .helm()
+        .args(["uninstall", "wtc", "-n", release_ns])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
+    eventually(
+        "webhook configuration collected",
+        Duration::from_secs(60),
+        || async { configs.get_opt(name).await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+}
+
+/// A plain HTTP GET on loopback, without another HTTP client crate.
+async fn reqwest_like_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
