@@ -510,6 +510,9 @@ impl ControlPlane {
                     "--use-service-account-credentials=false".into(),
                     format!("--controllers={}", CONTROLLERS.join(",")),
                     "--concurrent-gc-syncs=5".into(),
+                    // kwok heartbeats every ~20 s; a loaded 2-core machine must not make nodes
+                    // NotReady (and evict pods) in long tests.
+                    "--node-monitor-grace-period=5m".into(),
                 ],
             )?;
         }
