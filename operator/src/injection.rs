@@ -3,7 +3,7 @@
 
 use crate::crd::WriteThroughCache;
 use crate::resources::{
-    CACHE_LABEL, CONFIG_KEY, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
+    CONFIG_KEY, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
     restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 /// Pods opt in with this annotation, naming a `WriteThroughCache` in their namespace.
 pub const INJECT_ANNOTATION: &str = "wtc.dev/inject";
 pub const SIDECAR_NAME: &str = "wtc-sidecar";
+/// Set on injected pods (value: the cache) so the operator counts them with a label selector.
+pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
 const CONFIG_VOLUME: &str = "wtc-sidecar-config";
 const CONFIG_DIR: &str = "/etc/wtc";
 
@@ -87,11 +89,11 @@ pub fn plan(pod: &Pod, cache: Option<&WriteThroughCache>, native: bool) -> Decis
     // The label lets the operator count injected pods with a selector.
     let label_path = format!(
         "/metadata/labels/{}",
-        CACHE_LABEL.replace('~', "~0").replace('/', "~1")
+        INJECTED_LABEL.replace('~', "~0").replace('/', "~1")
     );
     match &pod.metadata.labels {
         Some(_) => ops.push(json!({"op": "add", "path": label_path, "value": cache.name_any()})),
-        None => ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {CACHE_LABEL: cache.name_any()}})),
+        None => ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {INJECTED_LABEL: cache.name_any()}})),
     }
     Decision::Inject(serde_json::from_value(Value::Array(ops)).expect("well-formed patch"))
 }
@@ -243,7 +245,7 @@ mod tests {
             spec.volumes.unwrap()[0].config_map.as_ref().unwrap().name,
             "orders-sidecar"
         );
-        assert_eq!(out.metadata.labels.unwrap()[CACHE_LABEL], "orders");
+        assert_eq!(out.metadata.labels.unwrap()[INJECTED_LABEL], "orders");
         // Injecting again changes nothing.
         let again = plan(&apply(&pod(true), &patch), Some(&cache), true);
         assert_eq!(again, Decision::Skip("already injected"));

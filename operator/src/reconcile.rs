@@ -2,8 +2,9 @@
 //! leftovers removed, then status. `error_policy` backs off; an invalid spec waits for a change.
 
 use crate::crd::{WriteThroughCache, WriteThroughCacheStatus};
+use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
-use crate::resources::{self, CACHE_LABEL, Desired, InvalidSpec, PASSWORD_KEY};
+use crate::resources::{self, Desired, InvalidSpec, PASSWORD_KEY};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -283,7 +284,9 @@ async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) ->
     ];
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let injected = pods
-        .list_metadata(&ListParams::default().labels(&format!("{CACHE_LABEL}={}", cr.name_any())))
+        .list_metadata(
+            &ListParams::default().labels(&format!("{INJECTED_LABEL}={}", cr.name_any())),
+        )
         .await?
         .items
         .len() as i32;
@@ -303,12 +306,19 @@ async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) ->
         "kind": "WriteThroughCache",
         "status": status,
     });
-    api.patch_status(
-        &cr.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    match api
+        .patch_status(
+            &cr.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        // Deleted while we reconciled it: nothing left to report on.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
     if was_ready != ready || cr.status.is_none() {
         let (type_, reason) = if ready {
             (EventType::Normal, "Ready")

@@ -435,7 +435,10 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
             .as_ref()
             .is_some_and(|c| c.name == "orders-sidecar")
     }));
-    assert_eq!(injected.metadata.labels.unwrap()["wtc.dev/cache"], "orders");
+    assert_eq!(
+        injected.metadata.labels.unwrap()["wtc.dev/injected-for"],
+        "orders"
+    );
 
     let plain = pods
         .create(&PostParams::default(), &pod("plain", false))
@@ -455,7 +458,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
             .metadata
             .labels
             .unwrap_or_default()
-            .get("wtc.dev/cache"),
+            .get("wtc.dev/injected-for"),
         None
     );
 
@@ -563,6 +566,7 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
     assert_eq!(pod_spec.service_account_name.as_deref(), Some(name));
 
+    let ns = cp.namespace("wtc-helm").await.unwrap();
     // The operator as a process of this test, with the ServiceAccount's token only.
     let kubeconfig = cp
         .service_account_kubeconfig(release_ns, name)
@@ -586,6 +590,9 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
             &format!("{name}-webhook-tls"),
         ])
         .args(["--owner-cluster-role", name])
+        // Scoped to this test's namespace so the other tests' caches do not reach its metrics;
+        // the permissions used are still the chart's cluster-wide ones.
+        .args(["--namespace", ns.name()])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
@@ -595,7 +602,6 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         .unwrap();
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
-    let ns = cp.namespace("wtc-helm").await.unwrap();
     let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
     assert!(out.status.success(), "{}", stderr(&out));
     let caches: Api<WriteThroughCache> = ns.api();
@@ -622,6 +628,11 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    let status = caches.get("shop").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.injected_pods, 0,
+        "the managed Redis pod is not an injected pod"
+    );
     let pods: Api<Pod> = ns.api();
     eventually("injection by the chart's operator", Duration::from_secs(30), || async {
         let p: Pod = serde_json::from_value(json!({
@@ -642,6 +653,16 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         },
     )
     .await;
+
+    let out = cp
+        .kubectl()
+        .args(["get", "wtc", "-n", ns.name()])
+        .output()
+        .unwrap();
+    println!(
+        "$ kubectl get wtc\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let metrics = reqwest_like_get(metrics_port, "/metrics").await;
     assert!(
