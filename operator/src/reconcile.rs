@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -364,7 +365,21 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String
         client,
         metrics,
     });
+    // Injected pods carry a label naming their cache: their comings and goings refresh its count.
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     Controller::new(caches, watcher::Config::default().any_semantic())
+        .watches(
+            pods,
+            watcher::Config::default().labels(INJECTED_LABEL),
+            |pod: Pod| {
+                let ns = pod.namespace()?;
+                let cache = pod.labels().get(INJECTED_LABEL)?.clone();
+                Some(ObjectRef::new(&cache).within(&ns))
+            },
+        )
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(config_maps, owned)
