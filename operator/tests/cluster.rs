@@ -710,3 +710,60 @@ async fn reqwest_like_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// A spec the API server accepts but the sidecar would refuse: reported in status, and the
+/// controller waits for a change instead of retrying in a loop.
+#[tokio::test]
+async fn invalid_spec_is_reported_and_not_retried_in_a_loop() {
+    let cp = cluster();
+    let ns = cp.namespace("wtc-badspec").await.unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let controller = tokio::spawn(wtc_operator::reconcile::run(
+        cp.client(),
+        Arc::clone(&metrics),
+        Some(ns.name().to_string()),
+    ));
+    let yaml = cache_yaml("odd", "    managed: {}").replace(
+        "table: accounts",
+        "table: accounts\n      keyColumn: version",
+    );
+    let out = kubectl_apply(cp, ns.name(), &yaml);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    let cond = eventually("ConfigValid=False", Duration::from_secs(30), || async {
+        let c = caches.get("odd").await.unwrap();
+        c.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "ConfigValid" && c.status == "False")
+    })
+    .await;
+    assert!(cond.message.contains("same column"), "{}", cond.message);
+    let ready = caches
+        .get("odd")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    let deployments: Api<Deployment> = ns.api();
+    assert!(
+        deployments.get_opt("odd-redis").await.unwrap().is_none(),
+        "nothing is created from an invalid spec"
+    );
+    let before = metrics.reconciliations.get();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        metrics.reconciliations.get() - before <= 2,
+        "reconciles kept coming: {}",
+        metrics.reconciliations.get() - before
+    );
+    controller.abort();
+}
