@@ -69,10 +69,10 @@ impl Sidecar {
     pub async fn read(self: &Arc<Self>, idx: usize, key: &str) -> Result<ReadOutcome, DbError> {
         self.metrics.read_done();
         let m = &self.metrics.entities[idx];
-        let table = self.db.table(idx).await?;
         let ck = CacheKey::new(self.entity_name(idx), key);
         if !self.cache.is_up() || self.repair.contains(&ck) {
             m.bypass.inc();
+            let table = self.db.table(idx).await?;
             return self.read_db(&table, key, CacheStatus::Bypass).await;
         }
         let beta = self.config.cache.early_expiration_beta;
@@ -99,9 +99,12 @@ impl Sidecar {
             Err(_) => {
                 self.metrics.redis_errors.inc();
                 m.bypass.inc();
+                let table = self.db.table(idx).await?;
                 return self.read_db(&table, key, CacheStatus::Bypass).await;
             }
         }
+        // A hit needs no table: with the database away, cached rows are still served.
+        let table = self.db.table(idx).await?;
         m.miss.inc();
         let flight = self.flights.join_or_start(&ck.entry);
         let out = flight

@@ -124,6 +124,10 @@ pub async fn serve(config: SidecarConfig) -> Result<(), String> {
     // Connections are closed; let writes whose clients hung up finish their cache step.
     sc.writes_in_flight.close();
     sc.writes_in_flight.wait().await;
+    // One last repair pass: keys left in the queue could be served stale by other sidecars.
+    if !sc.repair.is_empty() {
+        sc.repair.drain_once(&sc.cache, &sc.metrics).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
