@@ -417,6 +417,20 @@ async fn database_down_answers_503_and_leaves_the_cache_alone() {
             .status,
         200
     );
+
+    // Rows already in the cache are still served while the database is away.
+    let envelope = r#"{"v":3,"data":{"id":"cached"},"written_at":"2026-01-01T00:00:00.000000Z"}"#;
+    redis::cmd("SET")
+        .arg(entry_key("accounts", "cached"))
+        .arg(envelope)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let hit = sc.get("accounts", "cached").await;
+    assert_eq!(
+        (hit.status, hit.cache.as_deref(), hit.raw.as_str()),
+        (200, Some("hit"), envelope)
+    );
 }
 
 #[tokio::test]
