@@ -18,6 +18,8 @@ use warp::path::FullPath;
 use warp::reply::Response;
 
 pub const CACHE_HEADER: &str = "x-wtc-cache";
+/// On a GET: the lowest version the answer may have (read-your-writes across requests).
+pub const MIN_VERSION_HEADER: &str = "x-wtc-min-version";
 
 pub fn routes(
     sc: Arc<Sidecar>,
@@ -101,8 +103,12 @@ where
         Ok(v) => v,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_if_match", msg),
     };
+    let min_version = match parse_version_header(headers, MIN_VERSION_HEADER, "X-Wtc-Min-Version") {
+        Ok(v) => v,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_min_version", msg),
+    };
     match method {
-        Method::GET | Method::HEAD => read_response(sc.read(idx, &key).await),
+        Method::GET | Method::HEAD => read_response(sc.read_at_least(idx, &key, min_version).await),
         Method::PUT => {
             let limit = sc.config.limits.max_body_bytes;
             let raw = match read_body(headers, body, limit).await {
@@ -197,16 +203,25 @@ fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
 
 /// `If-Match: "N"` (also `N` and `W/"N"`).
 fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, String> {
-    let mut values = headers.get_all(header::IF_MATCH).iter();
+    parse_version_header(headers, header::IF_MATCH.as_str(), "If-Match")
+}
+
+/// A header carrying one version as an ETag: `"N"`, `N` or `W/"N"`.
+fn parse_version_header(
+    headers: &HeaderMap,
+    name: &str,
+    label: &str,
+) -> Result<Option<i64>, String> {
+    let mut values = headers.get_all(name).iter();
     let Some(v) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err("give one If-Match header with one version".into());
+        return Err(format!("give one {label} header with one version"));
     }
     let s = v
         .to_str()
-        .map_err(|_| "If-Match is not ASCII".to_string())?
+        .map_err(|_| format!("{label} is not ASCII"))?
         .trim();
     let s = s.strip_prefix("W/").unwrap_or(s);
     let s = s
@@ -217,7 +232,7 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, String> {
         .ok()
         .filter(|v| *v >= 0)
         .map(Some)
-        .ok_or_else(|| format!("If-Match must be a version such as \"12\", not {s:?}"))
+        .ok_or_else(|| format!("{label} must be a version such as \"12\", not {s:?}"))
 }
 
 async fn read_body<S, B>(headers: &HeaderMap, mut body: S, limit: u64) -> Result<Bytes, Response>

@@ -67,6 +67,20 @@ impl Flights {
 
 impl Sidecar {
     pub async fn read(self: &Arc<Self>, idx: usize, key: &str) -> Result<ReadOutcome, DbError> {
+        self.read_at_least(idx, key, None).await
+    }
+
+    /// A read that must see at least `min_version` (read-your-writes across requests, e.g. the
+    /// ETag of the client's last write). A cached envelope below it is bypassed like a miss: the
+    /// usual flight and lease, whose fill replaces the older entry. A value taken from another
+    /// filler is only good enough if it meets the minimum; otherwise this reader reads the
+    /// database itself, without filling. The answer is what the database has.
+    pub async fn read_at_least(
+        self: &Arc<Self>,
+        idx: usize,
+        key: &str,
+        min_version: Option<i64>,
+    ) -> Result<ReadOutcome, DbError> {
         self.metrics.read_done();
         let m = &self.metrics.entities[idx];
         let ck = CacheKey::new(self.entity_name(idx), key);
@@ -83,7 +97,9 @@ impl Sidecar {
         };
         match cached {
             Ok((Some(bytes), pttl)) => {
-                if let Some(env) = Envelope::parse_stored(bytes.into()) {
+                if let Some(env) = Envelope::parse_stored(bytes.into())
+                    && meets(min_version, &env)
+                {
                     m.hit.inc();
                     if pttl > 0 && self.refresh_due(pttl, beta) {
                         self.spawn_refresh(idx, key, &ck);
@@ -93,7 +109,8 @@ impl Sidecar {
                         status: CacheStatus::Hit,
                     });
                 }
-                // Corrupt or foreign value: a miss. The fill overwrites it.
+                // Corrupt or foreign value, or older than the client's minimum: a miss. The fill
+                // overwrites it.
             }
             Ok((None, _)) => {}
             Err(_) => {
@@ -109,11 +126,19 @@ impl Sidecar {
         let flight = self.flights.join_or_start(&ck.entry);
         let out = flight
             .result
-            .get_or_init(|| self.fill(idx, key, &table, &ck, &flight))
+            .get_or_init(|| self.fill(idx, key, &table, &ck, &flight, min_version))
             .await
             .clone();
         self.flights.finish(&ck.entry, &flight);
-        out
+        match out {
+            // Taken from Redis (another filler's value, possibly for a flight without a minimum):
+            // too old for this reader, who reads the database now.
+            Ok(ReadOutcome {
+                envelope: Some(env),
+                status: CacheStatus::Hit,
+            }) if !meets(min_version, &env) => self.read_db(&table, key, CacheStatus::Miss).await,
+            out => out,
+        }
     }
 
     async fn read_db(
@@ -143,6 +168,7 @@ impl Sidecar {
         table: &Table,
         ck: &CacheKey,
         flight: &Flight,
+        min_version: Option<i64>,
     ) -> FlightResult {
         let m = &self.metrics.entities[idx];
         let token = new_token();
@@ -170,7 +196,7 @@ impl Sidecar {
             }
             Ok(false) => {
                 flight.seal();
-                if let Some(env) = self.wait_for_fill(ck).await {
+                if let Some(env) = self.wait_for_fill(ck, min_version).await {
                     m.fill_waited.inc();
                     return Ok(ReadOutcome {
                         envelope: Some(env),
@@ -188,17 +214,23 @@ impl Sidecar {
         }
     }
 
-    /// Polls for another filler's value while its lease lives, up to `lease_wait_ms`.
-    async fn wait_for_fill(&self, ck: &CacheKey) -> Option<Envelope> {
+    /// Polls for another filler's value while its lease lives, up to `lease_wait_ms`. A value
+    /// below `min_version` is not the one being waited for.
+    async fn wait_for_fill(&self, ck: &CacheKey, min_version: Option<i64>) -> Option<Envelope> {
         let deadline = Instant::now() + Duration::from_millis(self.config.cache.lease_wait_ms);
         let mut pause = Duration::from_micros(500);
         while Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(8));
             match self.cache.peek(ck).await {
-                Ok((Some(bytes), _)) => {
+                Ok((Some(bytes), lease_held)) => {
                     if let Some(env) = Envelope::parse_stored(bytes.into()) {
-                        return Some(env);
+                        if meets(min_version, &env) {
+                            return Some(env);
+                        }
+                        if !lease_held {
+                            return None;
+                        }
                     }
                 }
                 // The filler gave its lease back without a value: nothing to wait for.
@@ -235,9 +267,14 @@ impl Sidecar {
             let flight = sc.flights.join_or_start(&ck.entry);
             let _ = flight
                 .result
-                .get_or_init(|| sc.fill(idx, &key, &table, &ck, &flight))
+                .get_or_init(|| sc.fill(idx, &key, &table, &ck, &flight, None))
                 .await;
             sc.flights.finish(&ck.entry, &flight);
         });
     }
+}
+
+/// Whether a cached envelope (row or tombstone) is at least the version the reader asked for.
+fn meets(min_version: Option<i64>, env: &Envelope) -> bool {
+    min_version.is_none_or(|min| env.version >= min)
 }

@@ -5,3 +5,4 @@ mod api;
 mod faults;
 mod history;
 mod races;
+mod read_your_writes;
