@@ -84,6 +84,10 @@ pub struct RetryBudget {
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_key_bytes: usize,
+    /// Requests served at once (health checks and /metrics not counted); more wait for a slot.
+    pub max_in_flight: usize,
+    /// How long a request waits for a slot before it is shed with `503 overloaded`.
+    pub max_queue_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +158,8 @@ impl Default for Limits {
         Self {
             max_body_bytes: 1024 * 1024,
             max_key_bytes: 512,
+            max_in_flight: 256,
+            max_queue_wait_ms: 50,
         }
     }
 }
@@ -280,6 +286,9 @@ impl SidecarConfig {
         if self.limits.max_key_bytes == 0 {
             return invalid("limits.max_key_bytes must be positive".into());
         }
+        if self.limits.max_in_flight == 0 {
+            return invalid("limits.max_in_flight must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -314,6 +323,10 @@ mod tests {
         assert_eq!(c.entities[0].version_column, "version");
         assert_eq!(c.entities[0].ttl_seconds, 300);
         assert_eq!(c.cache, CacheConfig::default());
+        assert_eq!(
+            (c.limits.max_in_flight, c.limits.max_queue_wait_ms),
+            (256, 50)
+        );
     }
 
     #[test]
@@ -359,6 +372,10 @@ mod tests {
                 "same column",
             ),
             (format!("{MINIMAL}\nsurprise = 1"), "unknown field"),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_in_flight = 0"),
+                "max_in_flight",
+            ),
         ];
         for (text, expected) in cases {
             let err = SidecarConfig::parse(&text, &Overrides::default())

@@ -74,6 +74,10 @@ where
     if let Some(rest) = path.strip_prefix("/_test/") {
         return test_hooks::handle(&sc, &method, rest, body).await;
     }
+    // Load shedding: the slot is held until the answer (a write's: until its task ends).
+    let Some(slot) = sc.admission.admit(&sc.metrics).await else {
+        return overloaded(sc.config.limits.max_in_flight);
+    };
     let Some(rest) = path.strip_prefix("/v1/entities/") else {
         return error(
             StatusCode::NOT_FOUND,
@@ -120,16 +124,18 @@ where
                 Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_body", msg),
             };
             let sc2 = Arc::clone(&sc);
-            let task = sc
-                .writes_in_flight
-                .spawn(async move { sc2.put(idx, &key, &map, &raw, if_match).await });
+            let task = sc.writes_in_flight.spawn(async move {
+                let _slot = slot;
+                sc2.put(idx, &key, &map, &raw, if_match).await
+            });
             write_response(task.await)
         }
         Method::DELETE => {
             let sc2 = Arc::clone(&sc);
-            let task = sc
-                .writes_in_flight
-                .spawn(async move { sc2.delete(idx, &key, if_match).await });
+            let task = sc.writes_in_flight.spawn(async move {
+                let _slot = slot;
+                sc2.delete(idx, &key, if_match).await
+            });
             write_response(task.await)
         }
         _ => {
@@ -145,6 +151,18 @@ where
             r
         }
     }
+}
+
+/// `503 overloaded`: no slot within `limits.max_queue_wait_ms`.
+fn overloaded(max_in_flight: usize) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!("{max_in_flight} requests are in flight, the limit; retry later"),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
 }
 
 /// `None` for GET (go on), a 405 otherwise.

@@ -6,6 +6,7 @@
 //! API (`api`), process wiring (`run`).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod cache;
 pub mod db;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub repairs: IntCounter,
     pub stale_window: Histogram,
     pub redis_errors: IntCounter,
+    pub requests_shed: IntCounter,
+    pub requests_waiting: IntGauge,
     reads: IntCounter,
     writes: IntCounter,
 }
@@ -132,6 +134,14 @@ impl Metrics {
             ),
             stale_window,
             redis_errors: counter("wtc_redis_errors_total", "Redis calls that failed."),
+            requests_shed: counter(
+                "wtc_requests_shed_total",
+                "Requests answered 503 overloaded (no slot within limits.max_queue_wait_ms).",
+            ),
+            requests_waiting: gauge(
+                "wtc_requests_waiting",
+                "Requests waiting for a slot (limits.max_in_flight).",
+            ),
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
             writes: counter(
                 "wtc_write_operations_total",
@@ -151,6 +161,8 @@ impl Metrics {
             Box::new(m.repairs.clone()),
             Box::new(m.stale_window.clone()),
             Box::new(m.redis_errors.clone()),
+            Box::new(m.requests_shed.clone()),
+            Box::new(m.requests_waiting.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.writes.clone()),
         ] {

@@ -2,6 +2,7 @@
 //! its protocol operations. The read path is in `read.rs`, the write path in `write.rs`; neither
 //! knows anything of HTTP.
 
+use crate::admission::Admission;
 use crate::cache::Cache;
 use crate::db::{BodyError, Database, DbError};
 use crate::envelope::Envelope;
@@ -27,6 +28,8 @@ pub struct Sidecar {
     /// Writes run as tasks of their own, so a client that hangs up cannot cut a committed write
     /// off before its cache step; shutdown waits for them.
     pub writes_in_flight: TaskTracker,
+    /// Load shedding: slots for requests in flight (`limits`).
+    pub admission: Admission,
 }
 
 /// What the cache did for a request, reported in `X-Wtc-Cache`.
@@ -109,6 +112,10 @@ impl Sidecar {
             hooks: Hooks::default(),
             flights: Flights::default(),
             writes_in_flight: TaskTracker::new(),
+            admission: Admission::new(
+                config.limits.max_in_flight,
+                Duration::from_millis(config.limits.max_queue_wait_ms),
+            ),
             config,
         })
     }

@@ -6,3 +6,4 @@ mod faults;
 mod history;
 mod races;
 mod read_your_writes;
+mod shedding;
