@@ -289,6 +289,7 @@ async fn run(opts: Opts) -> Result<(), String> {
 
     let config = SidecarConfig {
         listen: "127.0.0.1:0".into(),
+        api_token_file: None,
         database: DatabaseConfig {
             url: db_url,
             pool_size: 8,

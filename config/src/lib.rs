@@ -16,6 +16,11 @@ pub struct SidecarConfig {
     /// Address the HTTP API binds to. Must be a loopback address.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// File holding the API token (e.g. a mounted Secret). When a token is set (here or by
+    /// `WTC_API_TOKEN`, which wins), every request but `/healthz` and `/readyz` needs
+    /// `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<String>,
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     #[serde(default)]
@@ -214,6 +219,27 @@ impl SidecarConfig {
         toml::to_string_pretty(self).expect("the configuration always serializes")
     }
 
+    /// The API token: `env_token` (`WTC_API_TOKEN`) when given, else the contents of
+    /// `api_token_file` without surrounding whitespace; `None`: the API is open. Errors name the
+    /// file, never the token.
+    pub fn api_token(&self, env_token: Option<String>) -> Result<Option<String>, ConfigError> {
+        if let Some(t) = env_token.filter(|t| !t.trim().is_empty()) {
+            return Ok(Some(t.trim().to_string()));
+        }
+        let Some(path) = &self.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Invalid(format!("cannot read api_token_file {path}: {}", e.kind()))
+        })?;
+        match text.trim() {
+            "" => Err(ConfigError::Invalid(format!(
+                "api_token_file {path} holds no token"
+            ))),
+            t => Ok(Some(t.to_string())),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if self.database.url.is_empty() {
@@ -286,6 +312,9 @@ impl SidecarConfig {
         if self.limits.max_key_bytes == 0 {
             return invalid("limits.max_key_bytes must be positive".into());
         }
+        if self.api_token_file.as_deref() == Some("") {
+            return invalid("api_token_file is empty; leave it out for no token".into());
+        }
         if self.limits.max_in_flight == 0 {
             return invalid("limits.max_in_flight must be at least 1".into());
         }
@@ -350,6 +379,47 @@ mod tests {
     }
 
     #[test]
+    fn api_token_from_file_or_environment() {
+        let dir = std::env::temp_dir().join(format!("wtc-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut c = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        assert_eq!(c.api_token(None).unwrap(), None);
+        assert_eq!(
+            c.api_token(Some("env".into())).unwrap().as_deref(),
+            Some("env")
+        );
+        c.api_token_file = Some(file.display().to_string());
+        assert_eq!(c.api_token(None).unwrap().as_deref(), Some("from-file"));
+        assert_eq!(
+            c.api_token(Some(String::new())).unwrap().as_deref(),
+            Some("from-file")
+        );
+        assert_eq!(
+            c.api_token(Some("env".into())).unwrap().as_deref(),
+            Some("env")
+        );
+        let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
+        assert_eq!(c, again);
+        std::fs::write(&file, " \n").unwrap();
+        assert!(
+            c.api_token(None)
+                .unwrap_err()
+                .to_string()
+                .contains("no token")
+        );
+        c.api_token_file = Some(dir.join("missing").display().to_string());
+        assert!(
+            c.api_token(None)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn rejects_what_would_break_at_runtime() {
         let cases = [
             (
@@ -375,6 +445,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[limits]\nmax_in_flight = 0"),
                 "max_in_flight",
+            ),
+            (
+                format!("api_token_file = \"\"\n{MINIMAL}"),
+                "api_token_file",
             ),
         ];
         for (text, expected) in cases {

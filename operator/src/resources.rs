@@ -57,6 +57,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
     let spec = &cr.spec;
     SidecarConfig {
         listen: format!("127.0.0.1:{}", spec.sidecar.port),
+        api_token_file: None,
         database: DatabaseConfig {
             url: String::new(),
             pool_size: spec.database.pool_size,

@@ -47,6 +47,14 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
+    // The API token, when one is set: everything but the health checks needs it.
+    if let Some(token) = &sc.api_token
+        && !matches!(path, "/healthz" | "/readyz")
+        && !token.allows(headers)
+    {
+        sc.metrics.requests_unauthorized.inc();
+        return unauthorized();
+    }
     match path {
         "/healthz" => {
             return only_get(&method)
@@ -151,6 +159,20 @@ where
             r
         }
     }
+}
+
+/// `401 unauthorized`: the API token is missing or wrong (never echoed).
+fn unauthorized() -> Response {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this sidecar needs Authorization: Bearer <its API token>".into(),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
 }
 
 /// `503 overloaded`: no slot within `limits.max_queue_wait_ms`.

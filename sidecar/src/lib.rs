@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod db;
 pub mod envelope;

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     pub requests_shed: IntCounter,
     pub requests_waiting: IntGauge,
+    pub requests_unauthorized: IntCounter,
     reads: IntCounter,
     writes: IntCounter,
 }
@@ -142,6 +143,10 @@ impl Metrics {
                 "wtc_requests_waiting",
                 "Requests waiting for a slot (limits.max_in_flight).",
             ),
+            requests_unauthorized: counter(
+                "wtc_requests_unauthorized_total",
+                "Requests answered 401: the API token was missing or wrong.",
+            ),
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
             writes: counter(
                 "wtc_write_operations_total",
@@ -163,6 +168,7 @@ impl Metrics {
             Box::new(m.redis_errors.clone()),
             Box::new(m.requests_shed.clone()),
             Box::new(m.requests_waiting.clone()),
+            Box::new(m.requests_unauthorized.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.writes.clone()),
         ] {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use wtc_config::{Overrides, SidecarConfig};
 
 const USAGE: &str = "usage: wtc-sidecar [--config PATH]   (or WTC_CONFIG=PATH)
-Environment: WTC_DATABASE_URL, WTC_REDIS_URL and WTC_LISTEN override the file; RUST_LOG sets the log level.";
+Environment: WTC_DATABASE_URL, WTC_REDIS_URL, WTC_LISTEN and WTC_API_TOKEN override the file; RUST_LOG sets the log level.";
 
 /// Entry point shared by the release binary and the test build (with hold points).
 pub fn main_entry() -> ExitCode {
@@ -104,7 +104,11 @@ fn probe(url: &str) -> Result<(), String> {
 
 pub async fn serve(config: SidecarConfig) -> Result<(), String> {
     let listen = config.listen.clone();
-    let sc = Arc::new(Sidecar::new(config)?);
+    let token = config
+        .api_token(std::env::var("WTC_API_TOKEN").ok())
+        .map_err(|e| e.to_string())?;
+    let sc = Arc::new(Sidecar::new(config)?.with_api_token(token.as_deref()));
+    drop(token);
     if cfg!(feature = "test-hooks") {
         tracing::warn!("built with test hold points: not for production");
     }
@@ -113,7 +117,12 @@ pub async fn serve(config: SidecarConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, entities = sc.config.entities.len(), "wtc-sidecar listening");
+    tracing::info!(
+        %addr,
+        entities = sc.config.entities.len(),
+        api_token = sc.api_token.is_some(),
+        "wtc-sidecar listening"
+    );
     // Tests start the sidecar on port 0 and read the address from this line.
     println!("listening on {addr}");
     warp::serve(api::routes(Arc::clone(&sc)))

@@ -3,6 +3,7 @@
 //! knows anything of HTTP.
 
 use crate::admission::Admission;
+use crate::auth::ApiToken;
 use crate::cache::Cache;
 use crate::db::{BodyError, Database, DbError};
 use crate::envelope::Envelope;
@@ -30,6 +31,8 @@ pub struct Sidecar {
     pub writes_in_flight: TaskTracker,
     /// Load shedding: slots for requests in flight (`limits`).
     pub admission: Admission,
+    /// When set, requests other than health checks need `Authorization: Bearer <token>`.
+    pub api_token: Option<ApiToken>,
 }
 
 /// What the cache did for a request, reported in `X-Wtc-Cache`.
@@ -116,8 +119,15 @@ impl Sidecar {
                 config.limits.max_in_flight,
                 Duration::from_millis(config.limits.max_queue_wait_ms),
             ),
+            api_token: None,
             config,
         })
+    }
+
+    /// Requires this token on every request but the health checks (`None`: the API is open).
+    pub fn with_api_token(mut self, token: Option<&str>) -> Self {
+        self.api_token = token.map(ApiToken::new);
+        self
     }
 
     pub fn entity(&self, name: &str) -> Option<usize> {

@@ -235,6 +235,8 @@ pub fn entry_key(entity: &str, key: &str) -> String {
 /// Builder for a sidecar configuration; fixtures start from `Fixture::new(redis)`.
 pub struct Fixture {
     pub config: SidecarConfig,
+    /// Environment of the sidecar process (e.g. `WTC_API_TOKEN`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Fixture {
@@ -242,6 +244,7 @@ impl Fixture {
         Self {
             config: SidecarConfig {
                 listen: "127.0.0.1:0".into(),
+                api_token_file: None,
                 database: DatabaseConfig {
                     url: database_url(),
                     pool_size: 8,
@@ -256,6 +259,7 @@ impl Fixture {
                 limits: Limits::default(),
                 entities: vec![],
             },
+            env: vec![],
         }
     }
 
@@ -275,8 +279,13 @@ impl Fixture {
         self
     }
 
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
     pub async fn start(self) -> Sidecar {
-        Sidecar::start(&self.config).await
+        Sidecar::start_with_env(&self.config, &self.env).await
     }
 }
 
@@ -284,6 +293,8 @@ impl Fixture {
 pub struct Sidecar {
     pub base: String,
     pub http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` by the harness's own calls (metrics, holds).
+    pub token: Option<String>,
     child: Child,
     dir: PathBuf,
 }
@@ -313,6 +324,10 @@ impl Reply {
 
 impl Sidecar {
     pub async fn start(config: &SidecarConfig) -> Self {
+        Self::start_with_env(config, &[]).await
+    }
+
+    pub async fn start_with_env(config: &SidecarConfig, env: &[(String, String)]) -> Self {
         let dir = scratch_dir("sidecar");
         let path = dir.join("sidecar.toml");
         std::fs::write(&path, config.render()).unwrap();
@@ -322,6 +337,8 @@ impl Sidecar {
             .env_remove("WTC_DATABASE_URL")
             .env_remove("WTC_REDIS_URL")
             .env_remove("WTC_LISTEN")
+            .env_remove("WTC_API_TOKEN")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -345,8 +362,23 @@ impl Sidecar {
                 .pool_max_idle_per_host(64)
                 .build()
                 .unwrap(),
+            token: None,
             child,
             dir,
+        }
+    }
+
+    /// The harness's own calls (metrics, holds) carry this token.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// `req` with the harness's token, if any.
+    pub fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
     }
 
@@ -410,8 +442,7 @@ impl Sidecar {
     }
 
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.base))
+        self.authed(self.http.get(format!("{}/metrics", self.base)))
             .send()
             .await
             .unwrap()
@@ -447,8 +478,7 @@ impl Sidecar {
     async fn arm_hold(&self, body: Value) -> u64 {
         let r = self
             .send(
-                self.http
-                    .post(format!("{}/_test/holds", self.base))
+                self.authed(self.http.post(format!("{}/_test/holds", self.base)))
                     .json(&body),
             )
             .await;
@@ -460,8 +490,10 @@ impl Sidecar {
     pub async fn wait_held(&self, id: u64) {
         let r = self
             .send(
-                self.http
-                    .get(format!("{}/_test/holds/{id}/reached", self.base)),
+                self.authed(
+                    self.http
+                        .get(format!("{}/_test/holds/{id}/reached", self.base)),
+                ),
             )
             .await;
         assert_eq!(r.status, 200, "no request reached hold {id}: {}", r.raw);
@@ -470,8 +502,10 @@ impl Sidecar {
     pub async fn release(&self, id: u64) {
         let r = self
             .send(
-                self.http
-                    .post(format!("{}/_test/holds/{id}/release", self.base)),
+                self.authed(
+                    self.http
+                        .post(format!("{}/_test/holds/{id}/release", self.base)),
+                ),
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.raw);

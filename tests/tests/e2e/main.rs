@@ -2,6 +2,7 @@
 //! One test binary (one link) for all of them.
 
 mod api;
+mod auth;
 mod faults;
 mod history;
 mod races;
