@@ -173,9 +173,32 @@ impl Sidecar {
         let m = &self.metrics.entities[idx];
         let token = new_token();
         let lease_ttl = Duration::from_millis(self.config.cache.lease_ttl_ms);
-        match self.cache.acquire_lease(ck, &token, lease_ttl).await {
+        // Sealed before looking: the lease request also reads the entry.
+        flight.seal();
+        let (won, found) = match self.cache.acquire_lease(ck, &token, lease_ttl).await {
+            Ok((won, entry)) => (
+                Ok(won),
+                entry
+                    .and_then(|bytes| Envelope::parse_stored(bytes.into()))
+                    .filter(|env| meets(min_version, env)),
+            ),
+            Err(e) => (Err(e), None),
+        };
+        if let Some(env) = found {
+            // Stored since this reader's miss (a filler that already gave its lease back, or a
+            // write): no database read. Without this, such a reader won the lease again and read
+            // the database a second time for the same cold key (P4).
+            if matches!(won, Ok(true)) && self.cache.release(ck, &token).await.is_err() {
+                self.metrics.redis_errors.inc();
+            }
+            m.fill_waited.inc();
+            return Ok(ReadOutcome {
+                envelope: Some(env),
+                status: CacheStatus::Hit,
+            });
+        }
+        match won {
             Ok(true) => {
-                flight.seal();
                 let out = self.read_db(table, key, CacheStatus::Miss).await?;
                 self.hooks
                     .hold(hooks::FILL_BEFORE_STORE, self.entity_name(idx), key)
@@ -195,7 +218,6 @@ impl Sidecar {
                 Ok(out)
             }
             Ok(false) => {
-                flight.seal();
                 if let Some(env) = self.wait_for_fill(ck, min_version).await {
                     m.fill_waited.inc();
                     return Ok(ReadOutcome {
@@ -208,7 +230,6 @@ impl Sidecar {
             }
             Err(_) => {
                 self.metrics.redis_errors.inc();
-                flight.seal();
                 self.read_db(table, key, CacheStatus::Bypass).await
             }
         }

@@ -149,25 +149,28 @@ impl Cache {
         self.note(pipe.query_async(&mut c).await)
     }
 
-    /// Tries to become the one filler of an empty slot.
+    /// Tries to become the one filler of an empty slot, and reads the entry in the same round
+    /// trip (after the `SET NX`): a value found there was stored since the reader's miss (a
+    /// filler that finished and gave its lease back, or a write), and can be used at once.
     pub async fn acquire_lease(
         &self,
         key: &CacheKey,
         token: &str,
         ttl: Duration,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<(bool, Option<Vec<u8>>), CacheError> {
         let mut c = self.conn()?;
-        let r: Option<String> = self.note(
-            redis::cmd("SET")
-                .arg(&key.lease)
-                .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl.as_millis() as u64)
-                .query_async(&mut c)
-                .await,
-        )?;
-        Ok(r.is_some())
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key.lease)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .cmd("GET")
+            .arg(&key.entry);
+        let (won, entry): (Option<String>, Option<Vec<u8>>) =
+            self.note(pipe.query_async(&mut c).await)?;
+        Ok((won.is_some(), entry))
     }
 
     /// A writer's intent, taken before its commit: revokes any filler's lease and lets this write
