@@ -155,7 +155,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn merge(parts: Vec<(Vec<u64>, u64, u64)>, elapsed: Duration) -> Self {
+    pub fn merge(parts: Vec<(Vec<u64>, u64, u64)>, elapsed: Duration) -> Self {
         let mut lat_ns = Vec::new();
         let (mut ok, mut bad) = (0, 0);
         for (l, o, b) in parts {

@@ -34,6 +34,7 @@ const USAGE: &str = "usage: wtc-bench [--short] [--seconds S] [--peak-seconds S]
                  [--hit-rates R,R] [--miss-rates R,R] [--write-rates R,R]
                  [--herd N] [--herd-rounds N] [--batches N]
                  [--sidecar PATH|embedded] [--json PATH] [--doc PATH] [--plot PATH]
+                 [--only hit,miss,write,peak,herd,batch] [--sidecar-threads N] [--slices N]
 Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\").
 --sidecar defaults to the wtc-sidecar next to this binary (target/release/wtc-sidecar).";
 
@@ -53,7 +54,19 @@ pub struct Opts {
     pub json: Option<PathBuf>,
     pub doc: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// Parts to run (`hit`, `miss`, `write`, `peak`, `herd`, `batch`); empty: all.
+    pub only: Vec<String>,
+    /// Each phase runs as this many slices, alternating between the targets.
+    pub slices: usize,
+    /// TOKIO_WORKER_THREADS for the sidecar process (default: one per core).
+    pub sidecar_threads: Option<usize>,
     pub command: String,
+}
+
+impl Opts {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == part)
+    }
 }
 
 fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
@@ -72,6 +85,9 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         json: None,
         doc: None,
         plot: None,
+        only: Vec::new(),
+        sidecar_threads: None,
+        slices: 5,
         command: std::iter::once("wtc-bench".to_string())
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
@@ -107,6 +123,16 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
             "--json" => o.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--doc" => o.doc = Some(it.next().ok_or("--doc needs a path")?.into()),
             "--plot" => o.plot = Some(it.next().ok_or("--plot needs a path")?.into()),
+            "--slices" => o.slices = num(it.next(), &a)? as usize,
+            "--sidecar-threads" => o.sidecar_threads = Some(num(it.next(), &a)? as usize),
+            "--only" => {
+                o.only = it
+                    .next()
+                    .ok_or("--only needs a list")?
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
+            }
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -120,6 +146,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         o.herd = 200;
         o.herd_rounds = 1;
         o.batches = 2;
+        o.slices = 1;
     }
     o.seconds = seconds.unwrap_or(o.seconds);
     o.peak_seconds = peak.unwrap_or(o.peak_seconds);
@@ -177,7 +204,11 @@ struct SidecarProcess {
 }
 
 impl SidecarProcess {
-    async fn start(binary: Option<&str>, config: &SidecarConfig) -> Result<Self, String> {
+    async fn start(
+        binary: Option<&str>,
+        threads: Option<usize>,
+        config: &SidecarConfig,
+    ) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("wtc-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let path = dir.join("sidecar.toml");
@@ -204,6 +235,10 @@ impl SidecarProcess {
                 c.arg("--config").arg(&path);
                 (c, bin.display().to_string())
             }
+        };
+        match threads {
+            Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
+            None => cmd.env_remove("TOKIO_WORKER_THREADS"),
         };
         let mut child = cmd
             .env_remove("WTC_DATABASE_URL")
@@ -279,9 +314,12 @@ async fn run(opts: Opts) -> Result<(), String> {
     let write_keys = 10_000u64;
     // Cold keys: every miss reads a key of its own; budget each miss phase generously.
     let fixed_need: f64 = opts.miss_rates.iter().map(|r| r * opts.seconds + 1.0).sum();
-    let peak_budget = peak_miss_budget(&opts);
-    let cold_rows =
-        (2.0 * fixed_need) as u64 + 2 * peak_budget + (2 * opts.herd_rounds as u64) + 100;
+    let peak_budget = peak_miss_budget(opts.peak_seconds);
+    let cold_rows = (2.0 * fixed_need) as u64
+        + 2 * peak_budget
+        + 400 * opts.slices as u64
+        + (2 * opts.herd_rounds as u64)
+        + 100;
     log(&format!(
         "table {table}: {hot_keys} hot, {write_keys} write and {cold_rows} cold rows"
     ));
@@ -311,7 +349,8 @@ async fn run(opts: Opts) -> Result<(), String> {
         }],
     };
     let inproc = Arc::new(Sidecar::new(config.clone())?);
-    let sidecar = SidecarProcess::start(opts.sidecar.as_deref(), &config).await?;
+    let sidecar =
+        SidecarProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
     log(&format!(
         "sidecar {} (pid {}) on {}",
         sidecar.binary, sidecar.pid, sidecar.addr
@@ -344,9 +383,9 @@ async fn run(opts: Opts) -> Result<(), String> {
     result
 }
 
-fn peak_miss_budget(opts: &Opts) -> u64 {
-    // Misses are database reads: well under 10,000/s on this kind of machine.
-    (opts.peak_seconds * 10_000.0) as u64 + 100
+fn peak_miss_budget(secs: f64) -> u64 {
+    // Misses are database reads: well under 25,000/s on this kind of machine.
+    (secs * 25_000.0) as u64 + 100
 }
 
 async fn create_table(
@@ -414,6 +453,47 @@ impl Target {
     }
 }
 
+/// What one slice of a phase measured.
+struct Slice {
+    run: Run,
+    /// The sidecar process's CPU time during the slice.
+    cpu_us: Option<f64>,
+    rss_max: u64,
+}
+
+/// The slices of one target in a phase, summed.
+struct Slices {
+    parts: Vec<(Vec<u64>, u64, u64)>,
+    elapsed: Duration,
+    cpu_us: f64,
+    cpu_known: bool,
+    rss_max: u64,
+}
+
+impl Default for Slices {
+    fn default() -> Self {
+        Self {
+            parts: Vec::new(),
+            elapsed: Duration::ZERO,
+            cpu_us: 0.0,
+            cpu_known: true,
+            rss_max: 0,
+        }
+    }
+}
+
+impl Slices {
+    fn add(&mut self, s: Slice) {
+        self.elapsed += s.run.elapsed;
+        match s.cpu_us {
+            Some(c) => self.cpu_us += c,
+            None => self.cpu_known = false,
+        }
+        self.rss_max = self.rss_max.max(s.rss_max);
+        self.parts.push((s.run.lat_ns, s.run.ok, s.run.bad));
+    }
+}
+
 impl Bench {
     fn plan(&self, kind: Kind, cold_count: u64) -> Plan {
         Plan {
@@ -458,20 +538,54 @@ impl Bench {
         Ok(())
     }
 
-    /// One phase: `rate` Some = fixed rate, None = closed loop (peak).
-    async fn phase(
+    /// The phases of one workload at one rate (`None`: closed loop), one per target, run as
+    /// interleaved slices (target order rotating each slice) so that whatever else the shared
+    /// machine does at the time weighs on every target alike.
+    async fn phases(
+        &mut self,
+        kind: Kind,
+        targets: &[Target],
+        rate: Option<f64>,
+    ) -> Result<(), String> {
+        let total = match rate {
+            Some(_) => self.opts.seconds,
+            None => self.opts.peak_seconds,
+        };
+        let n = self.opts.slices.max(1);
+        let secs = total / n as f64;
+        let mut acc: Vec<Slices> = targets.iter().map(|_| Slices::default()).collect();
+        for s in 0..n {
+            for j in 0..targets.len() {
+                let ti = (j + s) % targets.len();
+                let piece = self.slice(kind, targets[ti], rate, secs).await?;
+                acc[ti].add(piece);
+            }
+        }
+        for (t, a) in targets.iter().zip(acc) {
+            let run = Run::merge(a.parts, a.elapsed);
+            let requests = run.ok + run.bad;
+            let is_sidecar = *t == Target::Sidecar;
+            let cpu =
+                (is_sidecar && a.cpu_known && requests > 0).then(|| a.cpu_us / requests as f64);
+            let rss = is_sidecar.then_some(a.rss_max);
+            let p = Phase::new(kind, *t, rate, self.opts.conns, &run, cpu, rss);
+            log(&p.one_line());
+            self.phases.push(p);
+        }
+        Ok(())
+    }
+
+    /// One slice of a phase, `secs` long.
+    async fn slice(
         &mut self,
         kind: Kind,
         target: Target,
         rate: Option<f64>,
-    ) -> Result<Phase, String> {
-        let secs = match rate {
-            Some(_) => self.opts.seconds,
-            None => self.opts.peak_seconds,
-        };
+        secs: f64,
+    ) -> Result<Slice, String> {
         let cold_count = match (kind, rate) {
             (Kind::Miss, Some(r)) => (r * secs) as u64 + 1,
-            (Kind::Miss, None) => peak_miss_budget(&self.opts),
+            (Kind::Miss, None) => peak_miss_budget(secs),
             _ => 0,
         };
         let cold_count = cold_count.min(self.cold_rows.saturating_sub(self.cold_next));
@@ -515,19 +629,15 @@ impl Bench {
         if kind == Kind::Miss {
             self.cold_next += run.ok + run.bad;
         }
-        let requests = run.ok + run.bad;
-        let (cpu_per_req, rss) = if is_sidecar {
-            let cpu = match (cpu0, cpu1) {
-                (Some(a), Some(b)) if requests > 0 => Some((b - a) / requests as f64),
-                _ => None,
-            };
-            (cpu, Some(rss_max.load(Ordering::Relaxed)))
-        } else {
-            (None, None)
+        let cpu_us = match (cpu0, cpu1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
         };
-        let p = Phase::new(kind, target, rate, self.opts.conns, &run, cpu_per_req, rss);
-        log(&p.one_line());
-        Ok(p)
+        Ok(Slice {
+            run,
+            cpu_us,
+            rss_max: rss_max.load(Ordering::Relaxed),
+        })
     }
 
     async fn measure_all(
@@ -567,41 +677,54 @@ impl Bench {
         let rss_idle = procfs::rss_kib(self.sidecar.pid);
 
         let opts = self.opts.clone();
-        for &rate in &opts.hit_rates {
-            for t in [
+        let hit_rates = if opts.runs("hit") {
+            opts.hit_rates.clone()
+        } else {
+            vec![]
+        };
+        for &rate in &hit_rates {
+            let targets = [
                 Target::Generator,
                 Target::RedisGet,
                 Target::InProcess,
                 Target::Sidecar,
-            ] {
-                let p = self.phase(Kind::Hit, t, Some(rate)).await?;
-                self.phases.push(p);
-            }
+            ];
+            self.phases(Kind::Hit, &targets, Some(rate)).await?;
         }
         for (kind, rates) in [
             (Kind::Miss, &opts.miss_rates),
             (Kind::Write, &opts.write_rates),
         ] {
+            if !opts.runs(kind.name()) {
+                continue;
+            }
             for &rate in rates {
-                for t in [Target::InProcess, Target::Sidecar] {
-                    let p = self.phase(kind, t, Some(rate)).await?;
-                    self.phases.push(p);
-                }
+                self.phases(kind, &[Target::InProcess, Target::Sidecar], Some(rate))
+                    .await?;
             }
         }
-        for kind in [Kind::Hit, Kind::Miss, Kind::Write] {
-            for t in [Target::InProcess, Target::Sidecar] {
-                let p = self.phase(kind, t, None).await?;
-                self.phases.push(p);
-            }
+        // Closed-loop peaks: of every kind, or of the kinds named in --only.
+        let named = |k: Kind| opts.only.iter().any(|o| o == k.name());
+        let any_named = [Kind::Hit, Kind::Miss, Kind::Write].into_iter().any(named);
+        let peaks: Vec<Kind> = [Kind::Hit, Kind::Miss, Kind::Write]
+            .into_iter()
+            .filter(|k| opts.runs("peak") && (!any_named || named(*k)))
+            .collect();
+        for kind in peaks {
+            self.phases(kind, &[Target::InProcess, Target::Sidecar], None)
+                .await?;
         }
         let mut herds = Vec::new();
-        for t in [Target::InProcess, Target::Sidecar] {
-            herds.push(self.herd(t).await?);
+        if opts.runs("herd") {
+            for t in [Target::InProcess, Target::Sidecar] {
+                herds.push(self.herd(t).await?);
+            }
         }
         let mut batches = Vec::new();
-        for t in [Target::InProcess, Target::Sidecar] {
-            batches.push(self.batches(t).await?);
+        if opts.runs("batch") {
+            for t in [Target::InProcess, Target::Sidecar] {
+                batches.push(self.batches(t).await?);
+            }
         }
         let rss_after = procfs::rss_kib(self.sidecar.pid);
         let machine = self.machine(load_before).await;
@@ -612,6 +735,7 @@ impl Bench {
             conns: self.opts.conns,
             seconds: self.opts.seconds,
             peak_seconds: self.opts.peak_seconds,
+            slices: self.opts.slices,
             sidecar_binary: self.sidecar.binary.clone(),
             rss_start_kib: rss_start,
             rss_idle_kib: rss_idle,
@@ -656,7 +780,7 @@ impl Bench {
             conns.resize_with(n, || None);
         }
         let mut reads = Vec::new();
-        let (mut answered, mut from_db, mut failed) = (0u64, 0u64, 0u64);
+        let (mut answered, mut from_db, mut shed, mut failed) = (0u64, 0u64, 0u64, 0u64);
         let mut spans = Vec::new();
         for _ in 0..self.opts.herd_rounds {
             if self.cold_next >= self.cold_rows {
@@ -681,6 +805,7 @@ impl Bench {
                             let r = c.request("GET", &path, None).await;
                             let outcome = match r {
                                 Ok(r) if r.status == 200 => r.cache,
+                                Ok(r) if r.status == 503 => Some("shed".to_string()),
                                 _ => None,
                             };
                             (Some(c), outcome)
@@ -705,6 +830,7 @@ impl Bench {
                 let (c, outcome) = t.await.expect("herd task");
                 *slot = c;
                 match outcome.as_deref() {
+                    Some("shed") => shed += 1,
                     Some(s) if s == CacheStatus::Miss.as_str() => from_db += 1,
                     Some(_) => answered += 1,
                     None => failed += 1,
@@ -720,6 +846,7 @@ impl Bench {
             db_reads: reads,
             answered_from_cache: answered,
             answered_from_db: from_db,
+            shed,
             failed,
             span_ms: spans,
         };
@@ -799,7 +926,16 @@ impl Bench {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let commit = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
         Machine {
+            commit,
             nproc: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(0),

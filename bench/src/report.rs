@@ -106,6 +106,8 @@ pub struct Herd {
     pub db_reads: Vec<i64>,
     pub answered_from_cache: u64,
     pub answered_from_db: u64,
+    /// Answered `503 overloaded` by the sidecar's load shedding (`limits.max_in_flight`).
+    pub shed: u64,
     pub failed: u64,
     pub span_ms: Vec<f64>,
 }
@@ -117,13 +119,14 @@ impl Herd {
 
     pub fn one_line(&self) -> String {
         format!(
-            "herd  {:<15} {} readers x {} rounds: database reads per cold key {:?}; {} answers from the cache, {} from the database, {} failed",
+            "herd  {:<15} {} readers x {} rounds: database reads per cold key {:?}; {} answered hit, {} miss, {} shed (503), {} failed",
             self.target.name(),
             self.readers,
             self.db_reads.len(),
             self.db_reads,
             self.answered_from_cache,
             self.answered_from_db,
+            self.shed,
             self.failed
         )
     }
@@ -135,6 +138,7 @@ impl Herd {
             "db_reads": self.db_reads,
             "answered_from_cache": self.answered_from_cache,
             "answered_from_db": self.answered_from_db,
+            "shed": self.shed,
             "failed": self.failed,
             "span_ms": self.span_ms,
         })
@@ -198,6 +202,8 @@ pub struct Machine {
     pub redis_version: String,
     pub pool_size: u32,
     pub date: String,
+    /// `git describe --always --dirty` of the directory the run started in.
+    pub commit: String,
 }
 
 pub struct Report {
@@ -207,6 +213,7 @@ pub struct Report {
     pub conns: usize,
     pub seconds: f64,
     pub peak_seconds: f64,
+    pub slices: usize,
     pub sidecar_binary: String,
     pub rss_start_kib: Option<u64>,
     pub rss_idle_kib: Option<u64>,
@@ -260,11 +267,12 @@ impl Report {
                 "nproc": m.nproc, "cpu_model": m.cpu_model, "load_before": m.load_before,
                 "load_after": m.load_after, "synchronous_commit": m.synchronous_commit,
                 "pg_version": m.pg_version, "redis_version": m.redis_version,
-                "pool_size": m.pool_size, "date": m.date,
+                "pool_size": m.pool_size, "date": m.date, "commit": m.commit,
             },
             "conns": self.conns,
             "seconds": self.seconds,
             "peak_seconds": self.peak_seconds,
+            "slices": self.slices,
             "sidecar_binary": self.sidecar_binary,
             "rss_start_kib": self.rss_start_kib,
             "rss_idle_kib": self.rss_idle_kib,
@@ -415,9 +423,10 @@ impl Report {
         let w = &mut s;
         let _ = writeln!(
             w,
-            "Run of {}{}: `{}` (sidecar: `{}`), {:.0} s in all.\n",
+            "Run of {}{} at commit `{}`: `{}` (sidecar: `{}`), {:.0} s in all.\n",
             m.date,
             if self.short { ", SHORT mode" } else { "" },
+            m.commit,
             self.command,
             self.sidecar_binary,
             self.wall_seconds
@@ -427,7 +436,7 @@ impl Report {
             "Machine: {} CPUs (`nproc`), {}; load average (1/5/15 min) {} before, {} after; the load generator, \
              the sidecar, PostgreSQL {} and Redis {} all share these cores. PostgreSQL `synchronous_commit = {}`; \
              database pool {} connections on both sides; {} connections (workers) per phase; fixed-rate phases {} s, \
-             closed-loop phases {} s.\n",
+             closed-loop phases {} s, each run as {} slices alternating between the sides.\n",
             m.nproc,
             m.cpu_model,
             m.load_before,
@@ -438,7 +447,8 @@ impl Report {
             m.pool_size,
             self.conns,
             self.seconds,
-            self.peak_seconds
+            self.peak_seconds,
+            self.slices
         );
 
         let _ = writeln!(w, "### Targets (issue 6)\n");
@@ -593,19 +603,20 @@ impl Report {
         let _ = writeln!(w, "\n### Herd: concurrent readers of one cold key\n");
         let _ = writeln!(
             w,
-            "| side | readers | rounds | database reads per cold key (pg_stat_statements) | answered `hit` | answered `miss` (from a database read, shared by single-flight) | failed | time to answer all (ms) |"
+            "| side | readers | rounds | database reads per cold key (pg_stat_statements) | answered `hit` | answered `miss` (from a database read, shared by single-flight) | shed (`503 overloaded`) | failed | time to answer all (ms) |"
         );
-        let _ = writeln!(w, "| --- | --: | --: | --- | --: | --: | --: | --- |");
+        let _ = writeln!(w, "| --- | --: | --: | --- | --: | --: | --: | --: | --- |");
         for h in &self.herds {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {:?} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:?} | {} | {} | {} | {} | {} |",
                 h.target.name(),
                 h.readers,
                 h.db_reads.len(),
                 h.db_reads,
                 h.answered_from_cache,
                 h.answered_from_db,
+                h.shed,
                 h.failed,
                 h.span_ms
                     .iter()
