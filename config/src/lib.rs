@@ -93,6 +93,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// How long a request waits for a slot before it is shed with `503 overloaded`.
     pub max_queue_wait_ms: u64,
+    /// Most writes in one `POST /v1/batch`, and most keys in one bulk read; more get `413`.
+    pub max_batch_items: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +167,7 @@ impl Default for Limits {
             max_key_bytes: 512,
             max_in_flight: 256,
             max_queue_wait_ms: 50,
+            max_batch_items: 1_000,
         }
     }
 }
@@ -318,6 +321,9 @@ impl SidecarConfig {
         if self.limits.max_in_flight == 0 {
             return invalid("limits.max_in_flight must be at least 1".into());
         }
+        if self.limits.max_batch_items == 0 {
+            return invalid("limits.max_batch_items must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -356,6 +362,7 @@ mod tests {
             (c.limits.max_in_flight, c.limits.max_queue_wait_ms),
             (256, 50)
         );
+        assert_eq!(c.limits.max_batch_items, 1_000);
     }
 
     #[test]
@@ -374,6 +381,11 @@ mod tests {
     #[test]
     fn render_round_trips() {
         let c = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
+        assert_eq!(c, again);
+        let text = format!("{MINIMAL}\n[limits]\nmax_batch_items = 7");
+        let c = SidecarConfig::parse(&text, &Overrides::default()).unwrap();
+        assert_eq!(c.limits.max_batch_items, 7);
         let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
         assert_eq!(c, again);
     }
@@ -445,6 +457,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[limits]\nmax_in_flight = 0"),
                 "max_in_flight",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_batch_items = 0"),
+                "max_batch_items",
             ),
             (
                 format!("api_token_file = \"\"\n{MINIMAL}"),

@@ -4,6 +4,7 @@
 //! Every error is a JSON body `{"error": {"code": "...", "message": "..."}}` with a specific
 //! status; nothing the client sends can produce a 500, and no SQL reaches a message.
 
+use crate::batch::{Batch, BatchError, BatchOutcome, BatchWrite, WriteOp, summary};
 use crate::db::DbError;
 use crate::envelope::Envelope;
 use crate::sidecar::{CacheStatus, ReadOutcome, Sidecar, WriteError, WriteOutcome};
@@ -86,6 +87,33 @@ where
     let Some(slot) = sc.admission.admit(&sc.metrics).await else {
         return overloaded(sc.config.limits.max_in_flight);
     };
+    if path == "/v1/batch" {
+        if method != Method::POST {
+            return only_post(&method);
+        }
+        let raw = match read_body(headers, body, sc.config.limits.max_body_bytes).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let batch = match parse_batch(&sc, &raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let sc2 = Arc::clone(&sc);
+        let task = sc.writes_in_flight.spawn(async move {
+            let _slot = slot;
+            let out = sc2.write_batch(&batch).await;
+            (out, batch)
+        });
+        return match task.await {
+            Ok((out, batch)) => batch_response(&sc, &batch, out),
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the batch task failed".into(),
+            ),
+        };
+    }
     let Some(rest) = path.strip_prefix("/v1/entities/") else {
         return error(
             StatusCode::NOT_FOUND,
@@ -107,6 +135,20 @@ where
             format!("no entity named {entity:?} is configured"),
         );
     };
+    if raw_key == BULK_GET && method == Method::POST {
+        let raw = match read_body(headers, body, sc.config.limits.max_body_bytes).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let keys = match parse_bulk_keys(&sc, &raw) {
+            Ok(k) => k,
+            Err(r) => return r,
+        };
+        return match sc.read_many(idx, &keys).await {
+            Ok(outcomes) => bulk_response(&keys, &outcomes),
+            Err(e) => db_error(e),
+        };
+    }
     let key = match parse_key(raw_key, sc.config.limits.max_key_bytes) {
         Ok(k) => k,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_key", msg),
@@ -159,6 +201,374 @@ where
             r
         }
     }
+}
+
+/// `POST /v1/entities/{entity}/_bulk_get` reads many keys (`GET` of that path is the key
+/// `_bulk_get`).
+pub const BULK_GET: &str = "_bulk_get";
+
+fn only_post(method: &Method) -> Response {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not supported here; use POST"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+    r
+}
+
+/// A key given in a JSON body (not percent-encoded): the rules of `parse_key`.
+fn check_body_key(key: &str, max_bytes: usize) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    if key.len() > max_bytes {
+        return Err(format!(
+            "the key is {} bytes long; the limit is {max_bytes}",
+            key.len()
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err("the key contains control characters".into());
+    }
+    Ok(())
+}
+
+/// An error about one item of a batch or bulk read: `{"error": {..., "item": N}}`.
+fn item_error(code: StatusCode, kind: &str, item: usize, message: String) -> Response {
+    json_response(
+        code,
+        json!({"error": {"code": kind, "message": format!("item {item}: {message}"), "item": item}}),
+    )
+}
+
+fn too_many(what: &str, n: usize, limit: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "batch_too_large",
+        format!("{n} {what}; the limit is {limit} (limits.max_batch_items)"),
+    )
+}
+
+#[allow(clippy::result_large_err)] // the error is the answer, built once
+fn body_object(raw: &[u8]) -> Result<Map<String, Value>, Response> {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// `{"writes": [{"entity","key","op","data","if_match"}...], "invalidate": [{"entity","key"}...]}`.
+#[allow(clippy::result_large_err)] // the error is the answer, built once
+fn parse_batch(sc: &Sidecar, raw: &[u8]) -> Result<Batch, Response> {
+    let bad = |msg: String| error(StatusCode::BAD_REQUEST, "invalid_body", msg);
+    let mut map = body_object(raw)?;
+    let limit = sc.config.limits.max_batch_items;
+    if let Some(k) = map
+        .keys()
+        .find(|k| !matches!(k.as_str(), "writes" | "invalidate"))
+    {
+        return Err(bad(format!(
+            "unknown field {k:?}; a batch has writes and invalidate"
+        )));
+    }
+    let writes = match map.remove("writes") {
+        Some(Value::Array(a)) => a,
+        _ => return Err(bad("writes must be an array of writes".into())),
+    };
+    let invalidate = match map.remove("invalidate") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("invalidate must be an array of {entity, key}".into())),
+    };
+    if writes.len() > limit {
+        return Err(too_many("writes", writes.len(), limit));
+    }
+    if invalidate.len() > limit {
+        return Err(too_many("keys to invalidate", invalidate.len(), limit));
+    }
+    let mut batch = Batch::default();
+    for (i, item) in writes.into_iter().enumerate() {
+        batch.writes.push(parse_batch_write(sc, i, item)?);
+    }
+    for (i, item) in invalidate.into_iter().enumerate() {
+        let ibad = |msg: String| {
+            item_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                i,
+                format!("invalidate: {msg}"),
+            )
+        };
+        let Value::Object(mut m) = item else {
+            return Err(ibad("must be an object {entity, key}".into()));
+        };
+        let (idx, key) = entity_and_key(sc, i, &mut m)?;
+        if let Some(k) = m.keys().next() {
+            return Err(ibad(format!("unknown field {k:?}")));
+        }
+        batch.invalidate.push((idx, key));
+    }
+    Ok(batch)
+}
+
+/// The `entity` and `key` fields of a batch item, removed from it.
+#[allow(clippy::result_large_err)] // the error is the answer, built once
+fn entity_and_key(
+    sc: &Sidecar,
+    i: usize,
+    m: &mut Map<String, Value>,
+) -> Result<(usize, String), Response> {
+    let entity = match m.remove("entity") {
+        Some(Value::String(e)) => e,
+        _ => {
+            return Err(item_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                i,
+                "entity must be a string".into(),
+            ));
+        }
+    };
+    let Some(idx) = sc.entity(&entity) else {
+        return Err(item_error(
+            StatusCode::NOT_FOUND,
+            "unknown_entity",
+            i,
+            format!("no entity named {entity:?} is configured"),
+        ));
+    };
+    let key = match m.remove("key") {
+        Some(Value::String(k)) => k,
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            return Err(item_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_key",
+                i,
+                "key must be a string".into(),
+            ));
+        }
+    };
+    if let Err(msg) = check_body_key(&key, sc.config.limits.max_key_bytes) {
+        return Err(item_error(StatusCode::BAD_REQUEST, "invalid_key", i, msg));
+    }
+    Ok((idx, key))
+}
+
+#[allow(clippy::result_large_err)] // the error is the answer, built once
+fn parse_batch_write(sc: &Sidecar, i: usize, item: Value) -> Result<BatchWrite, Response> {
+    let bad = |code: &str, msg: String| item_error(StatusCode::BAD_REQUEST, code, i, msg);
+    let Value::Object(mut m) = item else {
+        return Err(bad(
+            "invalid_body",
+            "a write must be an object {entity, key, op, data, if_match}".into(),
+        ));
+    };
+    let (idx, key) = entity_and_key(sc, i, &mut m)?;
+    let if_match = match m.remove("if_match") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_i64().filter(|v| *v >= 0) {
+            Some(v) => Some(v),
+            None => {
+                return Err(bad(
+                    "invalid_if_match",
+                    format!("if_match {n} is not a version"),
+                ));
+            }
+        },
+        Some(Value::String(s)) => {
+            let t = s.strip_prefix("W/").unwrap_or(&s);
+            let t = t
+                .strip_prefix('"')
+                .and_then(|x| x.strip_suffix('"'))
+                .unwrap_or(t);
+            match t.parse::<i64>().ok().filter(|v| *v >= 0) {
+                Some(v) => Some(v),
+                None => {
+                    return Err(bad(
+                        "invalid_if_match",
+                        format!("if_match {s:?} is not a version"),
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(bad("invalid_if_match", "if_match must be a version".into())),
+    };
+    let op = match (m.remove("op"), m.remove("data")) {
+        (Some(Value::String(op)), Some(Value::Object(body))) if op == "put" => {
+            let raw = Value::Object(body.clone()).to_string();
+            WriteOp::Put { body, raw }
+        }
+        (Some(Value::String(op)), _) if op == "put" => {
+            return Err(bad(
+                "invalid_body",
+                "a put needs data, a JSON object of column values".into(),
+            ));
+        }
+        (Some(Value::String(op)), None) if op == "delete" => WriteOp::Delete,
+        (Some(Value::String(op)), Some(_)) if op == "delete" => {
+            return Err(bad("invalid_body", "a delete takes no data".into()));
+        }
+        _ => return Err(bad("invalid_op", "op must be \"put\" or \"delete\"".into())),
+    };
+    if let Some(k) = m.keys().next() {
+        return Err(bad("invalid_body", format!("unknown field {k:?}")));
+    }
+    Ok(BatchWrite {
+        idx,
+        key,
+        op,
+        if_match,
+    })
+}
+
+fn batch_response(sc: &Sidecar, batch: &Batch, r: Result<BatchOutcome, BatchError>) -> Response {
+    let out = match r {
+        Ok(out) => out,
+        Err(BatchError::DuplicateKey { first, index }) => {
+            return item_error(
+                StatusCode::BAD_REQUEST,
+                "duplicate_key",
+                index,
+                format!("the same key as item {first}; give each key once per batch"),
+            );
+        }
+        Err(BatchError::Body { index, error }) => {
+            return item_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                index,
+                error.to_string(),
+            );
+        }
+        Err(BatchError::PreconditionFailed { index, current }) => {
+            let msg = match current {
+                Some(v) => format!("if_match does not hold: the row is at version {v}"),
+                None => "if_match does not hold: there is no row with this key".into(),
+            };
+            return json_response(
+                StatusCode::PRECONDITION_FAILED,
+                json!({"error": {"code": "precondition_failed", "message": format!("item {index}: {msg}; nothing was written"), "item": index, "current": current}}),
+            );
+        }
+        Err(BatchError::NotFound { index }) => {
+            return item_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                index,
+                "no row with this key to delete; nothing was written".into(),
+            );
+        }
+        Err(BatchError::ItemDb { index, error }) => {
+            // Statement errors of an item: the database refused it (422), or the key (400), or
+            // the database is away (503); the batch rolled back.
+            let (code, kind) = match &error {
+                DbError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected_by_database"),
+                DbError::BadKey(_) => (StatusCode::BAD_REQUEST, "invalid_key"),
+                _ => return db_error(error),
+            };
+            return item_error(code, kind, index, format!("{error}; nothing was written"));
+        }
+        Err(BatchError::Db(e)) => return db_error(e),
+    };
+    let mut body = String::from("{\"results\":[");
+    for (n, (res, _)) in out.results.iter().zip(&batch.writes).enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        let code = if res.created { 201 } else { 200 };
+        body.push_str(&format!(
+            "{{\"entity\":{},\"key\":{},\"v\":{},\"status\":{code},\"deleted\":{},\"envelope\":{}}}",
+            Value::from(sc.entity_name(res.idx)),
+            Value::from(res.key.as_str()),
+            res.envelope.version,
+            res.envelope.deleted,
+            String::from_utf8_lossy(&res.envelope.bytes),
+        ));
+    }
+    body.push_str(&format!("],\"cache\":\"{}\"}}", out.status.as_str()));
+    let mut r = Response::new(body.into());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    set_cache_status(&mut r, out.status);
+    r
+}
+
+/// `{"keys": ["a", "b", ...]}`.
+#[allow(clippy::result_large_err)] // the error is the answer, built once
+fn parse_bulk_keys(sc: &Sidecar, raw: &[u8]) -> Result<Vec<String>, Response> {
+    let mut map = body_object(raw)?;
+    let bad = |msg: String| error(StatusCode::BAD_REQUEST, "invalid_body", msg);
+    if let Some(k) = map.keys().find(|k| k.as_str() != "keys") {
+        return Err(bad(format!("unknown field {k:?}; give keys")));
+    }
+    let Some(Value::Array(items)) = map.remove("keys") else {
+        return Err(bad("keys must be an array of keys".into()));
+    };
+    let limit = sc.config.limits.max_batch_items;
+    if items.len() > limit {
+        return Err(too_many("keys", items.len(), limit));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let key = match v {
+                Value::String(k) => k,
+                Value::Number(n) => n.to_string(),
+                _ => {
+                    return Err(item_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_key",
+                        i,
+                        "a key must be a string".into(),
+                    ));
+                }
+            };
+            check_body_key(&key, sc.config.limits.max_key_bytes)
+                .map_err(|msg| item_error(StatusCode::BAD_REQUEST, "invalid_key", i, msg))?;
+            Ok(key)
+        })
+        .collect()
+}
+
+fn bulk_response(keys: &[String], outcomes: &[ReadOutcome]) -> Response {
+    let mut body = String::from("{\"items\":[");
+    for (n, (key, o)) in keys.iter().zip(outcomes).enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        let (status, envelope) = match &o.envelope {
+            Some(env) if !env.deleted => (200, String::from_utf8_lossy(&env.bytes).into_owned()),
+            _ => (404, "null".to_string()),
+        };
+        body.push_str(&format!(
+            "{{\"key\":{},\"status\":{status},\"cache\":\"{}\",\"envelope\":{envelope}}}",
+            Value::from(key.as_str()),
+            o.status.as_str(),
+        ));
+    }
+    body.push_str("]}");
+    let mut r = Response::new(body.into());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    set_cache_status(&mut r, summary(outcomes));
+    r
 }
 
 /// `401 unauthorized`: the API token is missing or wrong (never echoed).

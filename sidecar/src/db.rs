@@ -86,6 +86,39 @@ pub struct Committed {
     pub created: bool,
 }
 
+/// One write of a batch (`Database::write_batch`).
+pub struct BatchStatement<'a> {
+    pub table: &'a Table,
+    pub key: &'a str,
+    pub op: BatchOp<'a>,
+    pub if_match: Option<i64>,
+}
+
+pub enum BatchOp<'a> {
+    /// `body`: the JSON object's text; `columns`: what `Table::check_body` accepted.
+    Put {
+        body: &'a str,
+        columns: Vec<&'a str>,
+    },
+    Delete,
+}
+
+/// Why a batch did not commit. `index` is the item's position in the batch.
+#[derive(Debug, Clone)]
+pub enum BatchFailure {
+    /// An If-Match did not hold; `current` is the row's version (`None`: no row).
+    Precondition { index: usize, current: Option<i64> },
+    /// A delete without If-Match found no row.
+    NotFound { index: usize },
+    /// A statement failed (`index`: which), or the transaction itself (`None`). Only a failure
+    /// `at_commit` may have committed nonetheless (outcome unknown); any other rolled back.
+    Db {
+        index: Option<usize>,
+        error: DbError,
+        at_commit: bool,
+    },
+}
+
 /// Outcome of a conditional statement that matched no row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Precondition {
@@ -239,6 +272,145 @@ impl Database {
         }
     }
 
+    /// Reads the rows of `keys` in one statement; the answer is in the order of `keys`.
+    pub async fn read_many(
+        &self,
+        table: &Table,
+        keys: &[&str],
+    ) -> Result<Vec<Option<Envelope>>, DbError> {
+        for key in keys {
+            table.check_key(key)?;
+        }
+        let q = sqlx::query(AssertSqlSafe(table.read_many_sql.clone())).bind(keys);
+        let rows = match tokio::time::timeout(self.timeout, q.fetch_all(&self.pool)).await {
+            Ok(r) => r.map_err(|e| DbError::from_sqlx(e, true))?,
+            Err(_) => return Err(DbError::Unavailable),
+        };
+        let mut out = vec![None; keys.len()];
+        for r in &rows {
+            let i: i64 = r.try_get(3).map_err(|_| DbError::Internal)?;
+            let slot = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or(DbError::Internal)?;
+            *slot = Some(row_envelope(r)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs the writes of a batch in one transaction: all commit or none does. The statements run
+    /// in the order of their advisory lock ids (not the order given), so that concurrent batches
+    /// take their locks in one global order and cannot deadlock. The answer is in the order given.
+    pub async fn write_batch(
+        &self,
+        items: &[BatchStatement<'_>],
+    ) -> Result<Vec<Committed>, BatchFailure> {
+        let fail = |index: Option<usize>, error: DbError| BatchFailure::Db {
+            index,
+            error,
+            at_commit: false,
+        };
+        let mut order: Vec<(i64, usize)> = items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (lock_key(&s.table.name, s.key), i))
+            .collect();
+        order.sort_unstable();
+        let begin = tokio::time::timeout(self.timeout, self.pool.begin());
+        let mut tx = match begin.await {
+            Ok(r) => r.map_err(|e| fail(None, DbError::from_sqlx(e, false)))?,
+            Err(_) => return Err(fail(None, DbError::Unavailable)),
+        };
+        let mut out: Vec<Option<Committed>> = vec![None; items.len()];
+        for (lock, i) in order {
+            let s = &items[i];
+            s.table.check_key(s.key).map_err(|e| fail(Some(i), e))?;
+            let (q, key_only) = match &s.op {
+                BatchOp::Put { body, columns } => {
+                    let q = match s.if_match {
+                        None => sqlx::query(AssertSqlSafe(s.table.upsert_sql(columns)))
+                            .bind(*body)
+                            .bind(s.key)
+                            .bind(lock),
+                        Some(v) => sqlx::query(AssertSqlSafe(s.table.update_sql(columns)))
+                            .bind(*body)
+                            .bind(s.key)
+                            .bind(lock)
+                            .bind(v),
+                    };
+                    (q, false)
+                }
+                BatchOp::Delete => {
+                    let q = match s.if_match {
+                        None => sqlx::query(AssertSqlSafe(s.table.delete_sql.clone()))
+                            .bind(s.key)
+                            .bind(lock),
+                        Some(v) => sqlx::query(AssertSqlSafe(s.table.delete_if_match_sql.clone()))
+                            .bind(s.key)
+                            .bind(lock)
+                            .bind(v),
+                    };
+                    (q, true)
+                }
+            };
+            let row = match tokio::time::timeout(self.timeout, q.fetch_optional(&mut *tx)).await {
+                Ok(r) => r.map_err(|e| fail(Some(i), DbError::from_sqlx(e, key_only)))?,
+                Err(_) => return Err(fail(Some(i), DbError::Unavailable)),
+            };
+            let committed = match (row, &s.op) {
+                (Some(r), BatchOp::Put { .. }) => Committed {
+                    envelope: row_envelope(&r).map_err(|e| fail(Some(i), e))?,
+                    created: r.try_get(3).map_err(|_| fail(Some(i), DbError::Internal))?,
+                },
+                (Some(r), BatchOp::Delete) => {
+                    let version: i64 =
+                        r.try_get(0).map_err(|_| fail(Some(i), DbError::Internal))?;
+                    let at: String = r.try_get(1).map_err(|_| fail(Some(i), DbError::Internal))?;
+                    Committed {
+                        envelope: Envelope::tombstone(version, &at),
+                        created: false,
+                    }
+                }
+                (None, _) if s.if_match.is_some() => {
+                    let q = sqlx::query(AssertSqlSafe(s.table.version_sql.clone())).bind(s.key);
+                    let current = match tokio::time::timeout(
+                        self.timeout,
+                        q.fetch_optional(&mut *tx),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) => r.and_then(|r| r.try_get::<i64, _>(0).ok()),
+                        Ok(Err(e)) => return Err(fail(Some(i), DbError::from_sqlx(e, true))),
+                        Err(_) => return Err(fail(Some(i), DbError::Unavailable)),
+                    };
+                    return Err(BatchFailure::Precondition { index: i, current });
+                }
+                (None, _) => return Err(BatchFailure::NotFound { index: i }),
+            };
+            out[i] = Some(committed);
+        }
+        match tokio::time::timeout(self.timeout, tx.commit()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(BatchFailure::Db {
+                    index: None,
+                    error: DbError::from_sqlx(e, false),
+                    at_commit: true,
+                });
+            }
+            Err(_) => {
+                return Err(BatchFailure::Db {
+                    index: None,
+                    error: DbError::Unavailable,
+                    at_commit: true,
+                });
+            }
+        }
+        out.into_iter()
+            .map(|c| c.ok_or_else(|| fail(None, DbError::Internal)))
+            .collect()
+    }
+
     async fn current_version(&self, table: &Table, key: &str) -> Result<Option<i64>, DbError> {
         let q = sqlx::query(AssertSqlSafe(table.version_sql.clone())).bind(key);
         let row = self.fetch_optional(q, true).await?;
@@ -288,6 +460,8 @@ pub struct Table {
     returning: String,
     next_version: String,
     read_sql: Arc<str>,
+    /// Reads many keys in one statement; `$1` is a text array, each row comes with its index in it.
+    read_many_sql: Arc<str>,
     version_sql: Arc<str>,
     delete_sql: Arc<str>,
     delete_if_match_sql: Arc<str>,
@@ -373,6 +547,11 @@ impl Table {
         let where_key = format!("t.{q_key} = {}", key_cast.replace("$KEY", "$1"));
         let lock = "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($2::int8))";
         let read_sql = format!("SELECT {data} FROM {q_table} AS t WHERE {where_key}");
+        let read_many_sql = format!(
+            "SELECT {data}, k.i FROM {q_table} AS t \
+             JOIN unnest($1::text[]) WITH ORDINALITY AS k(key, i) ON t.{q_key} = {}",
+            key_cast.replace("$KEY", "k.key")
+        );
         let version_sql =
             format!("SELECT t.{q_version}::int8 FROM {q_table} AS t WHERE {where_key}");
         let delete_sql = format!(
@@ -401,6 +580,7 @@ impl Table {
             returning: data,
             next_version,
             read_sql: read_sql.into(),
+            read_many_sql: read_many_sql.into(),
             version_sql: version_sql.into(),
             delete_sql: delete_sql.into(),
             delete_if_match_sql: delete_if_match_sql.into(),

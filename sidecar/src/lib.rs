@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod cache;
 pub mod db;
 pub mod envelope;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub requests_shed: IntCounter,
     pub requests_waiting: IntGauge,
     pub requests_unauthorized: IntCounter,
+    /// Redis round trips of batches and bulk reads, by `op` (one per pipeline).
+    pub redis_round_trips: IntCounterVec,
     reads: IntCounter,
     writes: IntCounter,
 }
@@ -87,6 +89,21 @@ impl Metrics {
             .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
         )
         .unwrap();
+        let redis_round_trips = IntCounterVec::new(
+            Opts::new("wtc_redis_round_trips_total", "Redis round trips of batches and bulk reads, by op: batch_intents, batch_release, batch_store, bulk_get, bulk_leases, bulk_fills (a pipeline is one)."),
+            &["op"],
+        )
+        .unwrap();
+        for op in [
+            "batch_intents",
+            "batch_release",
+            "batch_store",
+            "bulk_get",
+            "bulk_leases",
+            "bulk_fills",
+        ] {
+            redis_round_trips.with_label_values(&[op]);
+        }
         let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
         let m = Metrics {
@@ -147,6 +164,7 @@ impl Metrics {
                 "wtc_requests_unauthorized_total",
                 "Requests answered 401: the API token was missing or wrong.",
             ),
+            redis_round_trips,
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
             writes: counter(
                 "wtc_write_operations_total",
@@ -169,6 +187,7 @@ impl Metrics {
             Box::new(m.requests_shed.clone()),
             Box::new(m.requests_waiting.clone()),
             Box::new(m.requests_unauthorized.clone()),
+            Box::new(m.redis_round_trips.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.writes.clone()),
         ] {
@@ -183,6 +202,11 @@ impl Metrics {
 
     pub fn write_done(&self) {
         self.writes.inc();
+    }
+
+    /// One Redis round trip of a batch or bulk read.
+    pub fn round_trip(&self, op: &str) {
+        self.redis_round_trips.with_label_values(&[op]).inc();
     }
 
     /// The text exposition, with the write ratio computed at scrape time.

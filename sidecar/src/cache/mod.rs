@@ -1,6 +1,7 @@
 //! Redis access for the protocol: entry and lease keys, the scripts, and a short "Redis is down"
 //! window so that reads go straight to the database instead of waiting on timeouts.
 
+pub mod bulk;
 pub mod scripts;
 
 use crate::envelope::Envelope;

@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod batch;
 mod faults;
 mod history;
 mod races;

@@ -1,0 +1,447 @@
+//! `POST /v1/batch` (one transaction, one Redis round trip for the cache steps) and
+//! `POST /v1/entities/{entity}/_bulk_get` (one MGET, one database read for all misses, fills
+//! under leases).
+
+use serde_json::{Value, json};
+use std::time::Instant;
+use wtc_tests::*;
+
+struct Setup {
+    pool: sqlx::PgPool,
+    redis: RedisServer,
+    sidecar: Sidecar,
+    table: String,
+}
+
+async fn setup() -> Setup {
+    let pool = pg().await;
+    let table = unique("batch");
+    create_table(&pool, &table).await;
+    let redis = RedisServer::start().await;
+    let sidecar = Fixture::new(&redis.url())
+        .entity("accounts", &table)
+        .with(|c| c.limits.max_batch_items = 150)
+        .start()
+        .await;
+    Setup {
+        pool,
+        redis,
+        sidecar,
+        table,
+    }
+}
+
+async fn batch(sc: &Sidecar, body: Value) -> Reply {
+    sc.send(sc.http.post(format!("{}/v1/batch", sc.base)).json(&body))
+        .await
+}
+
+async fn bulk_get(sc: &Sidecar, keys: &[&str]) -> Reply {
+    let url = format!("{}/v1/entities/accounts/_bulk_get", sc.base);
+    sc.send(sc.http.post(url).json(&json!({ "keys": keys })))
+        .await
+}
+
+/// `calls` of one command in Redis's `INFO commandstats` (0 when never called).
+async fn redis_calls(redis: &RedisServer, command: &str) -> u64 {
+    let mut c = redis.connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn round_trips(sc: &Sidecar, op: &str) -> f64 {
+    sc.metric(&format!("wtc_redis_round_trips_total{{op=\"{op}\"}}"))
+        .await
+}
+
+async fn row_count(pool: &sqlx::PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn lease_exists(redis: &RedisServer, key: &str) -> bool {
+    let mut c = redis.connection().await.unwrap();
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}:lease", entry_key("accounts", key)))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    n == 1
+}
+
+fn hundred_puts(bad: Option<(usize, Value)>) -> Value {
+    let writes: Vec<Value> = (0..100)
+        .map(|i| {
+            let mut w = json!({"entity": "accounts", "key": format!("b{i}"), "op": "put", "data": {"n": i}});
+            if let Some((at, patch)) = &bad
+                && *at == i
+            {
+                for (k, v) in patch.as_object().unwrap() {
+                    w[k] = v.clone();
+                }
+            }
+            w
+        })
+        .collect();
+    json!({ "writes": writes })
+}
+
+#[tokio::test]
+async fn a_batch_of_100_is_one_transaction_and_one_redis_round_trip() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    // Item 73's key exists already, at version v73 (and is cached).
+    let v73 = sc.put("accounts", "b73", json!({"n": -1})).await.version();
+
+    // A failed If-Match in item 73: nothing committed, nothing cached, no intent left behind.
+    let r = batch(
+        sc,
+        hundred_puts(Some((73, json!({"if_match": v73 + 1000})))),
+    )
+    .await;
+    assert_eq!(r.status, 412, "{}", r.raw);
+    assert_eq!(r.error_code(), "precondition_failed");
+    assert_eq!(r.body["error"]["item"], 73);
+    assert_eq!(r.body["error"]["current"], v73);
+    // A value the database refuses in item 73 (a bad type): the same.
+    let r = batch(
+        sc,
+        hundred_puts(Some((73, json!({"data": {"balance": "lots"}})))),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.raw);
+    assert_eq!(r.error_code(), "rejected_by_database");
+    assert_eq!(r.body["error"]["item"], 73);
+    // An unknown column in item 73 (caught before the database): the same code as a single PUT.
+    let r = batch(sc, hundred_puts(Some((73, json!({"data": {"nope": 1}}))))).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (422, "invalid_body"),
+        "{}",
+        r.raw
+    );
+    assert_eq!(r.body["error"]["item"], 73);
+    for i in 0..100 {
+        let key = format!("b{i}");
+        let want_db = (i == 73).then_some(v73);
+        assert_eq!(db_version(&s.pool, &s.table, &key).await, want_db, "{key}");
+        assert_eq!(
+            s.redis.cached_version("accounts", &key).await,
+            want_db,
+            "{key}"
+        );
+        assert!(
+            !lease_exists(&s.redis, &key).await,
+            "intent of {key} was given back"
+        );
+    }
+    assert_eq!(row_count(&s.pool, &s.table).await, 1);
+
+    // The same batch with the right If-Match: 100 writes, one transaction, and the cache steps of
+    // all 100 in one round trip. Counted: the sidecar's own count of its pipelines
+    // (wtc_redis_round_trips_total{op="batch_store"}: +1), and Redis's count of script calls
+    // (INFO commandstats, cmdstat_evalsha: +100, one STORE per write; no EVAL fallback).
+    let stores_before = round_trips(sc, "batch_store").await;
+    let intents_before = round_trips(sc, "batch_intents").await;
+    let evalsha_before = redis_calls(&s.redis, "evalsha").await;
+    let eval_before = redis_calls(&s.redis, "eval").await;
+    let started = Instant::now();
+    let r = batch(sc, hundred_puts(Some((73, json!({"if_match": v73}))))).await;
+    let batch_took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.cache.as_deref(), Some("ok"));
+    assert_eq!(r.body["cache"], "ok");
+    assert_eq!(round_trips(sc, "batch_store").await - stores_before, 1.0);
+    assert_eq!(round_trips(sc, "batch_intents").await - intents_before, 1.0);
+    assert_eq!(redis_calls(&s.redis, "evalsha").await - evalsha_before, 100);
+    assert_eq!(redis_calls(&s.redis, "eval").await, eval_before);
+    let results = r.body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 100);
+    for (i, res) in results.iter().enumerate() {
+        let key = format!("b{i}");
+        assert_eq!(res["key"], key.as_str());
+        assert_eq!(res["entity"], "accounts");
+        assert_eq!(res["status"], if i == 73 { 200 } else { 201 });
+        assert_eq!(res["deleted"], false);
+        let v = res["v"].as_i64().unwrap();
+        assert_eq!(res["envelope"]["v"], v);
+        assert_eq!(res["envelope"]["data"]["n"], i);
+        assert_eq!(db_version(&s.pool, &s.table, &key).await, Some(v));
+        assert_eq!(s.redis.cached_version("accounts", &key).await, Some(v));
+    }
+    // One transaction: every statement of it saw the same now().
+    let stamps: std::collections::HashSet<&str> = results
+        .iter()
+        .map(|r| r["envelope"]["written_at"].as_str().unwrap())
+        .collect();
+    assert_eq!(stamps.len(), 1, "one transaction, one now(): {stamps:?}");
+
+    // For the record: the same 100 writes one by one.
+    let started = Instant::now();
+    for i in 0..100 {
+        let w = sc.put("accounts", &format!("b{i}"), json!({"n": i})).await;
+        assert_eq!(w.status, 200);
+    }
+    let singles_took = started.elapsed();
+    eprintln!(
+        "batch of 100 writes: {:.1} ms; 100 single writes: {:.1} ms",
+        batch_took.as_secs_f64() * 1e3,
+        singles_took.as_secs_f64() * 1e3
+    );
+}
+
+#[tokio::test]
+async fn batch_answers_match_reads_and_invalidate_evicts() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    let x1 = sc
+        .put("accounts", "x1", json!({"owner": "A", "balance": 1}))
+        .await
+        .version();
+    sc.put("accounts", "x2", json!({"owner": "B"})).await;
+    let other = sc.put("accounts", "other", json!({"n": 5})).await.version();
+    assert_eq!(
+        s.redis.cached_version("accounts", "other").await,
+        Some(other)
+    );
+
+    let r = batch(
+        sc,
+        json!({
+            "writes": [
+                {"entity": "accounts", "key": "x1", "op": "put", "data": {"balance": 2}, "if_match": format!("\"{x1}\"")},
+                {"entity": "accounts", "key": "x2", "op": "delete"},
+                {"entity": "accounts", "key": "x3", "op": "put", "data": {"owner": "C"}},
+            ],
+            "invalidate": [{"entity": "accounts", "key": "other"}],
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.cache.as_deref(), Some("ok"));
+    let res = r.body["results"].as_array().unwrap();
+    assert_eq!(
+        res.iter().map(|x| x["status"].clone()).collect::<Vec<_>>(),
+        vec![json!(200), json!(200), json!(201)]
+    );
+    assert_eq!(res[1]["deleted"], true);
+    assert_eq!(res[1]["envelope"]["deleted"], true);
+
+    let g1 = sc.get("accounts", "x1").await;
+    assert_eq!((g1.status, g1.cache.as_deref()), (200, Some("hit")));
+    assert_eq!(g1.body, res[0]["envelope"]);
+    assert_eq!(g1.etag, res[0]["v"].as_i64());
+    assert_eq!(g1.body["data"]["owner"], "A", "columns not named are kept");
+    let g2 = sc.get("accounts", "x2").await;
+    assert_eq!((g2.status, g2.cache.as_deref()), (404, Some("hit")));
+    assert_eq!(g2.etag, res[1]["v"].as_i64());
+    let g3 = sc.get("accounts", "x3").await;
+    assert_eq!((g3.status, g3.cache.as_deref()), (200, Some("hit")));
+    assert_eq!(g3.body, res[2]["envelope"]);
+    assert_eq!(db_version(&s.pool, &s.table, "x2").await, None);
+
+    assert_eq!(s.redis.get(&entry_key("accounts", "other")).await, None);
+    let g = sc.get("accounts", "other").await;
+    assert_eq!(
+        (g.status, g.cache.as_deref(), g.etag),
+        (200, Some("miss"), Some(other))
+    );
+
+    // Bad batches: nothing written, the item named.
+    let before = row_count(&s.pool, &s.table).await;
+    let put = |key: &str| json!({"entity": "accounts", "key": key, "op": "put", "data": {"n": 1}});
+    let cases = [
+        (
+            json!({"writes": [put("y1"), {"entity": "nope", "key": "k", "op": "put", "data": {}}]}),
+            404,
+            "unknown_entity",
+            Some(1),
+        ),
+        (
+            json!({"writes": [put("y1"), put("y1")]}),
+            400,
+            "duplicate_key",
+            Some(1),
+        ),
+        (
+            json!({"writes": [put("y1"), {"entity": "accounts", "key": "gone", "op": "delete"}]}),
+            404,
+            "not_found",
+            Some(1),
+        ),
+        (
+            json!({"writes": [put("y1"), {"entity": "accounts", "key": "k", "op": "upsert"}]}),
+            400,
+            "invalid_op",
+            Some(1),
+        ),
+        (
+            json!({"writes": [put("y1"), {"entity": "accounts", "key": "", "op": "delete"}]}),
+            400,
+            "invalid_key",
+            Some(1),
+        ),
+        (
+            json!({"writes": (0..151).map(|i| put(&format!("z{i}"))).collect::<Vec<_>>()}),
+            413,
+            "batch_too_large",
+            None,
+        ),
+        (json!({"writes": {}}), 400, "invalid_body", None),
+    ];
+    for (body, status, code, item) in cases {
+        let r = batch(sc, body).await;
+        assert_eq!((r.status, r.error_code()), (status, code), "{}", r.raw);
+        assert_eq!(
+            r.body["error"]["item"].as_u64(),
+            item.map(|i| i as u64),
+            "{}",
+            r.raw
+        );
+    }
+    assert_eq!(row_count(&s.pool, &s.table).await, before);
+    assert_eq!(s.redis.get(&entry_key("accounts", "y1")).await, None);
+    let r = sc.send(sc.http.get(format!("{}/v1/batch", sc.base))).await;
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test]
+async fn bulk_get_reads_all_misses_in_one_query_and_fills_them() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    let mut v = std::collections::HashMap::new();
+    for k in ["a", "b", "c", "d", "f"] {
+        v.insert(
+            k,
+            sc.put("accounts", k, json!({"owner": k})).await.version(),
+        );
+    }
+    sc.delete("accounts", "f").await;
+    // c and d evicted; e only in the database (written around the sidecar, from its sequence).
+    s.redis.del(&entry_key("accounts", "c")).await;
+    s.redis.del(&entry_key("accounts", "d")).await;
+    let seq = format!("{}_version_wtc_seq", s.table);
+    let ve: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {} (id, owner, version) VALUES ('e', 'e', nextval('{seq}')) RETURNING version",
+        s.table
+    )))
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    v.insert("e", ve);
+
+    let keys = ["a", "c", "missing", "e", "b", "d", "f", "a"];
+    let reads_before = select_calls(&s.pool, &s.table).await;
+    let ops = ["bulk_get", "bulk_leases", "bulk_fills"];
+    let mut trips = vec![];
+    for op in ops {
+        trips.push(round_trips(sc, op).await);
+    }
+    let r = bulk_get(sc, &keys).await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.cache.as_deref(), Some("miss"));
+    assert_eq!(
+        select_calls(&s.pool, &s.table).await - reads_before,
+        1,
+        "one database read for c, missing, e and d"
+    );
+    let mut after = vec![];
+    for op in ops {
+        after.push(round_trips(sc, op).await);
+    }
+    assert_eq!(
+        after
+            .iter()
+            .zip(&trips)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        vec![1.0, 1.0, 1.0],
+        "one MGET, one lease pipeline, one fill pipeline"
+    );
+    let items = r.body["items"].as_array().unwrap();
+    let got: Vec<(String, i64, String)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["key"].as_str().unwrap().to_string(),
+                i["status"].as_i64().unwrap(),
+                i["cache"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, i64, String)> = [
+        ("a", 200, "hit"),
+        ("c", 200, "miss"),
+        ("missing", 404, "miss"),
+        ("e", 200, "miss"),
+        ("b", 200, "hit"),
+        ("d", 200, "miss"),
+        ("f", 404, "hit"),
+        ("a", 200, "hit"),
+    ]
+    .iter()
+    .map(|(k, st, c)| (k.to_string(), *st, c.to_string()))
+    .collect();
+    assert_eq!(got, want);
+    for item in items {
+        let key = item["key"].as_str().unwrap();
+        match v.get(key) {
+            Some(ver) if key != "f" => {
+                assert_eq!(item["envelope"]["v"], *ver, "{key}");
+                assert_eq!(item["envelope"]["data"]["owner"], key);
+            }
+            _ => assert_eq!(item["envelope"], Value::Null, "{key}"),
+        }
+    }
+    // The misses are cached now, at the database's versions; no lease is left behind.
+    for k in ["c", "d", "e"] {
+        assert_eq!(
+            s.redis.cached_version("accounts", k).await,
+            Some(v[k]),
+            "{k}"
+        );
+        assert!(!lease_exists(&s.redis, k).await, "{k}");
+    }
+    assert_eq!(s.redis.get(&entry_key("accounts", "missing")).await, None);
+    assert!(!lease_exists(&s.redis, "missing").await);
+
+    // Again: all from Redis, no database read.
+    let reads_before = select_calls(&s.pool, &s.table).await;
+    let r = bulk_get(sc, &["e", "d", "c", "a"]).await;
+    assert_eq!(
+        (r.status, r.cache.as_deref()),
+        (200, Some("hit")),
+        "{}",
+        r.raw
+    );
+    assert_eq!(select_calls(&s.pool, &s.table).await, reads_before);
+    assert_eq!(r.body["items"][0]["envelope"]["v"], v["e"]);
+
+    // Limits and bad input.
+    let many: Vec<String> = (0..151).map(|i| format!("k{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let r = bulk_get(sc, &many).await;
+    assert_eq!((r.status, r.error_code()), (413, "batch_too_large"));
+    let r = bulk_get(sc, &["ok", ""]).await;
+    assert_eq!((r.status, r.error_code()), (400, "invalid_key"));
+    assert_eq!(r.body["error"]["item"], 1);
+    let r = sc
+        .send(
+            sc.http
+                .post(format!("{}/v1/entities/nope/_bulk_get", sc.base))
+                .json(&json!({"keys": ["a"]})),
+        )
+        .await;
+    assert_eq!((r.status, r.error_code()), (404, "unknown_entity"));
+}
