@@ -18,6 +18,7 @@ use crate::cache::bulk::{LeaseEnd, StoreCall};
 use crate::cache::{CacheKey, FillOutcome};
 use crate::db::{BatchFailure, BatchOp, BatchStatement, BodyError, DbError, Table};
 use crate::envelope::Envelope;
+use crate::hooks;
 use crate::sidecar::{CacheStatus, ReadOutcome, Sidecar};
 use crate::write::new_token;
 use serde_json::{Map, Value};
@@ -163,6 +164,15 @@ impl Sidecar {
                 intent: intent.as_deref(),
             })
             .collect();
+        for w in &batch.writes {
+            self.hooks
+                .hold(
+                    hooks::WRITE_BEFORE_CACHE_STEP,
+                    self.entity_name(w.idx),
+                    &w.key,
+                )
+                .await;
+        }
         let status = self.batch_cache_step(&stores, &invalidate).await;
         for w in &batch.writes {
             let m = &self.metrics.entities[w.idx];
@@ -436,6 +446,13 @@ impl Sidecar {
                     self.end_leases(&ends).await;
                     return Err(e);
                 }
+            }
+        }
+        for &(i, _) in &won {
+            if matches!(read.get(&i), Some(Some(_))) {
+                self.hooks
+                    .hold(hooks::FILL_BEFORE_STORE, self.entity_name(idx), unique[i])
+                    .await;
             }
         }
         // Fill what this reader holds the lease of; give back the other leases.

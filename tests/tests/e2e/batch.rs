@@ -559,3 +559,85 @@ async fn batch_with_redis_paused_is_committed_then_repaired() {
         assert_eq!(item["envelope"]["v"], *v);
     }
 }
+
+/// A bulk reader read v1 from the database under its lease; a write of v2 is acknowledged and the
+/// key evicted before the bulk reader's fill pipeline: that fill must be refused (the write's
+/// intent revoked the lease), so no later read sees v1.
+#[tokio::test]
+async fn slow_bulk_filler_cannot_install_a_version_older_than_an_acknowledged_write() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    let v1 = sc.put("accounts", "k", json!({"n": 1})).await.version();
+    sc.put("accounts", "other", json!({"n": 1})).await;
+    s.redis.del(&entry_key("accounts", "k")).await;
+    s.redis.del(&entry_key("accounts", "other")).await;
+
+    let hold = sc.hold(FILL_BEFORE_STORE, "accounts", "k").await;
+    let req = sc
+        .http
+        .post(format!("{}/v1/entities/accounts/_bulk_get", sc.base))
+        .json(&json!({"keys": ["other", "k"]}));
+    let reader = tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() });
+    sc.wait_held(hold).await;
+    let w = sc.put("accounts", "k", json!({"n": 2})).await;
+    assert_eq!(w.cache.as_deref(), Some("ok"));
+    let v2 = w.version();
+    s.redis.del(&entry_key("accounts", "k")).await;
+    sc.release(hold).await;
+
+    let seen: Value = serde_json::from_str(&reader.await.unwrap()).unwrap();
+    assert_eq!(
+        seen["items"][1]["envelope"]["v"], v1,
+        "it began before the write"
+    );
+    assert_eq!(
+        s.redis.cached_version("accounts", "k").await,
+        None,
+        "the old fill was refused"
+    );
+    assert!(s.redis.cached_version("accounts", "other").await.is_some());
+    assert_eq!(sc.get("accounts", "k").await.version(), v2);
+    assert!(
+        sc.metrics()
+            .await
+            .contains("wtc_fills_total{entity=\"accounts\",outcome=\"lost_lease\"} 1")
+    );
+}
+
+/// A batch committed v1 and stalls before its cache step; a write of v2 is acknowledged; the key
+/// is evicted; the batch's STORE then finds an empty slot and its intent gone: skipped (the
+/// empty-slot rule), so no later read sees v1.
+#[tokio::test]
+async fn late_batch_cache_step_into_an_evicted_slot_is_skipped() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    let hold = sc.hold(WRITE_BEFORE_CACHE_STEP, "accounts", "k").await;
+    let req = sc
+        .http
+        .post(format!("{}/v1/batch", sc.base))
+        .json(&json!({"writes": [
+            {"entity": "accounts", "key": "j", "op": "put", "data": {"n": 1}},
+            {"entity": "accounts", "key": "k", "op": "put", "data": {"n": 1}},
+        ]}));
+    let writer = tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() });
+    sc.wait_held(hold).await;
+    let w = sc.put("accounts", "k", json!({"n": 2})).await;
+    assert_eq!(w.cache.as_deref(), Some("ok"));
+    let v2 = w.version();
+    s.redis.del(&entry_key("accounts", "k")).await;
+    sc.release(hold).await;
+
+    let done: Value = serde_json::from_str(&writer.await.unwrap()).unwrap();
+    assert_eq!(done["cache"], "ok");
+    assert!(done["results"][1]["v"].as_i64().unwrap() < v2);
+    assert_eq!(
+        s.redis.cached_version("accounts", "k").await,
+        None,
+        "skipped"
+    );
+    assert_eq!(
+        s.redis.cached_version("accounts", "j").await,
+        done["results"][0]["v"].as_i64()
+    );
+    assert_eq!(sc.get("accounts", "k").await.version(), v2);
+}
