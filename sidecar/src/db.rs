@@ -305,6 +305,9 @@ impl Database {
         &self,
         items: &[BatchStatement<'_>],
     ) -> Result<Vec<Committed>, BatchFailure> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
         let fail = |index: Option<usize>, error: DbError| BatchFailure::Db {
             index,
             error,

@@ -314,6 +314,21 @@ async fn batch_answers_match_reads_and_invalidate_evicts() {
     assert_eq!(s.redis.get(&entry_key("accounts", "y1")).await, None);
     let r = sc.send(sc.http.get(format!("{}/v1/batch", sc.base))).await;
     assert_eq!(r.status, 405);
+    // No writes, only evictions: nothing committed, the key evicted.
+    sc.put("accounts", "y2", json!({"n": 1})).await;
+    let r = batch(
+        sc,
+        json!({"writes": [], "invalidate": [{"entity": "accounts", "key": "y2"}]}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.cache.as_deref()),
+        (200, Some("ok")),
+        "{}",
+        r.raw
+    );
+    assert_eq!(r.body["results"], json!([]));
+    assert_eq!(s.redis.get(&entry_key("accounts", "y2")).await, None);
 }
 
 #[tokio::test]
