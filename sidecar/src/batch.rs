@@ -173,7 +173,11 @@ impl Sidecar {
                 )
                 .await;
         }
-        let status = self.batch_cache_step(&stores, &invalidate).await;
+        let status = if stores.is_empty() && invalidate.is_empty() {
+            CacheStatus::Ok
+        } else {
+            self.batch_cache_step(&stores, &invalidate).await
+        };
         for w in &batch.writes {
             let m = &self.metrics.entities[w.idx];
             match status {
