@@ -555,7 +555,7 @@ impl Report {
                     kind.name(),
                     b.throughput,
                     s.throughput,
-                    signed(s.throughput - b.throughput).trim_end_matches(".0"),
+                    format!("{:+.0}", s.throughput - b.throughput),
                     s.throughput / b.throughput.max(1e-9),
                     b.pcts_us[0],
                     b.pcts_us[2],
@@ -576,7 +576,7 @@ impl Report {
             w,
             "CPU time is utime + stime of all its threads from `/proc/<pid>/stat` across the phase, divided by \
              the phase's requests; memory is `VmRSS` from `/proc/<pid>/status`, sampled every 50 ms. RSS just after \
-             start: {}; idle after the warm-up: {}; at the end of the run: {}.\n",
+             start: {}; idle after the warm-up: {}; at the end of the run (after the herd's connections): {}.\n",
             mib(self.rss_start_kib),
             mib(self.rss_idle_kib),
             mib(self.rss_after_kib)
