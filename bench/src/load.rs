@@ -78,7 +78,7 @@ impl Plan {
     }
 }
 
-fn write_body(i: u64) -> String {
+pub fn write_body(i: u64) -> String {
     format!(
         "{{\"owner\":\"writer-{}\",\"balance\":{}.25}}",
         i % 97,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use wtc_config::{CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, SidecarConfig};
+use wtc_sidecar::batch::{Batch, BatchWrite, WriteOp};
 use wtc_sidecar::sidecar::{CacheStatus, Sidecar};
 
 /// When set, this binary is the sidecar: `--sidecar embedded` runs the sidecar's own entry point
@@ -340,6 +341,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         },
         cache: CacheConfig::default(),
         limits: Limits::default(),
+        sampler: Default::default(),
         entities: vec![Entity {
             name: entity.clone(),
             table: table.clone(),
@@ -722,8 +724,10 @@ impl Bench {
         }
         let mut batches = Vec::new();
         if opts.runs("batch") {
-            for t in [Target::InProcess, Target::Sidecar] {
-                batches.push(self.batches(t).await?);
+            for endpoint in [false, true] {
+                for t in [Target::InProcess, Target::Sidecar] {
+                    batches.push(self.batches(t, endpoint).await?);
+                }
             }
         }
         let rss_after = procfs::rss_kib(self.sidecar.pid);
@@ -854,9 +858,10 @@ impl Bench {
         Ok(h)
     }
 
-    /// `opts.batches` batches of 100 writes sent one after another on one connection (what a
-    /// client does until POST /v1/batch exists).
-    async fn batches(&mut self, target: Target) -> Result<Batches, String> {
+    /// `opts.batches` batches of 100 writes to distinct keys: with `endpoint`, one
+    /// `POST /v1/batch` (in-process: one `Sidecar::write_batch`); without, 100 single writes
+    /// sent one after another on one connection (in-process: 100 `Sidecar::put`).
+    async fn batches(&mut self, target: Target, endpoint: bool) -> Result<Batches, String> {
         let mut client = match target {
             Target::Sidecar => {
                 let mut all = std::mem::take(&mut self.http);
@@ -871,10 +876,20 @@ impl Bench {
         let mut bad = 0u64;
         let started = Instant::now();
         for b in 0..self.opts.batches as u64 {
+            let first = fastrand::u64(..self.write_keys);
+            let keys: Vec<String> = (0..100)
+                .map(|j| format!("w{}", (first + j) % self.write_keys))
+                .collect();
             let t0 = Instant::now();
-            for j in 0..100 {
-                if !load::exec(&mut client, &plan, b * 100 + j).await {
-                    bad += 1;
+            if endpoint {
+                if !self.one_batch(&mut client, &keys, b).await {
+                    bad += 100;
+                }
+            } else {
+                for j in 0..100 {
+                    if !load::exec(&mut client, &plan, b * 100 + j).await {
+                        bad += 1;
+                    }
                 }
             }
             times.push(t0.elapsed().as_nanos() as u64);
@@ -891,9 +906,58 @@ impl Bench {
             bad: 0,
             elapsed,
         };
-        let b = Batches::new(target, &run, bad);
+        let b = Batches::new(target, endpoint, &run, bad);
         log(&b.one_line());
         Ok(b)
+    }
+
+    /// One batch of a PUT per key; true when all of it was committed and cached.
+    async fn one_batch(&self, client: &mut Client, keys: &[String], b: u64) -> bool {
+        match client {
+            Client::Http(conn) => {
+                let mut body = String::from("{\"writes\":[");
+                for (j, k) in keys.iter().enumerate() {
+                    if j > 0 {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(
+                        "{{\"entity\":\"{}\",\"key\":\"{k}\",\"op\":\"put\",\"data\":{}}}",
+                        self.entity,
+                        load::write_body(b * 100 + j as u64)
+                    ));
+                }
+                body.push_str("]}");
+                matches!(
+                    conn.request("POST", "/v1/batch", Some(body.as_bytes())).await,
+                    Ok(r) if r.status == 200 && r.body_len > 0
+                )
+            }
+            Client::InProcess(sc) => {
+                // What the HTTP handler hands to the library: each item's body parsed from text.
+                let mut writes = Vec::with_capacity(keys.len());
+                for (j, k) in keys.iter().enumerate() {
+                    let raw = load::write_body(b * 100 + j as u64);
+                    let Ok(body) = serde_json::from_str(&raw) else {
+                        return false;
+                    };
+                    writes.push(BatchWrite {
+                        idx: 0,
+                        key: k.clone(),
+                        op: WriteOp::Put { body, raw },
+                        if_match: None,
+                    });
+                }
+                let batch = Batch {
+                    writes,
+                    invalidate: Vec::new(),
+                };
+                matches!(
+                    sc.write_batch(&batch).await,
+                    Ok(o) if o.status == CacheStatus::Ok && o.results.len() == keys.len()
+                )
+            }
+            _ => false,
+        }
     }
 
     async fn machine(&mut self, load_before: String) -> Machine {
