@@ -27,6 +27,8 @@ pub struct SidecarConfig {
     pub cache: CacheConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub sampler: SamplerConfig,
     pub entities: Vec<Entity>,
 }
 
@@ -95,6 +97,34 @@ pub struct Limits {
     pub max_queue_wait_ms: u64,
     /// Most writes in one `POST /v1/batch`, and most keys in one bulk read; more get `413`.
     pub max_batch_items: usize,
+}
+
+/// The consistency sampler: a share of committed writes is checked, after a grace period, by
+/// comparing the cached envelope with the database row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplerConfig {
+    pub enabled: bool,
+    /// Share of committed writes whose key is checked, 0 to 1.
+    pub sample_rate: f64,
+    /// How long after the write the key is checked (longer than a normal cache step).
+    pub grace_ms: u64,
+    /// How often the sampler checks the keys that are due.
+    pub interval_ms: u64,
+    /// Window of the write ratio (`wtc_write_ratio`), in seconds.
+    pub write_ratio_window_seconds: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sample_rate: 0.01,
+            grace_ms: 1_000,
+            interval_ms: 1_000,
+            write_ratio_window_seconds: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -324,6 +354,16 @@ impl SidecarConfig {
         if self.limits.max_batch_items == 0 {
             return invalid("limits.max_batch_items must be at least 1".into());
         }
+        let sampler = &self.sampler;
+        if !(0.0..=1.0).contains(&sampler.sample_rate) {
+            return invalid("sampler.sample_rate must be between 0 and 1".into());
+        }
+        if sampler.interval_ms == 0 {
+            return invalid("sampler.interval_ms must be at least 1".into());
+        }
+        if sampler.write_ratio_window_seconds == 0 || sampler.write_ratio_window_seconds > 3_600 {
+            return invalid("sampler.write_ratio_window_seconds must be 1 to 3600".into());
+        }
         Ok(())
     }
 }
@@ -363,6 +403,8 @@ mod tests {
             (256, 50)
         );
         assert_eq!(c.limits.max_batch_items, 1_000);
+        assert_eq!(c.sampler, SamplerConfig::default());
+        assert!(c.sampler.enabled);
     }
 
     #[test]
@@ -386,6 +428,22 @@ mod tests {
         let text = format!("{MINIMAL}\n[limits]\nmax_batch_items = 7");
         let c = SidecarConfig::parse(&text, &Overrides::default()).unwrap();
         assert_eq!(c.limits.max_batch_items, 7);
+        let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
+        assert_eq!(c, again);
+        let text = format!(
+            "{MINIMAL}\n[sampler]\nenabled = false\nsample_rate = 0.5\ngrace_ms = 20\ninterval_ms = 30\nwrite_ratio_window_seconds = 10"
+        );
+        let c = SidecarConfig::parse(&text, &Overrides::default()).unwrap();
+        assert_eq!(
+            c.sampler,
+            SamplerConfig {
+                enabled: false,
+                sample_rate: 0.5,
+                grace_ms: 20,
+                interval_ms: 30,
+                write_ratio_window_seconds: 10,
+            }
+        );
         let again = SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap();
         assert_eq!(c, again);
     }
@@ -465,6 +523,18 @@ mod tests {
             (
                 format!("api_token_file = \"\"\n{MINIMAL}"),
                 "api_token_file",
+            ),
+            (
+                format!("{MINIMAL}\n[sampler]\nsample_rate = 1.5"),
+                "sampler.sample_rate",
+            ),
+            (
+                format!("{MINIMAL}\n[sampler]\ninterval_ms = 0"),
+                "sampler.interval_ms",
+            ),
+            (
+                format!("{MINIMAL}\n[sampler]\nwrite_ratio_window_seconds = 0"),
+                "write_ratio_window_seconds",
             ),
         ];
         for (text, expected) in cases {

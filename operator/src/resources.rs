@@ -78,6 +78,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
             ..CacheConfig::default()
         },
         limits: Limits::default(),
+        sampler: Default::default(),
         entities: spec
             .entities
             .iter()

@@ -181,7 +181,10 @@ impl Sidecar {
         for w in &batch.writes {
             let m = &self.metrics.entities[w.idx];
             match status {
-                CacheStatus::Ok => m.write_ok.inc(),
+                CacheStatus::Ok => {
+                    m.write_ok.inc();
+                    self.sampler.record(w.idx, &w.key);
+                }
                 _ => m.write_repairing.inc(),
             }
         }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod read;
 pub mod repair;
 pub mod run;
+pub mod sampler;
 pub mod sidecar;
 pub mod write;
 

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub requests_unauthorized: IntCounter,
     /// Redis round trips of batches and bulk reads, by `op` (one per pipeline).
     pub redis_round_trips: IntCounterVec,
+    pub sampler_checked: IntCounter,
+    pub sampler_inconsistent: IntCounter,
+    pub sampler_oldest_inconsistency: Gauge,
+    pub sampler_queued: IntGauge,
     reads: IntCounter,
     writes: IntCounter,
 }
@@ -165,6 +169,23 @@ impl Metrics {
                 "Requests answered 401: the API token was missing or wrong.",
             ),
             redis_round_trips,
+            sampler_checked: counter(
+                "wtc_sampler_checked_total",
+                "Sampled writes whose key the consistency sampler compared with the database.",
+            ),
+            sampler_inconsistent: counter(
+                "wtc_sampler_inconsistent_total",
+                "Keys whose cached envelope differed from the database (version or data), confirmed on a second look.",
+            ),
+            sampler_oldest_inconsistency: Gauge::new(
+                "wtc_sampler_oldest_inconsistency_seconds",
+                "Age of the oldest inconsistency the sampler still observes (0: none).",
+            )
+            .unwrap(),
+            sampler_queued: gauge(
+                "wtc_sampler_queued",
+                "Sampled keys waiting for their check (or second look).",
+            ),
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
             writes: counter(
                 "wtc_write_operations_total",
@@ -188,6 +209,10 @@ impl Metrics {
             Box::new(m.requests_waiting.clone()),
             Box::new(m.requests_unauthorized.clone()),
             Box::new(m.redis_round_trips.clone()),
+            Box::new(m.sampler_checked.clone()),
+            Box::new(m.sampler_inconsistent.clone()),
+            Box::new(m.sampler_oldest_inconsistency.clone()),
+            Box::new(m.sampler_queued.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.writes.clone()),
         ] {

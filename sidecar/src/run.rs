@@ -113,6 +113,7 @@ pub async fn serve(config: SidecarConfig) -> Result<(), String> {
         tracing::warn!("built with test hold points: not for production");
     }
     sc.spawn_repair_loop();
+    sc.spawn_sampler();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

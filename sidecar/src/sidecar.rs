@@ -11,6 +11,7 @@ use crate::hooks::Hooks;
 use crate::metrics::Metrics;
 use crate::read::Flights;
 use crate::repair::RepairQueue;
+use crate::sampler::Sampler;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,8 @@ pub struct Sidecar {
     pub admission: Admission,
     /// When set, requests other than health checks need `Authorization: Bearer <token>`.
     pub api_token: Option<ApiToken>,
+    /// The consistency sampler (`sampler`).
+    pub sampler: Sampler,
 }
 
 /// What the cache did for a request, reported in `X-Wtc-Cache`.
@@ -120,6 +123,7 @@ impl Sidecar {
                 Duration::from_millis(config.limits.max_queue_wait_ms),
             ),
             api_token: None,
+            sampler: Sampler::new(&config.sampler),
             config,
         })
     }

@@ -188,6 +188,7 @@ impl Sidecar {
             .observe(started.elapsed().as_secs_f64());
         if stored {
             m.write_ok.inc();
+            self.sampler.record(idx, key);
             CacheStatus::Ok
         } else {
             m.write_repairing.inc();

@@ -257,6 +257,10 @@ impl Fixture {
                 },
                 cache: CacheConfig::default(),
                 limits: Limits::default(),
+                sampler: wtc_config::SamplerConfig {
+                    enabled: false,
+                    ..Default::default()
+                },
                 entities: vec![],
             },
             env: vec![],

@@ -8,4 +8,5 @@ mod faults;
 mod history;
 mod races;
 mod read_your_writes;
+mod sampler;
 mod shedding;
