@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use wtc_config::{CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, SidecarConfig};
+use wtc_config::{Overrides, SidecarConfig};
 use wtc_sidecar::batch::{Batch, BatchWrite, WriteOp};
 use wtc_sidecar::sidecar::{CacheStatus, Sidecar};
 
@@ -326,30 +326,19 @@ async fn run(opts: Opts) -> Result<(), String> {
     ));
     create_table(&pg, &table, hot_keys, write_keys, cold_rows).await?;
 
-    let config = SidecarConfig {
-        listen: "127.0.0.1:0".into(),
-        api_token_file: None,
-        database: DatabaseConfig {
-            url: db_url,
-            pool_size: 8,
-            statement_timeout_ms: 5_000,
-        },
-        redis: RedisConfig {
-            url: redis_url,
-            connect_timeout_ms: 500,
-            response_timeout_ms: 250,
-        },
-        cache: CacheConfig::default(),
-        limits: Limits::default(),
-        sampler: Default::default(),
-        entities: vec![Entity {
-            name: entity.clone(),
-            table: table.clone(),
-            key_column: "id".into(),
-            version_column: "version".into(),
-            ttl_seconds: 300,
-        }],
-    };
+    // Parsed from TOML like the sidecar's own file: every setting not named here keeps the
+    // sidecar's default, also settings added later.
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\n\
+         [database]\nurl = {}\npool_size = 8\nstatement_timeout_ms = 5000\n\
+         [redis]\nurl = {}\nconnect_timeout_ms = 500\nresponse_timeout_ms = 250\n\
+         [[entities]]\nname = \"{entity}\"\ntable = \"{table}\"\nkey_column = \"id\"\n\
+         version_column = \"version\"\nttl_seconds = 300\n",
+        toml_string(&db_url),
+        toml_string(&redis_url),
+    );
+    let config = SidecarConfig::parse(&toml, &Overrides::default())
+        .map_err(|e| format!("the sidecar configuration: {e}"))?;
     let inproc = Arc::new(Sidecar::new(config.clone())?);
     let sidecar =
         SidecarProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
@@ -383,6 +372,21 @@ async fn run(opts: Opts) -> Result<(), String> {
     let result = b.measure_all(rss_start, load_before, started).await;
     b.cleanup().await;
     result
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn peak_miss_budget(secs: f64) -> u64 {
