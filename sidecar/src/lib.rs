@@ -21,5 +21,6 @@ pub mod run;
 pub mod sampler;
 pub mod sidecar;
 pub mod write;
+pub mod write_ratio;
 
 pub use run::main_entry;

@@ -1,10 +1,12 @@
 //! Prometheus metrics (`wtc_` prefix, base units). Label handles for each entity are resolved once
 //! at startup so the hot path only bumps atomics.
 
+use crate::write_ratio::WriteRatio;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
 };
+use std::time::Instant;
 
 /// Handles for one entity.
 pub struct EntityMetrics {
@@ -46,6 +48,9 @@ pub struct Metrics {
     pub sampler_queued: IntGauge,
     reads: IntCounter,
     writes: IntCounter,
+    /// Writes / all operations over a sliding window (`wtc_write_ratio`).
+    pub write_ratio: WriteRatio,
+    started: Instant,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -191,6 +196,8 @@ impl Metrics {
                 "wtc_write_operations_total",
                 "Writes attempted (all outcomes).",
             ),
+            write_ratio: WriteRatio::new(60),
+            started: Instant::now(),
         };
         for c in [
             Box::new(lookups) as Box<dyn prometheus::core::Collector>,
@@ -223,10 +230,17 @@ impl Metrics {
 
     pub fn read_done(&self) {
         self.reads.inc();
+        self.write_ratio.record(self.second(), false);
     }
 
     pub fn write_done(&self) {
         self.writes.inc();
+        self.write_ratio.record(self.second(), true);
+    }
+
+    /// Whole seconds since the metrics were made: the write ratio's clock.
+    pub fn second(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     /// One Redis round trip of a batch or bulk read.
@@ -234,22 +248,15 @@ impl Metrics {
         self.redis_round_trips.with_label_values(&[op]).inc();
     }
 
-    /// The text exposition, with the write ratio computed at scrape time.
+    /// The text exposition, with the write ratio of the window computed at scrape time.
     pub fn render(&self) -> String {
         let mut families = self.registry.gather();
-        let reads = self.reads.get() as f64;
-        let writes = self.writes.get() as f64;
-        let ratio = if reads + writes > 0.0 {
-            writes / (reads + writes)
-        } else {
-            0.0
-        };
         let g = Gauge::new(
             "wtc_write_ratio",
-            "Writes / all operations since start. Above 0.2-0.3, write-behind may serve better.",
+            "Writes / all operations over the last sampler.write_ratio_window_seconds. Above 0.2-0.3, write-behind may serve better.",
         )
         .unwrap();
-        g.set(ratio);
+        g.set(self.write_ratio.ratio(self.second()));
         families.extend(prometheus::core::Collector::collect(&g));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();

@@ -114,6 +114,7 @@ pub async fn serve(config: SidecarConfig) -> Result<(), String> {
     }
     sc.spawn_repair_loop();
     sc.spawn_sampler();
+    sc.spawn_write_ratio_watch();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -102,7 +102,9 @@ impl Sidecar {
         )
         .map_err(|_| "redis.url is not a valid Redis URL".to_string())?;
         let names: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
-        let metrics = Metrics::new(&names);
+        let mut metrics = Metrics::new(&names);
+        metrics.write_ratio =
+            crate::write_ratio::WriteRatio::new(config.sampler.write_ratio_window_seconds);
         let entity_index = config
             .entities
             .iter()
@@ -140,6 +142,29 @@ impl Sidecar {
 
     pub fn entity_name(&self, idx: usize) -> &str {
         &self.config.entities[idx].name
+    }
+
+    /// Once a second: warns (at most once a minute) while the write ratio has stayed above
+    /// `write_ratio::WARN_ABOVE` for a whole window.
+    pub fn spawn_write_ratio_watch(self: &Arc<Self>) {
+        let sc = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let w = &sc.metrics.write_ratio;
+                if let Some(ratio) = w.tick(sc.metrics.second()) {
+                    tracing::warn!(
+                        write_ratio = format!("{ratio:.2}"),
+                        window_seconds = w.window_seconds(),
+                        "writes have been over {:.0}% of all operations for the whole window: \
+                         write-behind may serve this workload better than write-through",
+                        crate::write_ratio::WARN_ABOVE * 100.0
+                    );
+                }
+            }
+        });
     }
 
     /// Keeps draining the repair queue until the process ends.
