@@ -77,6 +77,16 @@ where
                 r
             });
         }
+        "/openapi.json" => {
+            return only_get(&method).unwrap_or_else(|| {
+                let mut r = Response::new(OPENAPI.into());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            });
+        }
         _ => {}
     }
     #[cfg(feature = "test-hooks")]
@@ -202,6 +212,9 @@ where
         }
     }
 }
+
+/// The OpenAPI 3 document of this API, served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// `POST /v1/entities/{entity}/_bulk_get` reads many keys (`GET` of that path is the key
 /// `_bulk_get`).
