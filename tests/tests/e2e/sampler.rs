@@ -86,7 +86,9 @@ async fn sampler_reports_nothing_on_a_clean_run_of_many_writes() {
     let table = unique("sampler_clean");
     create_table(&pool, &table).await;
     let redis = RedisServer::start().await;
-    let sc = start(&redis, &table, 200).await;
+    // Longer than any cache step of a loaded test machine: a write between commit and cache step
+    // must not look like an inconsistency.
+    let sc = start(&redis, &table, 500).await;
 
     let writes = 400;
     let mut tasks = Vec::new();
