@@ -722,6 +722,14 @@ impl Bench {
         }
         let mut herds = Vec::new();
         if opts.runs("herd") {
+            // The sidecar's consistency sampler checks a share of the writes above against the
+            // database after `grace_ms`: let it finish, or its queries would count as herd reads.
+            let sampler = &self.inproc.config.sampler;
+            if sampler.sample_rate > 0.0 {
+                let wait = 2 * (sampler.grace_ms + sampler.interval_ms);
+                log(&format!("waiting {wait} ms for the consistency sampler"));
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
             for t in [Target::InProcess, Target::Sidecar] {
                 herds.push(self.herd(t).await?);
             }
