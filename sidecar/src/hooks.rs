@@ -10,7 +10,9 @@ pub const WRITE_BEFORE_CACHE_STEP: &str = "write.before_cache_step";
 
 #[cfg(not(feature = "test-hooks"))]
 #[derive(Default)]
-pub struct Hooks;
+pub struct Hooks {
+    _none: (),
+}
 
 #[cfg(not(feature = "test-hooks"))]
 impl Hooks {
