@@ -293,36 +293,17 @@ impl Sidecar {
     /// Every `STORE` and eviction in one round trip, retried as a whole within the budget.
     async fn batch_cache_step(&self, stores: &[StoreCall<'_>], evict: &[CacheKey]) -> CacheStatus {
         let evict: Vec<&CacheKey> = evict.iter().collect();
-        let budget = &self.config.cache.retry;
-        let started = Instant::now();
-        let mut attempt = 0u32;
-        let stored = loop {
-            if self.cache.is_up() {
-                self.metrics.round_trip("batch_store");
-            }
-            match self.cache.store_many(stores, &evict).await {
-                Ok(_) => break true,
-                Err(_) => {
-                    self.metrics.redis_errors.inc();
-                    if attempt >= budget.retries || !self.cache.is_up() {
-                        break false;
-                    }
-                    attempt += 1;
-                    self.metrics.cache_step_retries.inc();
-                    let cap = budget
-                        .max_delay_ms
-                        .min(budget.base_delay_ms.saturating_mul(1 << attempt.min(20)));
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
+        let stored = self
+            .cache_step_with_retries(|| {
+                if self.cache.is_up() {
+                    self.metrics.round_trip("batch_store");
                 }
-            }
-        };
-        self.metrics
-            .cache_step
-            .observe(started.elapsed().as_secs_f64());
+                self.cache.store_many(stores, &evict)
+            })
+            .await;
         if stored {
             CacheStatus::Ok
         } else {
-            self.metrics.cache_step_failures.inc();
             CacheStatus::Repairing
         }
     }

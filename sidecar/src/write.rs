@@ -7,7 +7,7 @@
 //!    backoff and full jitter within the configured budget.
 //! 4. Still failing: the key goes to the repair queue and the answer says `repairing`.
 
-use crate::cache::{CacheKey, StoreOutcome};
+use crate::cache::CacheKey;
 use crate::db::{Committed, Precondition};
 use crate::envelope::Envelope;
 use crate::hooks;
@@ -161,14 +161,34 @@ impl Sidecar {
             .hold(hooks::WRITE_BEFORE_CACHE_STEP, self.entity_name(idx), key)
             .await;
         let m = &self.metrics.entities[idx];
+        let stored = self
+            .cache_step_with_retries(|| self.cache.store(ck, envelope, ttl, intent))
+            .await;
+        if stored {
+            m.write_ok.inc();
+            self.sampler.record(idx, key);
+            CacheStatus::Ok
+        } else {
+            m.write_repairing.inc();
+            self.repair.push(ck, &self.metrics);
+            CacheStatus::Repairing
+        }
+    }
+
+    /// Runs a cache step within the retry budget: exponential backoff with full jitter, no
+    /// retries while Redis is marked down. True when it went through; latency and failures go to
+    /// the metrics. Shared by single writes and batches.
+    pub(crate) async fn cache_step_with_retries<T, F, Fut>(&self, mut step: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::cache::CacheError>>,
+    {
         let budget = &self.config.cache.retry;
         let started = Instant::now();
         let mut attempt = 0u32;
-        let stored = loop {
-            match self.cache.store(ck, envelope, ttl, intent).await {
-                Ok(StoreOutcome::Stored | StoreOutcome::Stale | StoreOutcome::Skipped) => {
-                    break true;
-                }
+        let ok = loop {
+            match step().await {
+                Ok(_) => break true,
                 Err(_) => {
                     self.metrics.redis_errors.inc();
                     if attempt >= budget.retries || !self.cache.is_up() {
@@ -186,16 +206,10 @@ impl Sidecar {
         self.metrics
             .cache_step
             .observe(started.elapsed().as_secs_f64());
-        if stored {
-            m.write_ok.inc();
-            self.sampler.record(idx, key);
-            CacheStatus::Ok
-        } else {
-            m.write_repairing.inc();
+        if !ok {
             self.metrics.cache_step_failures.inc();
-            self.repair.push(ck, &self.metrics);
-            CacheStatus::Repairing
         }
+        ok
     }
 }
 
