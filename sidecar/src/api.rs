@@ -231,8 +231,8 @@ fn only_post(method: &Method) -> Response {
     r
 }
 
-/// A key given in a JSON body (not percent-encoded): the rules of `parse_key`.
-fn check_body_key(key: &str, max_bytes: usize) -> Result<(), String> {
+/// The rules every key follows, from a URL (after decoding) or a JSON body.
+fn check_key(key: &str, max_bytes: usize) -> Result<(), String> {
     if key.is_empty() {
         return Err("the key is empty".into());
     }
@@ -373,7 +373,7 @@ fn entity_and_key(
             ));
         }
     };
-    if let Err(msg) = check_body_key(&key, sc.config.limits.max_key_bytes) {
+    if let Err(msg) = check_key(&key, sc.config.limits.max_key_bytes) {
         return Err(item_error(StatusCode::BAD_REQUEST, "invalid_key", i, msg));
     }
     Ok((idx, key))
@@ -551,7 +551,7 @@ fn parse_bulk_keys(sc: &Sidecar, raw: &[u8]) -> Result<Vec<String>, Response> {
                     ));
                 }
             };
-            check_body_key(&key, sc.config.limits.max_key_bytes)
+            check_key(&key, sc.config.limits.max_key_bytes)
                 .map_err(|msg| item_error(StatusCode::BAD_REQUEST, "invalid_key", i, msg))?;
             Ok(key)
         })
@@ -649,18 +649,7 @@ fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
     let key = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| "the key is not valid UTF-8 once percent-decoded".to_string())?;
-    if key.is_empty() {
-        return Err("the key is empty".into());
-    }
-    if key.len() > max_bytes {
-        return Err(format!(
-            "the key is {} bytes long; the limit is {max_bytes}",
-            key.len()
-        ));
-    }
-    if key.chars().any(char::is_control) {
-        return Err("the key contains control characters".into());
-    }
+    check_key(&key, max_bytes)?;
     Ok(key.into_owned())
 }
 
