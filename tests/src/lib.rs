@@ -192,6 +192,16 @@ impl RedisServer {
             .unwrap()
     }
 
+    pub async fn set(&self, key: &str, value: &str) {
+        let mut c = self.connection().await.unwrap();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+
     pub async fn del(&self, key: &str) {
         let mut c = self.connection().await.unwrap();
         redis::cmd("DEL")
@@ -230,6 +240,32 @@ pub fn signal(pid: u32, sig: &str) {
 /// The Redis key of an entry, as the sidecar names it.
 pub fn entry_key(entity: &str, key: &str) -> String {
     wtc_sidecar::cache::CacheKey::new(entity, key).entry
+}
+
+/// What most suites start from: a table of their own (named after `prefix`) on the shared
+/// PostgreSQL, and a redis-server of their own.
+pub struct TestBed {
+    pub pool: PgPool,
+    pub redis: RedisServer,
+    pub table: String,
+}
+
+impl TestBed {
+    pub async fn new(prefix: &str) -> Self {
+        let pool = pg().await;
+        let table = unique(prefix);
+        create_table(&pool, &table).await;
+        Self {
+            pool,
+            redis: RedisServer::start().await,
+            table,
+        }
+    }
+
+    /// A sidecar configuration serving the table as entity `accounts` on this Redis.
+    pub fn fixture(&self) -> Fixture {
+        Fixture::new(&self.redis.url()).entity("accounts", &self.table)
+    }
 }
 
 /// Builder for a sidecar configuration; fixtures start from `Fixture::new(redis)`.

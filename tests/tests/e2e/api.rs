@@ -11,10 +11,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let pool = pg().await;
-    let table = unique("api");
-    create_table(&pool, &table).await;
-    let redis = RedisServer::start().await;
+    let TestBed { pool, redis, table } = TestBed::new("api").await;
     let sidecar = Fixture::new(&redis.url())
         .entity("accounts", &table)
         .with(|c| c.limits.max_body_bytes = 4096)

@@ -6,25 +6,15 @@ use wtc_tests::*;
 const TOKEN: &str = "tok-3f9a1c77e2b54d0a";
 
 struct Setup {
-    _redis: RedisServer,
-    table: String,
-    redis_url: String,
+    bed: TestBed,
     dir: std::path::PathBuf,
 }
 
 async fn setup() -> Setup {
-    let pool = pg().await;
-    let table = unique("auth");
-    create_table(&pool, &table).await;
-    let redis = RedisServer::start().await;
+    let bed = TestBed::new("auth").await;
     let dir = std::env::temp_dir().join("wtc-tests").join(unique("token"));
     std::fs::create_dir_all(&dir).unwrap();
-    Setup {
-        redis_url: redis.url(),
-        _redis: redis,
-        table,
-        dir,
-    }
+    Setup { bed, dir }
 }
 
 impl Setup {
@@ -35,7 +25,7 @@ impl Setup {
     }
 
     fn fixture(&self) -> Fixture {
-        Fixture::new(&self.redis_url).entity("accounts", &self.table)
+        self.bed.fixture()
     }
 }
 

@@ -14,10 +14,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let pool = pg().await;
-    let table = unique("batch");
-    create_table(&pool, &table).await;
-    let redis = RedisServer::start().await;
+    let TestBed { pool, redis, table } = TestBed::new("batch").await;
     let sidecar = Fixture::new(&redis.url())
         .entity("accounts", &table)
         .with(|c| c.limits.max_batch_items = 150)

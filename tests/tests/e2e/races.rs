@@ -3,30 +3,8 @@
 use serde_json::json;
 use wtc_tests::*;
 
-struct Setup {
-    pool: sqlx::PgPool,
-    redis: RedisServer,
-    table: String,
-}
-
-async fn setup() -> Setup {
-    let pool = pg().await;
-    let table = unique("race");
-    create_table(&pool, &table).await;
-    Setup {
-        pool,
-        redis: RedisServer::start().await,
-        table,
-    }
-}
-
-impl Setup {
-    async fn sidecar(&self) -> Sidecar {
-        Fixture::new(&self.redis.url())
-            .entity("accounts", &self.table)
-            .start()
-            .await
-    }
+async fn setup() -> TestBed {
+    TestBed::new("race").await
 }
 
 /// Reader reads v1 from the database, a write of v2 is acknowledged, the key is evicted, the
@@ -34,7 +12,7 @@ impl Setup {
 #[tokio::test]
 async fn slow_filler_cannot_install_a_version_older_than_an_acknowledged_write() {
     let s = setup().await;
-    let sc = s.sidecar().await;
+    let sc = s.fixture().start().await;
     let v1 = sc.put("accounts", "k", json!({"n": 1})).await.version();
     s.redis.del(&entry_key("accounts", "k")).await;
 
@@ -74,7 +52,7 @@ async fn slow_filler_cannot_install_a_version_older_than_an_acknowledged_write()
 #[tokio::test]
 async fn late_cache_step_after_a_newer_write_is_rejected() {
     let s = setup().await;
-    let sc = s.sidecar().await;
+    let sc = s.fixture().start().await;
     sc.put("accounts", "k", json!({"n": 0})).await;
     let (a, v_b) = late_writer(&sc, async {
         let b = sc.put("accounts", "k", json!({"n": 2})).await;
@@ -96,7 +74,7 @@ async fn late_cache_step_after_a_newer_write_is_rejected() {
 #[tokio::test]
 async fn late_cache_step_after_a_delete_does_not_resurrect_the_row() {
     let s = setup().await;
-    let sc = s.sidecar().await;
+    let sc = s.fixture().start().await;
     sc.put("accounts", "k", json!({"n": 0})).await;
     let (_a, v_d) = late_writer(&sc, async {
         let d = sc.delete("accounts", "k").await;
@@ -115,7 +93,7 @@ async fn late_cache_step_after_a_delete_does_not_resurrect_the_row() {
 #[tokio::test]
 async fn late_cache_step_into_an_evicted_slot_is_skipped() {
     let s = setup().await;
-    let sc = s.sidecar().await;
+    let sc = s.fixture().start().await;
     sc.put("accounts", "k", json!({"n": 0})).await;
     let (a, v_b) = late_writer(&sc, async {
         let v = sc.put("accounts", "k", json!({"n": 2})).await.version();

@@ -4,40 +4,8 @@
 use serde_json::json;
 use wtc_tests::*;
 
-struct Setup {
-    pool: sqlx::PgPool,
-    redis: RedisServer,
-    table: String,
-}
-
-async fn setup() -> Setup {
-    let pool = pg().await;
-    let table = unique("ryw");
-    create_table(&pool, &table).await;
-    Setup {
-        pool,
-        redis: RedisServer::start().await,
-        table,
-    }
-}
-
-impl Setup {
-    async fn sidecar(&self) -> Sidecar {
-        Fixture::new(&self.redis.url())
-            .entity("accounts", &self.table)
-            .start()
-            .await
-    }
-
-    async fn set(&self, key: &str, value: &str) {
-        let mut c = self.redis.connection().await.unwrap();
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query_async::<()>(&mut c)
-            .await
-            .unwrap();
-    }
+async fn setup() -> TestBed {
+    TestBed::new("ryw").await
 }
 
 async fn get_min(sc: &Sidecar, key: &str, min: &str) -> Reply {
@@ -56,12 +24,12 @@ async fn get_min(sc: &Sidecar, key: &str, min: &str) -> Reply {
 #[tokio::test]
 async fn read_your_writes_across_two_sidecars_with_the_cache_behind() {
     let s = setup().await;
-    let (a, b) = (s.sidecar().await, s.sidecar().await);
+    let (a, b) = (s.fixture().start().await, s.fixture().start().await);
     let first = a.put("accounts", "k", json!({"n": 1})).await;
     let v1 = first.version();
     let v2 = a.put("accounts", "k", json!({"n": 2})).await.version();
     assert!(v2 > v1);
-    s.set(&entry_key("accounts", "k"), &first.raw).await;
+    s.redis.set(&entry_key("accounts", "k"), &first.raw).await;
 
     let plain = b.get("accounts", "k").await;
     assert_eq!(
@@ -109,13 +77,13 @@ async fn read_your_writes_across_two_sidecars_with_the_cache_behind() {
 #[tokio::test]
 async fn min_version_read_waiting_on_another_filler_never_takes_the_older_entry() {
     let s = setup().await;
-    let (a, b) = (s.sidecar().await, s.sidecar().await);
+    let (a, b) = (s.fixture().start().await, s.fixture().start().await);
     let first = a.put("accounts", "k", json!({"n": 1})).await;
     let v2 = a.put("accounts", "k", json!({"n": 2})).await.version();
-    s.set(&entry_key("accounts", "k"), &first.raw).await;
+    s.redis.set(&entry_key("accounts", "k"), &first.raw).await;
     // Another sidecar's filler at work (its lease, as acquire_lease sets it).
     let lease = wtc_sidecar::cache::CacheKey::new("accounts", "k").lease;
-    s.set(&lease, "someone-elses-fill").await;
+    s.redis.set(&lease, "someone-elses-fill").await;
 
     let r = get_min(&b, "k", &v2.to_string()).await;
     assert_eq!((r.status, r.version()), (200, v2), "{}", r.raw);
@@ -133,7 +101,7 @@ async fn min_version_read_waiting_on_another_filler_never_takes_the_older_entry(
     // A deleted row: the minimum is the tombstone's version, the database has no row.
     let d = a.delete("accounts", "k").await;
     assert_eq!(d.status, 200);
-    s.set(&entry_key("accounts", "k"), &first.raw).await;
+    s.redis.set(&entry_key("accounts", "k"), &first.raw).await;
     s.redis.del(&lease).await;
     let gone = get_min(&b, "k", &d.version().to_string()).await;
     assert_eq!(gone.status, 404, "{}", gone.raw);
@@ -142,7 +110,7 @@ async fn min_version_read_waiting_on_another_filler_never_takes_the_older_entry(
 #[tokio::test]
 async fn bad_min_version_is_a_400() {
     let s = setup().await;
-    let sc = s.sidecar().await;
+    let sc = s.fixture().start().await;
     sc.put("accounts", "k", json!({"n": 1})).await;
     for bad in ["x", "-1", "\"1\", \"2\"", "1.5", ""] {
         let r = get_min(&sc, "k", bad).await;

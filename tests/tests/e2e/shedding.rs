@@ -13,10 +13,7 @@ struct Setup {
 }
 
 async fn setup(max_queue_wait_ms: u64) -> Setup {
-    let pool = pg().await;
-    let table = unique("shed");
-    create_table(&pool, &table).await;
-    let redis = RedisServer::start().await;
+    let TestBed { pool, redis, table } = TestBed::new("shed").await;
     let sc = Fixture::new(&redis.url())
         .entity("accounts", &table)
         .with(|c| c.limits.max_in_flight = 2)
