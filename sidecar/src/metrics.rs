@@ -1,6 +1,7 @@
 //! Prometheus metrics (`wtc_` prefix, base units). Label handles for each entity are resolved once
 //! at startup so the hot path only bumps atomics.
 
+use crate::cache::link::EpochCounters;
 use crate::write_ratio::WriteRatio;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub repairs: IntCounter,
     pub stale_window: Histogram,
     pub redis_errors: IntCounter,
+    /// The epoch check of new Redis connections (`cache::link`).
+    pub redis_epoch: EpochCounters,
     pub requests_shed: IntCounter,
     pub requests_waiting: IntGauge,
     pub requests_unauthorized: IntCounter,
@@ -161,6 +164,16 @@ impl Metrics {
             ),
             stale_window,
             redis_errors: counter("wtc_redis_errors_total", "Redis calls that failed."),
+            redis_epoch: EpochCounters {
+                changes: counter(
+                    "wtc_redis_epoch_changes_total",
+                    "Redis restarts (new run id) after which this sidecar deleted every cached entry and lease before using Redis again.",
+                ),
+                swept_keys: counter(
+                    "wtc_redis_epoch_swept_keys_total",
+                    "Cached entries and leases deleted after Redis restarts (possibly restored from persistence, possibly older than acknowledged writes).",
+                ),
+            },
             requests_shed: counter(
                 "wtc_requests_shed_total",
                 "Requests answered 503 overloaded (no slot within limits.max_queue_wait_ms).",
@@ -212,6 +225,8 @@ impl Metrics {
             Box::new(m.repairs.clone()),
             Box::new(m.stale_window.clone()),
             Box::new(m.redis_errors.clone()),
+            Box::new(m.redis_epoch.changes.clone()),
+            Box::new(m.redis_epoch.swept_keys.clone()),
             Box::new(m.requests_shed.clone()),
             Box::new(m.requests_waiting.clone()),
             Box::new(m.requests_unauthorized.clone()),

@@ -96,15 +96,16 @@ pub enum WriteError {
 impl Sidecar {
     pub fn new(config: SidecarConfig) -> Result<Self, String> {
         let db = Database::new(&config.database, &config.entities)?;
-        let cache = Cache::new(
-            &config.redis,
-            Duration::from_millis(config.cache.redis_down_backoff_ms),
-        )
-        .map_err(|_| "redis.url is not a valid Redis URL".to_string())?;
         let names: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
         let mut metrics = Metrics::new(&names);
         metrics.write_ratio =
             crate::write_ratio::WriteRatio::new(config.sampler.write_ratio_window_seconds);
+        let cache = Cache::new(
+            &config.redis,
+            Duration::from_millis(config.cache.redis_down_backoff_ms),
+            metrics.redis_epoch.clone(),
+        )
+        .map_err(|_| "redis.url is not a valid Redis URL".to_string())?;
         let entity_index = config
             .entities
             .iter()

@@ -88,21 +88,33 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// What a restarted redis-server brings back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing: it restarts empty.
+    None,
+    /// Everything it had (append-only file, written on every command).
+    AppendOnly,
+    /// The last snapshot taken with `RedisServer::save`: what a crash between snapshots restores,
+    /// older than what was acknowledged since.
+    Snapshot,
+}
+
 /// A redis-server of the test's own, on a free loopback port; killed on drop.
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
-    persistence: bool,
+    persistence: Persistence,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
-        Self::start_with(false).await
+        Self::start_with(Persistence::None).await
     }
 
-    /// With `persistence`, data survives a restart (append-only file in the test's folder).
-    pub async fn start_with(persistence: bool) -> Self {
+    /// The server's data folder is the test's own; `persistence` says what survives a restart.
+    pub async fn start_with(persistence: Persistence) -> Self {
         let mut s = Self {
             port: free_port(),
             dir: scratch_dir("redis"),
@@ -123,7 +135,14 @@ impl RedisServer {
             "--save",
             "",
         ])
-        .args(["--appendonly", if self.persistence { "yes" } else { "no" }])
+        .args([
+            "--appendonly",
+            if self.persistence == Persistence::AppendOnly {
+                "yes"
+            } else {
+                "no"
+            },
+        ])
         .arg("--dir")
         .arg(&self.dir)
         .stdout(Stdio::null())
@@ -171,7 +190,16 @@ impl RedisServer {
 
     pub async fn restart(&mut self) {
         self.kill().await;
+        if self.persistence == Persistence::None {
+            let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+        }
         self.spawn().await;
+    }
+
+    /// Takes a snapshot (`SAVE`): what a restart of a `Persistence::Snapshot` server loads.
+    pub async fn save(&self) {
+        let mut c = self.connection().await.unwrap();
+        redis::cmd("SAVE").query_async::<()>(&mut c).await.unwrap();
     }
 
     pub fn signal(&self, sig: &str) {

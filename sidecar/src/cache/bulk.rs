@@ -59,7 +59,7 @@ impl Cache {
         intents: &[(&CacheKey, &str)],
         ttl: Duration,
     ) -> Result<(), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         for (key, token) in intents {
             pipe.cmd("SET")
@@ -69,12 +69,12 @@ impl Cache {
                 .arg(ttl.as_millis() as u64)
                 .ignore();
         }
-        self.note(pipe.query_async::<()>(&mut c).await)
+        self.note(c.generation, pipe.query_async::<()>(&mut c.c).await)
     }
 
     /// Gives back intents of writes that did not commit (`RELEASE` each), one round trip.
     pub async fn release_many(&self, leases: &[(&CacheKey, &str)]) -> Result<(), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         load(&mut pipe, super::scripts::RELEASE);
         for (key, token) in leases {
@@ -82,7 +82,7 @@ impl Cache {
                 .arg(*token)
                 .ignore();
         }
-        self.note(pipe.query_async::<()>(&mut c).await)
+        self.note(c.generation, pipe.query_async::<()>(&mut c.c).await)
     }
 
     /// The cache steps of a committed batch (`STORE` each, in order) and the eviction of
@@ -92,7 +92,7 @@ impl Cache {
         stores: &[StoreCall<'_>],
         evict: &[&CacheKey],
     ) -> Result<Vec<StoreOutcome>, CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         if !stores.is_empty() {
             load(&mut pipe, super::scripts::STORE);
@@ -110,7 +110,7 @@ impl Cache {
         if pipe.is_empty() {
             return Ok(vec![]);
         }
-        let replies: Vec<String> = self.note(pipe.query_async(&mut c).await)?;
+        let replies: Vec<String> = self.note(c.generation, pipe.query_async(&mut c.c).await)?;
         replies
             .iter()
             .map(|r| match r.as_str() {
@@ -124,12 +124,12 @@ impl Cache {
 
     /// `MGET` of many entries, one round trip.
     pub async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut cmd = redis::cmd("MGET");
         for k in keys {
             cmd.arg(&k.entry);
         }
-        self.note(cmd.query_async(&mut c).await)
+        self.note(c.generation, cmd.query_async(&mut c.c).await)
     }
 
     /// Tries to become the filler of many empty slots (`SET lease token NX PX`), reading each
@@ -140,7 +140,7 @@ impl Cache {
         leases: &[(&CacheKey, &str)],
         ttl: Duration,
     ) -> Result<Vec<(bool, Option<Vec<u8>>)>, CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         for (key, token) in leases {
             pipe.cmd("SET")
@@ -152,7 +152,7 @@ impl Cache {
                 .cmd("GET")
                 .arg(&key.entry);
         }
-        let replies: Vec<Value> = self.note(pipe.query_async(&mut c).await)?;
+        let replies: Vec<Value> = self.note(c.generation, pipe.query_async(&mut c.c).await)?;
         let mut out = Vec::with_capacity(leases.len());
         let mut it = replies.into_iter();
         while let (Some(won), Some(entry)) = (it.next(), it.next()) {
@@ -177,7 +177,7 @@ impl Cache {
         if ends.is_empty() {
             return Ok(vec![]);
         }
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         load(&mut pipe, super::scripts::FILL);
         load(&mut pipe, super::scripts::RELEASE);
@@ -200,7 +200,7 @@ impl Cache {
                 }
             }
         }
-        let replies: Vec<Value> = self.note(pipe.query_async(&mut c).await)?;
+        let replies: Vec<Value> = self.note(c.generation, pipe.query_async(&mut c.c).await)?;
         ends.iter()
             .zip(replies)
             .map(|(e, r)| match (e, text(&r)) {

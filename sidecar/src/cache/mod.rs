@@ -2,10 +2,12 @@
 //! window so that reads go straight to the database instead of waiting on timeouts.
 
 pub mod bulk;
+pub mod link;
 pub mod scripts;
 
 use crate::envelope::Envelope;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use link::Link;
+use redis::aio::MultiplexedConnection;
 use redis::{Script, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -54,8 +56,14 @@ pub enum CacheError {
     Protocol(String),
 }
 
+/// A connection handed to one call, with the generation that identifies it to `Link`.
+struct Conn {
+    c: MultiplexedConnection,
+    generation: u64,
+}
+
 pub struct Cache {
-    conn: ConnectionManager,
+    link: Link,
     store: Script,
     fill: Script,
     release: Script,
@@ -66,19 +74,21 @@ pub struct Cache {
 
 impl Cache {
     /// Creates the client without connecting: the sidecar starts (and answers from the database)
-    /// even when Redis is not up yet. The manager reconnects by itself after a broken connection.
-    pub fn new(config: &RedisConfig, down_backoff: Duration) -> Result<Self, redis::RedisError> {
+    /// even when Redis is not up yet. A broken connection is replaced on the next call after the
+    /// down window (`link`).
+    pub fn new(
+        config: &RedisConfig,
+        down_backoff: Duration,
+        epoch: link::EpochCounters,
+    ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(config.url.as_str())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
-            // Reconnect attempts per failure; further failures trigger new attempts later.
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         Ok(Self {
-            conn,
+            link: Link::new(
+                client,
+                Duration::from_millis(config.connect_timeout_ms),
+                Duration::from_millis(config.response_timeout_ms),
+                epoch,
+            ),
             store: Script::new(scripts::STORE),
             fill: Script::new(scripts::FILL),
             release: Script::new(scripts::RELEASE),
@@ -97,25 +107,43 @@ impl Cache {
         self.now_ms() >= self.down_until_ms.load(Ordering::Relaxed)
     }
 
-    fn conn(&self) -> Result<ConnectionManager, CacheError> {
-        if self.is_up() {
-            Ok(self.conn.clone())
-        } else {
-            Err(CacheError::Down)
+    async fn conn(&self) -> Result<Conn, CacheError> {
+        if !self.is_up() {
+            return Err(CacheError::Down);
+        }
+        self.connect().await
+    }
+
+    /// The connection, even inside the down window (the repair loop probes with it).
+    async fn connect(&self) -> Result<Conn, CacheError> {
+        match self.link.get().await {
+            Ok(Some((c, generation))) => Ok(Conn { c, generation }),
+            Ok(None) => Err(CacheError::Down),
+            Err(e) => {
+                self.open_down_window();
+                Err(CacheError::Redis(e))
+            }
         }
     }
 
-    /// Records a failed call: open the down window. Server replies that are errors (a script
-    /// bug, a wrong type) do not mean Redis is unreachable.
-    fn note<T>(&self, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
+    fn open_down_window(&self) {
+        let until = self.now_ms() + self.down_backoff.as_millis() as u64;
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Records a failed call on `generation`: a connection that broke or timed out is replaced
+    /// (the replacement passes the epoch check), and the down window opens. Server replies that
+    /// are errors (a script bug, a wrong type) do not mean Redis is unreachable.
+    fn note<T>(&self, generation: u64, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
         r.map_err(|e| {
             if e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
+                || e.is_unrecoverable_error()
             {
-                let until = self.now_ms() + self.down_backoff.as_millis() as u64;
-                self.down_until_ms.store(until, Ordering::Relaxed);
+                self.link.drop_connection(generation);
+                self.open_down_window();
             }
             CacheError::Redis(e)
         })
@@ -127,27 +155,33 @@ impl Cache {
     }
 
     pub async fn get(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, CacheError> {
-        let mut c = self.conn()?;
-        self.note(redis::cmd("GET").arg(&key.entry).query_async(&mut c).await)
+        let mut c = self.conn().await?;
+        self.note(
+            c.generation,
+            redis::cmd("GET")
+                .arg(&key.entry)
+                .query_async(&mut c.c)
+                .await,
+        )
     }
 
     /// GET and PTTL in one round trip, for early refresh.
     pub async fn get_with_ttl(&self, key: &CacheKey) -> Result<(Option<Vec<u8>>, i64), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(&key.entry).cmd("PTTL").arg(&key.entry);
-        self.note(pipe.query_async(&mut c).await)
+        self.note(c.generation, pipe.query_async(&mut c.c).await)
     }
 
     /// The entry, and whether its lease is held: what a reader waiting for a fill looks at.
     pub async fn peek(&self, key: &CacheKey) -> Result<(Option<Vec<u8>>, bool), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("GET")
             .arg(&key.entry)
             .cmd("EXISTS")
             .arg(&key.lease);
-        self.note(pipe.query_async(&mut c).await)
+        self.note(c.generation, pipe.query_async(&mut c.c).await)
     }
 
     /// Tries to become the one filler of an empty slot, and reads the entry in the same round
@@ -159,7 +193,7 @@ impl Cache {
         token: &str,
         ttl: Duration,
     ) -> Result<(bool, Option<Vec<u8>>), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(&key.lease)
@@ -170,7 +204,7 @@ impl Cache {
             .cmd("GET")
             .arg(&key.entry);
         let (won, entry): (Option<String>, Option<Vec<u8>>) =
-            self.note(pipe.query_async(&mut c).await)?;
+            self.note(c.generation, pipe.query_async(&mut c.c).await)?;
         Ok((won.is_some(), entry))
     }
 
@@ -182,14 +216,15 @@ impl Cache {
         token: &str,
         ttl: Duration,
     ) -> Result<(), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         self.note(
+            c.generation,
             redis::cmd("SET")
                 .arg(&key.lease)
                 .arg(token)
                 .arg("PX")
                 .arg(ttl.as_millis() as u64)
-                .query_async::<()>(&mut c)
+                .query_async::<()>(&mut c.c)
                 .await,
         )
     }
@@ -202,8 +237,9 @@ impl Cache {
         ttl: Duration,
         intent: Option<&str>,
     ) -> Result<StoreOutcome, CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let reply: String = self.note(
+            c.generation,
             self.store
                 .key(&key.entry)
                 .key(&key.lease)
@@ -211,7 +247,7 @@ impl Cache {
                 .arg(&envelope.bytes[..])
                 .arg(ttl.as_millis() as u64)
                 .arg(intent.unwrap_or(""))
-                .invoke_async(&mut c)
+                .invoke_async(&mut c.c)
                 .await,
         )?;
         match reply.as_str() {
@@ -229,8 +265,9 @@ impl Cache {
         ttl: Duration,
         token: &str,
     ) -> Result<FillOutcome, CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         let reply: String = self.note(
+            c.generation,
             self.fill
                 .key(&key.entry)
                 .key(&key.lease)
@@ -238,7 +275,7 @@ impl Cache {
                 .arg(&envelope.bytes[..])
                 .arg(ttl.as_millis() as u64)
                 .arg(token)
-                .invoke_async(&mut c)
+                .invoke_async(&mut c.c)
                 .await,
         )?;
         match reply.as_str() {
@@ -250,12 +287,13 @@ impl Cache {
     }
 
     pub async fn release(&self, key: &CacheKey, token: &str) -> Result<(), CacheError> {
-        let mut c = self.conn()?;
+        let mut c = self.conn().await?;
         self.note(
+            c.generation,
             self.release
                 .key(&key.lease)
                 .arg(token)
-                .invoke_async::<Value>(&mut c)
+                .invoke_async::<Value>(&mut c.c)
                 .await,
         )?;
         Ok(())
@@ -264,13 +302,13 @@ impl Cache {
     /// Removes the entry and its lease: always safe, the next read fills from the database.
     /// Ignores the down window: the repair loop uses it to probe.
     pub async fn evict(&self, key: &CacheKey) -> Result<(), CacheError> {
-        let mut c = self.conn.clone();
+        let mut c = self.connect().await?;
         let r = redis::cmd("DEL")
             .arg(&key.entry)
             .arg(&key.lease)
-            .query_async::<()>(&mut c)
+            .query_async::<()>(&mut c.c)
             .await;
-        self.note(r)?;
+        self.note(c.generation, r)?;
         self.mark_up();
         Ok(())
     }

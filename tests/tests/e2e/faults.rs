@@ -91,7 +91,7 @@ async fn redis_paused_during_writes_then_repaired() {
 #[tokio::test]
 async fn redis_stopped_and_restarted() {
     let (pool, table) = setup().await;
-    let mut redis = RedisServer::start_with(true).await;
+    let mut redis = RedisServer::start_with(Persistence::AppendOnly).await;
     let sc = Fixture::new(&redis.url())
         .entity("accounts", &table)
         .with(|c| c.cache.redis_down_backoff_ms = 200)
@@ -120,4 +120,63 @@ async fn redis_stopped_and_restarted() {
     );
     assert_eq!(sc.get("accounts", "k").await.version(), w.version());
     assert_eq!(db_version(&pool, &table, "k").await, Some(w.version()));
+}
+
+/// A Redis that crashes and comes back from an older snapshot brings back entries older than
+/// acknowledged writes. The run id changed, so every sidecar deletes the restored entries before
+/// it uses the new process (`cache::link`): the old version is never served, not by the sidecar
+/// that wrote it, nor by one that first meets the restarted Redis.
+#[tokio::test]
+async fn redis_restarted_from_an_old_snapshot_never_serves_it() {
+    let (pool, table) = setup().await;
+    let mut redis = RedisServer::start_with(Persistence::Snapshot).await;
+    let url = redis.url();
+    let fixture = || {
+        Fixture::new(&url)
+            .entity("accounts", &table)
+            .with(|c| c.cache.redis_down_backoff_ms = 100)
+    };
+    let sc = fixture().start().await;
+    let keys = ["a", "b", "c"];
+    for k in keys {
+        let w = sc.put("accounts", k, json!({"n": 1})).await;
+        assert_eq!(w.cache.as_deref(), Some("ok"));
+    }
+    redis.save().await;
+    let mut acked = vec![];
+    for k in keys {
+        let w = sc.put("accounts", k, json!({"n": 2})).await;
+        assert_eq!(w.cache.as_deref(), Some("ok"), "{}", w.raw);
+        assert_eq!(redis.cached_version("accounts", k).await, Some(w.version()));
+        acked.push(w.version());
+    }
+
+    redis.restart().await;
+    assert!(
+        redis.cached_version("accounts", "a").await < Some(acked[0]),
+        "the restarted Redis holds the snapshot's older entry (the fault is real)"
+    );
+    let late = fixture().start().await;
+    for sidecar in [&late, &sc] {
+        let served_from_redis = eventually(Duration::from_secs(10), || async {
+            let mut from_redis = true;
+            for (k, v) in keys.iter().zip(&acked) {
+                let r = sidecar.get("accounts", k).await;
+                assert_eq!(r.status, 200, "{}", r.raw);
+                assert_eq!(r.version(), *v, "{k}: served {} ({:?})", r.raw, r.cache);
+                from_redis &= r.cache.as_deref() != Some("bypass");
+            }
+            from_redis
+        })
+        .await;
+        assert!(served_from_redis, "the sidecar uses Redis again");
+    }
+    for (k, v) in keys.iter().zip(&acked) {
+        assert_eq!(redis.cached_version("accounts", k).await, Some(*v));
+        assert_eq!(db_version(&pool, &table, k).await, Some(*v));
+    }
+    // The sidecar that met the restarted Redis first swept; the other found it safe already.
+    let changes = sc.metric("wtc_redis_epoch_changes_total").await
+        + late.metric("wtc_redis_epoch_changes_total").await;
+    assert_eq!(changes, 1.0);
 }
