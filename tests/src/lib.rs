@@ -2,6 +2,9 @@
 //! starts), a real redis-server per test, and real sidecar processes (built with hold points).
 #![forbid(unsafe_code)]
 
+pub mod history;
+pub mod proxy;
+
 use serde_json::Value;
 use sqlx::PgPool;
 use std::path::PathBuf;
@@ -466,7 +469,14 @@ impl Sidecar {
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
-        let resp = req.send().await.expect("request reached the sidecar");
+        self.try_send(req)
+            .await
+            .expect("request reached the sidecar")
+    }
+
+    /// `send` for scenarios where the sidecar may be gone or the connection cut: the error text.
+    pub async fn try_send(&self, req: reqwest::RequestBuilder) -> Result<Reply, String> {
+        let resp = req.send().await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()
@@ -476,15 +486,15 @@ impl Sidecar {
         };
         let etag = header("etag").and_then(|e| e.trim_matches('"').parse().ok());
         let cache = header("x-wtc-cache");
-        let raw = resp.text().await.unwrap();
+        let raw = resp.text().await.map_err(|e| e.to_string())?;
         let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
-        Reply {
+        Ok(Reply {
             status,
             etag,
             cache,
             body,
             raw,
-        }
+        })
     }
 
     pub async fn get(&self, entity: &str, key: &str) -> Reply {

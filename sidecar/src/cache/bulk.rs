@@ -76,7 +76,7 @@ impl Cache {
     pub async fn release_many(&self, leases: &[(&CacheKey, &str)]) -> Result<(), CacheError> {
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
-        load(&mut pipe, super::scripts::RELEASE);
+        load(&mut pipe, self.code.release);
         for (key, token) in leases {
             evalsha(&mut pipe, &self.release, &[&key.lease])
                 .arg(*token)
@@ -95,7 +95,7 @@ impl Cache {
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         if !stores.is_empty() {
-            load(&mut pipe, super::scripts::STORE);
+            load(&mut pipe, self.code.store);
         }
         for s in stores {
             evalsha(&mut pipe, &self.store, &[&s.key.entry, &s.key.lease])
@@ -179,8 +179,8 @@ impl Cache {
         }
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
-        load(&mut pipe, super::scripts::FILL);
-        load(&mut pipe, super::scripts::RELEASE);
+        load(&mut pipe, self.code.fill);
+        load(&mut pipe, self.code.release);
         for e in ends {
             match e {
                 LeaseEnd::Fill {

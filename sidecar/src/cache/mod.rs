@@ -67,6 +67,8 @@ pub struct Cache {
     store: Script,
     fill: Script,
     release: Script,
+    /// The texts of the three scripts, for pipelines that load them (`bulk`).
+    code: scripts::Scripts,
     started: Instant,
     down_until_ms: AtomicU64,
     down_backoff: Duration,
@@ -82,6 +84,7 @@ impl Cache {
         epoch: link::EpochCounters,
     ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(config.url.as_str())?;
+        let code = scripts::Scripts::for_this_build();
         Ok(Self {
             link: Link::new(
                 client,
@@ -89,9 +92,10 @@ impl Cache {
                 Duration::from_millis(config.response_timeout_ms),
                 epoch,
             ),
-            store: Script::new(scripts::STORE),
-            fill: Script::new(scripts::FILL),
-            release: Script::new(scripts::RELEASE),
+            store: Script::new(code.store),
+            fill: Script::new(code.fill),
+            release: Script::new(code.release),
+            code,
             started: Instant::now(),
             down_until_ms: AtomicU64::new(0),
             down_backoff,

@@ -63,3 +63,52 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+
+/// The protocol with its two guards removed, for proving that the history checker catches what
+/// they prevent. Only in builds with `test-hooks`, and only when the sidecar is started with
+/// `WTC_TEST_WEAKEN=plain-set` (see `Scripts::for_this_build`).
+#[cfg(feature = "test-hooks")]
+pub mod weakened {
+    /// STORE as a plain `SET`: no version comparison, so a late older write overwrites a newer one.
+    pub const STORE: &str = r#"
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 'stored'
+"#;
+
+    /// FILL without the lease or the version check: a slow filler installs what it read, however
+    /// old (the seed's "set on miss").
+    pub const FILL: &str = r#"
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 'stored'
+"#;
+}
+
+/// The script texts this sidecar runs: the protocol's, or (test builds, on request) the weakened.
+#[derive(Debug, Clone, Copy)]
+pub struct Scripts {
+    pub store: &'static str,
+    pub fill: &'static str,
+    pub release: &'static str,
+}
+
+impl Scripts {
+    pub const PROTOCOL: Scripts = Scripts {
+        store: STORE,
+        fill: FILL,
+        release: RELEASE,
+    };
+
+    pub fn for_this_build() -> Scripts {
+        #[cfg(feature = "test-hooks")]
+        if std::env::var("WTC_TEST_WEAKEN").as_deref() == Ok("plain-set") {
+            tracing::warn!("WTC_TEST_WEAKEN=plain-set: CAS and fill leases are OFF (test build)");
+            return Scripts {
+                store: weakened::STORE,
+                fill: weakened::FILL,
+                release: RELEASE,
+            };
+        }
+        Self::PROTOCOL
+    }
+}
