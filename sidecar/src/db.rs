@@ -70,7 +70,10 @@ impl DbError {
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => DbError::Unavailable,
+            | sqlx::Error::WorkerCrashed => {
+                tracing::debug!(error = %e, "database unavailable");
+                DbError::Unavailable
+            }
             other => {
                 tracing::error!(error = %other, "database client error");
                 DbError::Internal

@@ -410,7 +410,10 @@ impl Sidecar {
             .env_remove("WTC_LISTEN")
             .env_remove("WTC_API_TOKEN")
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("WTC_TEST_SIDECAR_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

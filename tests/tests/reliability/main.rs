@@ -1,0 +1,97 @@
+//! Faults, races and overload, with a history checked after each scenario (issue 7).
+//!
+//! Every scenario runs short in the README's test command. `scripts/reliability` runs the long
+//! version (`WTC_RELIABILITY=long`, release build) and writes `docs/reliability.md` from the
+//! figures the scenarios append to `WTC_RELIABILITY_REPORT`.
+//!
+//! Scenarios run one at a time (`serial`): some restart the shared PostgreSQL, and all of them
+//! measure.
+
+mod herd;
+mod overload;
+mod postgres_faults;
+mod redis_faults;
+mod sidecar_faults;
+
+use serde_json::Value;
+use std::io::Write;
+use std::time::Duration;
+use wtc_tests::history::{Report, RunStats, Stop};
+
+/// Short (the test command) or long (by hand, `scripts/reliability`).
+pub fn long() -> bool {
+    std::env::var("WTC_RELIABILITY").as_deref() == Ok("long")
+}
+
+/// How much a history scenario does: `short` in the test command, `long` by hand.
+pub fn stop(short: (u64, u64), long_run: (u64, u64)) -> Stop {
+    let ((reads, writes), max) = if long() {
+        (long_run, Duration::from_secs(45 * 60))
+    } else {
+        (short, Duration::from_secs(40))
+    };
+    Stop { reads, writes, max }
+}
+
+/// One scenario at a time in this binary.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+/// Appends a scenario's figures to the report file, when one is asked for.
+pub fn report(scenario: &str, faults: &str, figures: Value) {
+    println!("{scenario}: {figures}");
+    let Ok(path) = std::env::var("WTC_RELIABILITY_REPORT") else {
+        return;
+    };
+    let line = serde_json::json!({"scenario": scenario, "faults": faults, "figures": figures});
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the reliability report");
+    writeln!(f, "{line}").unwrap();
+}
+
+/// The figures of a checked history.
+pub fn history_figures(r: &Report, stats: &RunStats, w: Duration) -> Value {
+    serde_json::json!({
+        "seconds": stats.elapsed.as_secs_f64(),
+        "writes_acknowledged": r.writes_acked(),
+        "writes_repairing": r.writes_repairing,
+        "writes_unknown": r.writes_unknown,
+        "reads": r.reads,
+        "reads_failed": r.reads_failed,
+        "evictions": stats.evictions,
+        "lost": r.lost.len(),
+        "phantom": r.phantom.len(),
+        "stale": r.stale.len(),
+        "reads_behind_repairing_write": r.stale_after_fault,
+        "max_staleness_ms": r.max_staleness_after_fault.as_secs_f64() * 1e3,
+        "w_ms": w.as_secs_f64() * 1e3,
+    })
+}
+
+/// `postgres://user:pass@host:port/db` with another port (to go through a proxy).
+pub fn with_port(url: &str, port: u16) -> String {
+    let at = url.rfind('@').expect("user@host in the database URL");
+    let rest = &url[at + 1..];
+    let host_end = rest.find(':').expect("host:port in the database URL");
+    let path = &rest[host_end..];
+    let path_start = path.find('/').unwrap_or(path.len());
+    format!(
+        "{}{}:{port}{}",
+        &url[..=at],
+        &rest[..host_end],
+        &path[path_start..]
+    )
+}
+
+#[test]
+fn with_port_replaces_only_the_port() {
+    assert_eq!(
+        with_port("postgres://wtc:wtc@127.0.0.1:55432/wtc", 1234),
+        "postgres://wtc:wtc@127.0.0.1:1234/wtc"
+    );
+}

@@ -1,0 +1,173 @@
+//! PostgreSQL failing under load: both sidecars reach it through the fault proxy (connections
+//! reset, replies cut after the server acted so commits have an unknown outcome, refused, black
+//! hole past the statement timeout, latency), and the real cluster is restarted in immediate mode
+//! (a crash). Outcomes the sidecar cannot know are answered as errors and recorded as unknown;
+//! no acknowledged write is lost, no read returns a version the database never committed, and no
+//! read is older than a clean acknowledgement.
+
+use crate::{history_figures, report, serial, stop, with_port};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wtc_tests::history::{self, History, Workload};
+use wtc_tests::proxy::{FaultProxy, Mode};
+use wtc_tests::*;
+
+/// `pg_ctlcluster <version> <name> restart -m immediate` of the cluster the tests use.
+async fn crash_and_restart_postgres() {
+    let cluster = std::env::var("WTC_PG_CLUSTER")
+        .expect("WTC_PG_CLUSTER (printed by scripts/local-services) names the cluster to restart");
+    let (version, name) = cluster
+        .split_once('/')
+        .expect("WTC_PG_CLUSTER is version/name");
+    let mut cmd = if !is_root() {
+        let mut c = tokio::process::Command::new("sudo");
+        c.args(["-n", "pg_ctlcluster"]);
+        c
+    } else {
+        tokio::process::Command::new("pg_ctlcluster")
+    };
+    let status = cmd
+        .args([version, name, "restart", "-m", "immediate"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "pg_ctlcluster restart failed: {status}");
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+async fn inject(step: usize, proxy: &FaultProxy) -> &'static str {
+    let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    let name = match step % 6 {
+        0 => {
+            proxy.reset_all();
+            "connections reset"
+        }
+        1 => {
+            proxy.set(Mode::CutReplies);
+            pause(300).await;
+            proxy.set(Mode::Pass);
+            "replies cut 300 ms (statements ran, outcome unknown)"
+        }
+        2 => {
+            proxy.set(Mode::Refuse);
+            proxy.reset_all();
+            pause(300).await;
+            proxy.set(Mode::Pass);
+            "connections reset and refused 300 ms"
+        }
+        3 => {
+            proxy.set(Mode::BlackHole);
+            pause(600).await;
+            proxy.set(Mode::Pass);
+            "black hole 600 ms (over the 300 ms statement timeout)"
+        }
+        4 => {
+            proxy.set(Mode::Latency(Duration::from_millis(20)));
+            pause(500).await;
+            proxy.set(Mode::Pass);
+            "latency 20 ms, 500 ms"
+        }
+        _ => {
+            crash_and_restart_postgres().await;
+            "PostgreSQL crashed and restarted (pg_ctlcluster restart -m immediate)"
+        }
+    };
+    // Healthy time between faults, so that most of the run's writes are acknowledged.
+    pause(if crate::long() { 1_500 } else { 700 }).await;
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_faults_under_load_keep_the_promise() {
+    let _serial = serial().await;
+    let pool = pg().await;
+    let (table, audit) = history::audited_table(&pool, "pgfault").await;
+    let redis = RedisServer::start().await;
+    let db_addr = {
+        let url = database_url();
+        let port: u16 = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("a port in WTC_DATABASE_URL");
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    };
+    let proxy = FaultProxy::start(db_addr).await;
+    let mut sidecars = vec![];
+    for _ in 0..2 {
+        let sc = Fixture::new(&redis.url())
+            .entity("accounts", &table)
+            .with(|c| {
+                c.database.url = with_port(&database_url(), proxy.port);
+                c.database.statement_timeout_ms = 300;
+            })
+            .start()
+            .await;
+        sidecars.push(Arc::new(sc));
+    }
+    let workload = Workload::new(4, stop((1_500, 500), (300_000, 30_000)));
+    for k in &workload.keys {
+        assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
+    }
+
+    let recorded = History::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let faults = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut injected = std::collections::BTreeMap::<&str, u32>::new();
+            let mut step = 0;
+            while !done.load(Ordering::Relaxed) {
+                *injected.entry(inject(step, &proxy).await).or_default() += 1;
+                step += 1;
+            }
+            // The proxy lives on: the sidecars still reach PostgreSQL through it.
+            (injected, proxy)
+        })
+    };
+    let stats = workload.run(&sidecars, &redis.url(), &recorded).await;
+    done.store(true, Ordering::Relaxed);
+    let (injected, _proxy) = faults.await.unwrap();
+
+    // Both sidecars work again, and their repair queues (unknown outcomes) drained.
+    for sc in &sidecars {
+        let back = eventually(Duration::from_secs(20), || async {
+            let req = sc.http.put(sc.url("accounts", "h0")).json(&json!({"n": 1}));
+            let r = sc.try_send(req).await;
+            let depth = sc.metric("wtc_repair_queue_depth").await;
+            matches!(r, Ok(r) if r.status == 200) && depth == 0.0
+        })
+        .await;
+        assert!(back, "the sidecar recovered after the faults");
+    }
+    let ops = recorded.ops();
+    let committed = audit.committed(&pool).await;
+    let r = history::check(&workload.keys, &ops, &committed);
+    let w = Duration::ZERO;
+    let mut figures = history_figures(&r, &stats, w);
+    figures["faults_injected"] = json!(injected);
+    report(
+        "postgres_faults",
+        "PostgreSQL reset, replies cut, refused, black-holed, slowed (proxy), crashed and restarted",
+        figures,
+    );
+    assert!(
+        injected.len() >= 6 && r.writes_unknown > 0,
+        "every kind of fault happened and some outcomes were unknown: {injected:?}, {}",
+        r.summary()
+    );
+    r.assert_promise(w);
+}
