@@ -77,7 +77,7 @@ pub async fn db_version(pool: &PgPool, table: &str, key: &str) -> Option<i64> {
     .unwrap()
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
