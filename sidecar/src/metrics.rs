@@ -38,6 +38,7 @@ pub struct Metrics {
     pub repairs: IntCounter,
     pub stale_window: Histogram,
     pub redis_errors: IntCounter,
+    pub corrupt_entries: IntCounter,
     /// The epoch check of new Redis connections (`cache::link`).
     pub redis_epoch: EpochCounters,
     pub requests_shed: IntCounter,
@@ -164,6 +165,10 @@ impl Metrics {
             ),
             stale_window,
             redis_errors: counter("wtc_redis_errors_total", "Redis calls that failed."),
+            corrupt_entries: counter(
+                "wtc_cache_corrupt_entries_total",
+                "Values in Redis that were not envelopes this sidecar would write: never served, evicted.",
+            ),
             redis_epoch: EpochCounters {
                 changes: counter(
                     "wtc_redis_epoch_changes_total",
@@ -225,6 +230,7 @@ impl Metrics {
             Box::new(m.repairs.clone()),
             Box::new(m.stale_window.clone()),
             Box::new(m.redis_errors.clone()),
+            Box::new(m.corrupt_entries.clone()),
             Box::new(m.redis_epoch.changes.clone()),
             Box::new(m.redis_epoch.swept_keys.clone()),
             Box::new(m.requests_shed.clone()),

@@ -96,10 +96,8 @@ impl Sidecar {
             self.cache.get(&ck).await.map(|v| (v, -1))
         };
         match cached {
-            Ok((Some(bytes), pttl)) => {
-                if let Some(env) = Envelope::parse_stored(bytes.into())
-                    && meets(min_version, &env)
-                {
+            Ok((Some(bytes), pttl)) => match Envelope::parse_stored(bytes.into()) {
+                Some(env) if meets(min_version, &env) => {
                     m.hit.inc();
                     if pttl > 0 && self.refresh_due(pttl, beta) {
                         self.spawn_refresh(idx, key, &ck);
@@ -109,9 +107,18 @@ impl Sidecar {
                         status: CacheStatus::Hit,
                     });
                 }
-                // Corrupt or foreign value, or older than the client's minimum: a miss. The fill
-                // overwrites it.
-            }
+                // Older than the client's minimum: a miss; the fill replaces it.
+                Some(_) => {}
+                // Corrupt or foreign: never served. Evicted, because a value whose version
+                // prefix looks newer than the row would make the CAS reject every fill and
+                // write of the key until it expires (if ever); an eviction is always safe.
+                None => {
+                    self.metrics.corrupt_entries.inc();
+                    if self.cache.evict(&ck).await.is_err() {
+                        self.metrics.redis_errors.inc();
+                    }
+                }
+            },
             Ok((None, _)) => {}
             Err(_) => {
                 self.metrics.redis_errors.inc();

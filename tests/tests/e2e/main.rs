@@ -6,6 +6,7 @@ mod auth;
 mod batch;
 mod faults;
 mod history;
+mod hostile_cache;
 mod openapi;
 mod races;
 mod read_your_writes;
