@@ -5,7 +5,6 @@ mod api;
 mod auth;
 mod batch;
 mod faults;
-mod history;
 mod hostile_cache;
 mod openapi;
 mod races;

@@ -8,6 +8,7 @@
 //! measure.
 
 mod herd;
+mod history;
 mod overload;
 mod postgres_faults;
 mod redis_faults;

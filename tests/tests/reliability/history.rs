@@ -1,15 +1,17 @@
-//! Concurrent histories: writers and readers on a few hot keys through two sidecars, keys evicted
-//! at random, checked by `wtc_tests::history`. The same run against the weakened build (CAS and
-//! fill leases off) must show stale reads: that is what proves the checker can fail.
+//! Concurrent histories without faults: writers and readers on a few hot keys through two
+//! sidecars, keys evicted at random, checked by `wtc_tests::history`. The same run against the
+//! weakened build (CAS and fill leases off) must show stale reads: that is what proves the checker
+//! can fail.
 
+use crate::{history_figures, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use wtc_tests::history::{self, History, Report, Stop, Workload};
+use wtc_tests::history::{self, History, Report, RunStats, Stop, Workload};
 use wtc_tests::*;
 
 /// Runs the workload on a fresh table through two sidecars started with `env`.
-async fn run(env: &[(&str, &str)], stop: Stop) -> (Report, u64) {
+async fn run(env: &[(&str, &str)], stop: Stop) -> (Report, RunStats) {
     let pool = pg().await;
     let (table, audit) = history::audited_table(&pool, "hist").await;
     let redis = RedisServer::start().await;
@@ -37,40 +39,46 @@ async fn run(env: &[(&str, &str)], stop: Stop) -> (Report, u64) {
     );
     let per_key = history::ops_per_key(&workload.keys, &ops);
     assert!(per_key.values().all(|n| *n > 10), "{per_key:?}");
-    (report, stats.evictions)
+    (report, stats)
+}
+
+/// Reads and writes of the plain and the weakened runs: the same workload, the same size.
+fn size() -> Stop {
+    stop((2_000, 1_000), (1_000_000, 100_000))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_history_with_random_eviction_has_no_stale_or_lost_versions() {
-    let stop = Stop {
-        reads: 2_000,
-        writes: 1_000,
-        max: Duration::from_secs(20),
-    };
-    let (report, evictions) = run(&[], stop).await;
-    assert!(
-        report.writes_acked() > 100 && report.reads > 100 && evictions > 50,
-        "too little happened to prove anything: {}",
-        report.summary()
+    let _serial = serial().await;
+    let (r, stats) = run(&[], size()).await;
+    report(
+        "history",
+        "none; entries evicted at random every 0.5-3 ms",
+        history_figures(&r, &stats, Duration::ZERO),
     );
-    report.assert_promise(Duration::ZERO);
+    assert!(
+        r.writes_acked() > 100 && r.reads > 100 && stats.evictions > 50,
+        "too little happened to prove anything: {}",
+        r.summary()
+    );
+    r.assert_promise(Duration::ZERO);
 }
 
 /// The checker, run on the build whose STORE is a plain SET and whose FILL ignores the lease,
 /// reports stale reads: the races P2 is about do happen in this workload, and are caught.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_the_weakened_build() {
-    // Stops at the first few thousand operations once it found something, or after 30 s.
-    let stop = Stop {
-        reads: 3_000,
-        writes: 1_500,
-        max: Duration::from_secs(30),
-    };
-    let (report, _) = run(&[("WTC_TEST_WEAKEN", "plain-set")], stop).await;
-    assert!(
-        !report.stale.is_empty(),
-        "the weakened build went unnoticed: {}",
-        report.summary()
+    let _serial = serial().await;
+    let (r, stats) = run(&[("WTC_TEST_WEAKEN", "plain-set")], size()).await;
+    report(
+        "history_weakened",
+        "none; WEAKENED build (plain SET, fills without lease); entries evicted every 0.5-3 ms",
+        history_figures(&r, &stats, Duration::ZERO),
     );
-    assert!(report.lost.is_empty() && report.phantom.is_empty());
+    assert!(
+        !r.stale.is_empty(),
+        "the weakened build went unnoticed: {}",
+        r.summary()
+    );
+    assert!(r.lost.is_empty() && r.phantom.is_empty());
 }
