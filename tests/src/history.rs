@@ -271,6 +271,9 @@ pub struct Workload {
     /// Pause between two evictions (random within the range); `None`: no evictions.
     pub evict_every: Option<(Duration, Duration)>,
     pub stop: Stop,
+    /// When set, the counts of `stop` are not enough: this must have turned true too (a fault
+    /// scenario's full cycle of faults). `stop.max` still ends the run.
+    pub until_also: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -287,6 +290,7 @@ impl Workload {
             readers: 6,
             evict_every: Some((Duration::from_micros(500), Duration::from_millis(3))),
             stop,
+            until_also: None,
         }
     }
 
@@ -304,10 +308,12 @@ impl Workload {
         let stop = self.stop;
         let done = {
             let counts = Arc::clone(&counts);
+            let also = self.until_also.clone();
             move || {
                 Instant::now() >= deadline
                     || (counts.0.load(Ordering::Relaxed) >= stop.reads
-                        && counts.1.load(Ordering::Relaxed) >= stop.writes)
+                        && counts.1.load(Ordering::Relaxed) >= stop.writes
+                        && also.as_ref().is_none_or(|a| a.load(Ordering::Relaxed)))
             }
         };
         let keys = Arc::new(self.keys.clone());

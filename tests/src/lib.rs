@@ -199,6 +199,14 @@ impl RedisServer {
         self.spawn().await;
     }
 
+    /// Restarts with its data files deleted: what a restart without persistence does.
+    pub async fn restart_empty(&mut self) {
+        self.kill().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.spawn().await;
+    }
+
     /// Takes a snapshot (`SAVE`): what a restart of a `Persistence::Snapshot` server loads.
     pub async fn save(&self) {
         let mut c = self.connection().await.unwrap();

@@ -14,6 +14,9 @@ use wtc_tests::history::{self, History, Workload};
 use wtc_tests::proxy::{FaultProxy, Mode};
 use wtc_tests::*;
 
+/// Kinds of fault in `inject`'s cycle; every run goes through all of them at least once.
+const FAULT_KINDS: usize = 6;
+
 /// `pg_ctlcluster <version> <name> restart -m immediate` of the cluster the tests use.
 async fn crash_and_restart_postgres() {
     let cluster = std::env::var("WTC_PG_CLUSTER")
@@ -50,7 +53,7 @@ fn is_root() -> bool {
 
 async fn inject(step: usize, proxy: &FaultProxy) -> &'static str {
     let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
-    let name = match step % 6 {
+    let name = match step % FAULT_KINDS {
         0 => {
             proxy.reset_all();
             "connections reset"
@@ -118,21 +121,27 @@ async fn postgres_faults_under_load_keep_the_promise() {
             .await;
         sidecars.push(Arc::new(sc));
     }
-    let workload = Workload::new(4, stop((1_500, 500), (300_000, 30_000)));
+    let mut workload = Workload::new(4, stop((1_500, 500), (300_000, 30_000)));
     for k in &workload.keys {
         assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
     }
 
+    let cycled = Arc::new(AtomicBool::new(false));
+    workload.until_also = Some(Arc::clone(&cycled));
     let recorded = History::default();
     let done = Arc::new(AtomicBool::new(false));
     let faults = {
         let done = Arc::clone(&done);
+        let cycled = Arc::clone(&cycled);
         tokio::spawn(async move {
             let mut injected = std::collections::BTreeMap::<&str, u32>::new();
             let mut step = 0;
             while !done.load(Ordering::Relaxed) {
                 *injected.entry(inject(step, &proxy).await).or_default() += 1;
                 step += 1;
+                if step >= FAULT_KINDS {
+                    cycled.store(true, Ordering::Relaxed);
+                }
             }
             // The proxy lives on: the sidecars still reach PostgreSQL through it.
             (injected, proxy)
@@ -155,6 +164,16 @@ async fn postgres_faults_under_load_keep_the_promise() {
     }
     let ops = recorded.ops();
     let committed = audit.committed(&pool).await;
+    // Never a cached version the database lacks, or newer than the row.
+    for k in &workload.keys {
+        if let Some(cached) = redis.cached_version("accounts", k).await {
+            let db = db_version(&pool, &table, k).await;
+            assert!(
+                committed.contains(&(k.clone(), cached)) && Some(cached) <= db,
+                "{k}: cached {cached}, database {db:?}"
+            );
+        }
+    }
     let r = history::check(&workload.keys, &ops, &committed);
     let w = Duration::ZERO;
     let mut figures = history_figures(&r, &stats, w);
@@ -165,7 +184,7 @@ async fn postgres_faults_under_load_keep_the_promise() {
         figures,
     );
     assert!(
-        injected.len() >= 6 && r.writes_unknown > 0,
+        injected.len() >= FAULT_KINDS && r.writes_unknown > 0,
         "every kind of fault happened and some outcomes were unknown: {injected:?}, {}",
         r.summary()
     );

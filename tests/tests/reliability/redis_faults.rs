@@ -1,8 +1,8 @@
 //! Redis failing under load: one sidecar reaches Redis through the fault proxy (black hole, reset,
-//! latency over the response timeout, refused connections), both see Redis paused and killed and
-//! restarted (append-only persistence: it comes back with its data). Writes stay acknowledged
-//! (`repairing` when their cache step failed), no read is older than a clean acknowledgement, and
-//! reads older than a `repairing` one end within W, the entity TTL.
+//! latency over the response timeout, refused connections); both see Redis paused, and killed and
+//! restarted with its append-only file (it comes back with its data) or without (empty). Writes
+//! stay acknowledged (`repairing` when their cache step failed), no read is older than a clean
+//! acknowledgement, and reads older than a `repairing` one end within W, the entity TTL.
 
 use crate::{history_figures, report, serial, stop};
 use serde_json::json;
@@ -15,10 +15,13 @@ use wtc_tests::*;
 
 const TTL_SECONDS: u64 = 10;
 
+/// Kinds of fault in `inject`'s cycle; every run goes through all of them at least once.
+const FAULT_KINDS: usize = 7;
+
 /// One fault of the cycle, then a healthy pause. Returns its name.
 async fn inject(step: usize, proxy: &FaultProxy, redis: &mut RedisServer) -> &'static str {
     let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
-    let name = match step % 6 {
+    let name = match step % FAULT_KINDS {
         0 => {
             proxy.set(Mode::BlackHole);
             pause(400).await;
@@ -48,9 +51,13 @@ async fn inject(step: usize, proxy: &FaultProxy, redis: &mut RedisServer) -> &'s
             redis.signal("CONT");
             "redis-server paused 400 ms (SIGSTOP)"
         }
-        _ => {
+        5 => {
             redis.restart().await;
             "redis-server killed (-9) and restarted with its append-only file"
+        }
+        _ => {
+            redis.restart_empty().await;
+            "redis-server killed (-9) and restarted empty (no persistence)"
         }
     };
     pause(300).await;
@@ -91,11 +98,14 @@ async fn redis_faults_under_load_keep_the_promise() {
         assert!(sidecars[1].put("accounts", k, json!({"n": 0})).await.status < 300);
     }
 
+    let cycled = Arc::new(AtomicBool::new(false));
+    workload.until_also = Some(Arc::clone(&cycled));
     let recorded = History::default();
     let redis_url = redis.url();
     let done = Arc::new(AtomicBool::new(false));
     let faults = {
         let done = Arc::clone(&done);
+        let cycled = Arc::clone(&cycled);
         tokio::spawn(async move {
             let mut injected = std::collections::BTreeMap::<&str, u32>::new();
             let mut step = 0;
@@ -104,6 +114,9 @@ async fn redis_faults_under_load_keep_the_promise() {
                     .entry(inject(step, &proxy, &mut redis).await)
                     .or_default() += 1;
                 step += 1;
+                if step >= FAULT_KINDS {
+                    cycled.store(true, Ordering::Relaxed);
+                }
             }
             (injected, redis, proxy)
         })
@@ -140,7 +153,7 @@ async fn redis_faults_under_load_keep_the_promise() {
         figures,
     );
     assert!(
-        injected.len() >= 6 && r.writes_repairing > 0,
+        injected.len() >= FAULT_KINDS && r.writes_repairing > 0,
         "every kind of fault happened and some cache steps failed: {injected:?}, {}",
         r.summary()
     );
