@@ -1,0 +1,192 @@
+//! Bytes read back from Redis, as `Envelope::parse_stored` sees them, and envelopes built from
+//! pieces with `Envelope::row` / `Envelope::tombstone`.
+//!
+//! 1. Any input: when `parse_stored` accepts it, the bytes are exactly what the rest of the
+//!    sidecar assumes of a cached value: they start with `{"v":<digits>,` (what the Redis scripts
+//!    match) and those digits are the parsed version; they are one JSON object with no fields but
+//!    `v`, `data`, `deleted` and `written_at`; `written_at` is a string; a row has a `data` object
+//!    and no `deleted: true`, a tombstone has `deleted: true` and no data; the bytes are kept as
+//!    they came (served unchanged), and parsing them again gives the same envelope.
+//! 2. The input split at its first two NUL bytes into `version`, `data` and `written_at`: a row
+//!    and a tombstone built from valid pieces (a version from 0 to 10^18 - 1, a JSON object, a
+//!    timestamp that needs no escaping) parse back to the same version and `deleted`, with the same
+//!    data and timestamp. Invalid pieces may be refused, but whatever is accepted obeys (1).
+#![no_main]
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use serde::de::IgnoredAny;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use wtc_sidecar::envelope::Envelope;
+
+/// The largest version the prefix match accepts back: 18 digits (`version_prefix`).
+const MAX_VERSION: i64 = 999_999_999_999_999_999;
+
+fuzz_target!(|input: &[u8]| {
+    if let Some(env) = Envelope::parse_stored(Bytes::copy_from_slice(input)) {
+        check_accepted(input, &env);
+    }
+    let mut parts = input.splitn(3, |b| *b == 0);
+    if let (Some(v), Some(data), Some(written_at)) = (parts.next(), parts.next(), parts.next()) {
+        round_trip(v, data, written_at);
+    }
+});
+
+/// Property 1: what an accepted value must be.
+fn check_accepted(input: &[u8], env: &Envelope) {
+    assert_eq!(
+        &env.bytes[..],
+        input,
+        "the stored bytes must be kept as they are"
+    );
+    let rest = input
+        .strip_prefix(b"{\"v\":")
+        .expect("accepted without the {\"v\": prefix");
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    assert!(digits > 0, "accepted without digits after {{\"v\":");
+    assert_eq!(
+        rest.get(digits),
+        Some(&b','),
+        "the version is not followed by ','"
+    );
+    let prefix: i64 = std::str::from_utf8(&rest[..digits])
+        .unwrap()
+        .parse()
+        .expect("prefix digits out of range");
+    assert_eq!(prefix, env.version, "prefix version != parsed version");
+    assert!(env.version >= 0);
+
+    check_json(input);
+    // The fields, each kept as its raw text (a data object is checked as JSON above).
+    let fields: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(input).expect("accepted bytes are not one JSON object");
+    for k in fields.keys() {
+        assert!(
+            matches!(k.as_str(), "v" | "data" | "deleted" | "written_at"),
+            "accepted an unknown field {k:?}"
+        );
+    }
+    let raw = |k: &str| fields.get(k).map(|r| r.get());
+    assert_eq!(raw("v"), Some(env.version.to_string().as_str()));
+    assert!(
+        raw("written_at").is_some_and(|w| serde_json::from_str::<String>(w).is_ok()),
+        "written_at is missing or not a string"
+    );
+    let deleted = match raw("deleted") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => panic!("deleted is {other}, not a boolean"),
+    };
+    assert_eq!(deleted, env.deleted, "deleted flag differs from the JSON");
+    let data = raw("data").filter(|d| *d != "null");
+    if env.deleted {
+        assert!(data.is_none(), "a tombstone with data");
+    } else {
+        assert!(
+            data.is_some_and(|d| d.starts_with('{')),
+            "a row whose data is not an object"
+        );
+    }
+    // Deterministic: the same bytes parse to the same envelope.
+    assert_eq!(
+        Envelope::parse_stored(env.bytes.clone()).as_ref(),
+        Some(env),
+        "parsing is not stable"
+    );
+}
+
+/// The bytes are JSON. Judged by a full parse (`serde_json::Value`), which is stricter than the
+/// JSON grammar in two ways that are tolerated: numbers beyond f64 (PostgreSQL's numeric writes
+/// them) and nesting deeper than 128. A third difference is a finding, tolerated unless
+/// `WTC_FUZZ_STRICT_JSON` is set: `parse_stored` accepts string escapes of lone UTF-16
+/// surrogates (`"\ud800"`), which PostgreSQL's jsonb never writes and strict parsers refuse.
+fn check_json(input: &[u8]) {
+    let Err(e) = serde_json::from_slice::<Value>(input) else {
+        return;
+    };
+    serde_json::from_slice::<IgnoredAny>(input)
+        .unwrap_or_else(|g| panic!("accepted bytes are not JSON: {g}"));
+    let msg = e.to_string();
+    let tolerated = msg.contains("number out of range") || msg.contains("recursion limit");
+    let surrogate = msg.contains("surrogate")
+        || msg.contains("hex escape")
+        || msg.contains("unicode code point");
+    assert!(
+        tolerated || (surrogate && std::env::var_os("WTC_FUZZ_STRICT_JSON").is_none()),
+        "accepted bytes are not valid JSON: {e}"
+    );
+}
+
+/// Property 2: envelopes the sidecar builds come back as built.
+fn round_trip(v: &[u8], data: &[u8], written_at: &[u8]) {
+    let Some(version) = std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+    else {
+        return;
+    };
+    let (Ok(data), Ok(written_at)) = (std::str::from_utf8(data), std::str::from_utf8(written_at))
+    else {
+        return;
+    };
+    let version_ok = (0..=MAX_VERSION).contains(&version);
+    // A JSON object as PostgreSQL's `to_jsonb(row)::text` writes it: no surrounding whitespace.
+    let data_ok = data.starts_with('{')
+        && data.ends_with('}')
+        && serde_json::from_str::<IgnoredAny>(data).is_ok();
+    let written_at_ok = !written_at
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control());
+
+    let row = Envelope::row(version, data, written_at);
+    assert_eq!((row.version, row.deleted), (version, false));
+    let parsed = Envelope::parse_stored(row.bytes.clone());
+    if let Some(p) = &parsed {
+        check_accepted(&row.bytes, p);
+    }
+    if version_ok && data_ok && written_at_ok {
+        let p = parsed.unwrap_or_else(|| {
+            panic!(
+                "a valid row did not parse back: {:?}",
+                String::from_utf8_lossy(&row.bytes)
+            )
+        });
+        assert_eq!((p.version, p.deleted), (version, false));
+        let back: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(&p.bytes).unwrap();
+        assert_eq!(back["data"].get(), data, "data changed");
+        assert_eq!(
+            serde_json::from_str::<String>(back["written_at"].get())
+                .ok()
+                .as_deref(),
+            Some(written_at)
+        );
+    } else if !version_ok {
+        assert!(
+            parsed.is_none(),
+            "a row with version {version} was accepted"
+        );
+    }
+
+    let t = Envelope::tombstone(version, written_at);
+    assert_eq!((t.version, t.deleted), (version, true));
+    let parsed = Envelope::parse_stored(t.bytes.clone());
+    if let Some(p) = &parsed {
+        check_accepted(&t.bytes, p);
+    }
+    if version_ok && written_at_ok {
+        let p = parsed.unwrap_or_else(|| {
+            panic!(
+                "a valid tombstone did not parse back: {:?}",
+                String::from_utf8_lossy(&t.bytes)
+            )
+        });
+        assert_eq!((p.version, p.deleted), (version, true));
+    } else if !version_ok {
+        assert!(
+            parsed.is_none(),
+            "a tombstone with version {version} was accepted"
+        );
+    }
+}
