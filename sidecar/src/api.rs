@@ -37,6 +37,19 @@ pub fn routes(
         )
 }
 
+/// A request target the routes cannot take: one without a path (the authority form,
+/// `GET a:1 HTTP/1.1`). `server` answers it before warp, whose path filters panic on it.
+pub fn check_target(uri: &warp::http::Uri) -> Option<Response> {
+    if uri.path_and_query().is_some() {
+        return None;
+    }
+    Some(error(
+        StatusCode::BAD_REQUEST,
+        "invalid_target",
+        "the request target must be a path, like /v1/entities/{entity}/{key}".into(),
+    ))
+}
+
 async fn handle<S, B>(
     sc: Arc<Sidecar>,
     method: Method,

@@ -19,6 +19,7 @@ pub mod read;
 pub mod repair;
 pub mod run;
 pub mod sampler;
+pub mod server;
 pub mod sidecar;
 pub mod write;
 pub mod write_ratio;

@@ -1,6 +1,5 @@
 //! Process wiring: configuration, the server on loopback, the repair loop, graceful shutdown.
 
-use crate::api;
 use crate::sidecar::Sidecar;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -127,11 +126,7 @@ pub async fn serve(config: SidecarConfig) -> Result<(), String> {
     );
     // Tests start the sidecar on port 0 and read the address from this line.
     println!("listening on {addr}");
-    warp::serve(api::routes(Arc::clone(&sc)))
-        .incoming(listener)
-        .graceful(shutdown_signal())
-        .run()
-        .await;
+    crate::server::serve(listener, Arc::clone(&sc), shutdown_signal()).await;
     // Connections are closed; let writes whose clients hung up finish their cache step.
     sc.writes_in_flight.close();
     sc.writes_in_flight.wait().await;

@@ -465,3 +465,27 @@ async fn sigterm_finishes_the_write_in_flight() {
         "cache step ran before exit"
     );
 }
+
+/// A request target without a path (the authority form) is refused with 400, and the connection
+/// stays usable: warp's path filters panic on such a target (found by the `request` fuzz target).
+#[tokio::test]
+async fn a_request_target_without_a_path_gets_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bed = TestBed::new("target").await;
+    let sc = bed.fixture().start().await;
+    let addr = sc.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET a:1 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("\"invalid_target\""), "{answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        2,
+        "the connection went on to the next request: {answer}"
+    );
+    assert!(answer.contains("HTTP/1.1 200 "), "{answer}");
+}
