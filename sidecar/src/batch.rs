@@ -350,13 +350,30 @@ impl Sidecar {
             let refs: Vec<&CacheKey> = via_cache.iter().map(|&i| &cks[i]).collect();
             match self.cache.get_many(&refs).await {
                 Ok(values) => {
+                    let mut corrupt: Vec<&CacheKey> = Vec::new();
                     for (&i, value) in via_cache.iter().zip(values) {
-                        match value.and_then(|b| Envelope::parse_stored(b.into())) {
+                        let Some(bytes) = value else {
+                            misses.push(i);
+                            continue;
+                        };
+                        match Envelope::parse_stored(bytes.into()) {
                             Some(env) => {
                                 m.hit.inc();
                                 out[i] = Some(hit(env));
                             }
-                            None => misses.push(i),
+                            None => {
+                                corrupt.push(&cks[i]);
+                                misses.push(i);
+                            }
+                        }
+                    }
+                    // Not envelopes: never served, and evicted before the leases (as a single
+                    // read does), or a newer-looking version prefix would refuse every fill.
+                    if !corrupt.is_empty() {
+                        self.metrics.corrupt_entries.inc_by(corrupt.len() as u64);
+                        self.metrics.round_trip("bulk_evict");
+                        if self.cache.evict_many(&corrupt).await.is_err() {
+                            self.metrics.redis_errors.inc();
                         }
                     }
                 }

@@ -63,6 +63,9 @@ impl Envelope {
         }
         let prefix_version = version_prefix(&bytes)?;
         let stored: Stored<'_> = serde_json::from_slice(&bytes).ok()?;
+        if has_lone_surrogate(&bytes) {
+            return None;
+        }
         if stored.v != prefix_version || stored.v < 0 {
             return None;
         }
@@ -78,6 +81,46 @@ impl Envelope {
             bytes,
         })
     }
+}
+
+/// Whether a `\uD800`-`\uDFFF` escape stands outside a high-low pair. The JSON grammar allows it
+/// and `RawValue` does not look inside strings, but it is no text: PostgreSQL's jsonb never writes
+/// one, strict parsers refuse it, so such a value is not one this sidecar stored. Called on bytes
+/// that parsed as JSON, where every backslash starts an escape inside a string.
+fn has_lone_surrogate(b: &[u8]) -> bool {
+    let hex4 = |at: usize| {
+        let digits = b.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while let Some(off) = b
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&c| c == b'\\'))
+    {
+        let at = i + off;
+        if b.get(at + 1) != Some(&b'u') {
+            i = at + 2;
+            continue;
+        }
+        let Some(unit) = hex4(at + 2) else {
+            return true;
+        };
+        i = at + 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = (b.get(at + 6) == Some(&b'\\') && b.get(at + 7) == Some(&b'u'))
+                    .then(|| hex4(at + 8))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i = at + 12;
+            }
+            0xDC00..=0xDFFF => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The version as the Redis scripts see it: the digits after the literal prefix `{"v":`.
@@ -131,11 +174,31 @@ mod tests {
             b"{\"v\":1,\"data\":{},\"written_at\":\"x\",\"extra\":1}",
             b"{\"v\":99999999999999999999,\"data\":{},\"written_at\":\"x\"}",
             b"{\"v\":-1,\"data\":{},\"written_at\":\"x\"}",
+            // Lone surrogate escapes (found by the `envelope` fuzz target).
+            br#"{"v":1,"data":{"a":"\ud800"},"written_at":"x"}"#,
+            br#"{"v":1,"data":{"a":"\uDC00x"},"written_at":"x"}"#,
+            br#"{"v":1,"data":{"a":"\udc00\ud800"},"written_at":"x"}"#,
+            br#"{"v":1,"data":{"\ud83d":1},"written_at":"x"}"#,
         ] {
             assert!(
                 Envelope::parse_stored(Bytes::copy_from_slice(bad)).is_none(),
                 "{:?} was accepted",
                 String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn surrogate_pairs_and_escaped_backslashes_are_fine() {
+        for good in [
+            br#"{"v":1,"data":{"a":"\ud83d\ude00"},"written_at":"x"}"#.as_slice(),
+            br#"{"v":1,"data":{"a":"\\ud800"},"written_at":"x"}"#,
+            br#"{"v":1,"data":{"a":"\u00e9\n\"\\"},"written_at":"x"}"#,
+        ] {
+            assert!(
+                Envelope::parse_stored(Bytes::copy_from_slice(good)).is_some(),
+                "{:?} was refused",
+                String::from_utf8_lossy(good)
             );
         }
     }

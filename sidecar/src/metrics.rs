@@ -103,7 +103,7 @@ impl Metrics {
         )
         .unwrap();
         let redis_round_trips = IntCounterVec::new(
-            Opts::new("wtc_redis_round_trips_total", "Redis round trips of batches and bulk reads, by op: batch_intents, batch_release, batch_store, bulk_get, bulk_leases, bulk_fills (a pipeline is one)."),
+            Opts::new("wtc_redis_round_trips_total", "Redis round trips of batches and bulk reads, by op: batch_intents, batch_release, batch_store, bulk_get, bulk_evict (values that were not envelopes), bulk_leases, bulk_fills (a pipeline is one)."),
             &["op"],
         )
         .unwrap();
@@ -112,6 +112,7 @@ impl Metrics {
             "batch_release",
             "batch_store",
             "bulk_get",
+            "bulk_evict",
             "bulk_leases",
             "bulk_fills",
         ] {

@@ -132,6 +132,16 @@ impl Cache {
         self.note(c.generation, cmd.query_async(&mut c.c).await)
     }
 
+    /// Removes many entries and their leases (`DEL`), one round trip: always safe, as `evict`.
+    pub async fn evict_many(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd("DEL");
+        for k in keys {
+            cmd.arg(&k.entry).arg(&k.lease);
+        }
+        self.note(c.generation, cmd.query_async::<()>(&mut c.c).await)
+    }
+
     /// Tries to become the filler of many empty slots (`SET lease token NX PX`), reading each
     /// entry right after its `SET NX` (as `acquire_lease` does), one round trip. Per key: whether
     /// the lease was won, and the entry found.

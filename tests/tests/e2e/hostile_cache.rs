@@ -76,3 +76,44 @@ async fn corrupt_or_hostile_cache_values_are_misses_and_get_replaced() {
     .await;
     assert!(repaired, "the foreign value was evicted and the row cached");
 }
+
+/// The same through a bulk read: hostile values are misses, answered from the database, evicted
+/// and refilled in the same request.
+#[tokio::test]
+async fn bulk_reads_evict_hostile_values_too() {
+    let bed = TestBed::new("hostbulk").await;
+    let sc = bed.fixture().start().await;
+    let mut versions = vec![];
+    for k in ["a", "b", "c"] {
+        versions.push(sc.put("accounts", k, json!({"n": 1})).await.version());
+    }
+    bed.redis
+        .set(
+            &entry_key("accounts", "b"),
+            "{\"v\":999999,\"data\":[1],\"written_at\":\"x\"}",
+        )
+        .await;
+    bed.redis.set(&entry_key("accounts", "c"), "garbage").await;
+    let r = sc
+        .send(
+            sc.http
+                .post(format!("{}/v1/entities/accounts/_bulk_get", sc.base))
+                .json(&json!({"keys": ["a", "b", "c"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    for (i, (k, v)) in ["a", "b", "c"].iter().zip(&versions).enumerate() {
+        assert_eq!(
+            r.body["items"][i]["envelope"]["v"].as_i64(),
+            Some(*v),
+            "{k}: {}",
+            r.raw
+        );
+        assert_eq!(
+            bed.redis.cached_version("accounts", k).await,
+            Some(*v),
+            "{k} holds the row again"
+        );
+    }
+    assert_eq!(sc.metric("wtc_cache_corrupt_entries_total").await, 2.0);
+}
