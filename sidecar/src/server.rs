@@ -36,6 +36,8 @@ pub async fn serve(listener: TcpListener, sc: Arc<Sidecar>, shutdown: impl Futur
             },
             _ = &mut shutdown => break,
         };
+        // Answers are one small write each; never hold one back waiting for an ACK.
+        let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let mut routes = routes.clone();
