@@ -38,12 +38,6 @@ pub fn debug() -> bool {
     *ON.get_or_init(|| std::env::var_os("WTC_FUZZ_DEBUG").is_some())
 }
 
-/// Whether `WTC_FUZZ_KNOWN_BUGS` is set: the checks of reported, unfixed problems then run too.
-pub fn known_bugs() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("WTC_FUZZ_KNOWN_BUGS").is_some())
-}
-
 /// One current-thread runtime for the whole process: every input is one `block_on`, and tasks the
 /// sidecar spawns (writes, refreshes, reconnects) run inside those calls.
 pub fn runtime() -> &'static Runtime {
@@ -118,16 +112,19 @@ pub fn sidecar_filter(config: SidecarConfig, token: Option<&str>) -> BoxedFilter
     api::routes(Arc::new(sc)).boxed()
 }
 
-/// One request through the filter, as warp's server would hand it over (`warp::service`), and
+/// One request, as the sidecar's server (`server.rs`) handles it once hyper has parsed it: the
+/// target check (`api::check_target`), then the filter as a service (`warp::service`). Returns
 /// the whole answer.
 pub async fn call(
     filter: &BoxedFilter<(Response,)>,
     req: Request<Full<Bytes>>,
 ) -> (StatusCode, HeaderMap, Bytes) {
-    let mut svc = warp::service(filter.clone());
-    let res = match svc.call(req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+    let res = match api::check_target(req.uri()) {
+        Some(refused) => refused,
+        None => match warp::service(filter.clone()).call(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
     };
     let (parts, body) = res.into_parts();
     let body = body
@@ -169,6 +166,7 @@ pub fn check_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Stri
     }
     let allowed: &[&str] = match status.as_u16() {
         400 => &[
+            "invalid_target",
             "invalid_key",
             "invalid_if_match",
             "invalid_min_version",
