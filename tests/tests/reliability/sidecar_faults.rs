@@ -99,7 +99,10 @@ async fn sidecars_killed_and_restarted_under_load_keep_the_promise() {
     let victim = Arc::new(fixture(Some(port)).start().await);
     let survivor = Arc::new(fixture(None).start().await);
     let sidecars = vec![Arc::clone(&victim), Arc::clone(&survivor)];
-    let workload = Workload::new(4, stop((2_000, 600), (200_000, 20_000)));
+    let mut workload = Workload::new(4, stop((2_000, 600), (200_000, 20_000)));
+    // However fast the workload, it runs through a few kills.
+    let killed_enough = Arc::new(AtomicBool::new(false));
+    workload.until_also = Some(Arc::clone(&killed_enough));
     for k in &workload.keys {
         assert!(survivor.put("accounts", k, json!({"n": 0})).await.status < 300);
     }
@@ -108,6 +111,7 @@ async fn sidecars_killed_and_restarted_under_load_keep_the_promise() {
     let done = Arc::new(AtomicBool::new(false));
     let killer = {
         let done = Arc::clone(&done);
+        let killed_enough = Arc::clone(&killed_enough);
         let mut pid = victim.pid();
         tokio::spawn(async move {
             let mut current = None;
@@ -116,6 +120,9 @@ async fn sidecars_killed_and_restarted_under_load_keep_the_promise() {
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(300..900))).await;
                 signal(pid, "KILL");
                 kills += 1;
+                if kills >= 3 {
+                    killed_enough.store(true, Ordering::Relaxed);
+                }
                 // The port is free once the process is gone (the signal is asynchronous).
                 let gone = eventually(Duration::from_secs(5), || async {
                     tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -148,7 +155,7 @@ async fn sidecars_killed_and_restarted_under_load_keep_the_promise() {
         figures,
     );
     assert!(
-        kills >= 2 && r.writes_acked() > 100,
+        kills >= 3 && r.writes_acked() > 100,
         "{kills} kills; {}",
         r.summary()
     );
