@@ -15,9 +15,12 @@ mod redis_faults;
 mod sidecar_faults;
 
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wtc_tests::history::{Report, RunStats, Stop};
+use wtc_tests::history::{Report, RunStats, Stop, Workload};
 
 /// Short (the test command) or long (by hand, `scripts/reliability`).
 pub fn long() -> bool {
@@ -38,6 +41,44 @@ pub fn stop(short: (u64, u64), long_run: (u64, u64)) -> Stop {
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
+}
+
+/// A fault scenario's loop: one fault after another until the workload ends, each counted by
+/// name; the workload goes on (`Workload::until_also`) until every kind happened once.
+#[derive(Clone, Default)]
+pub struct FaultCycle {
+    done: Arc<AtomicBool>,
+    cycled: Arc<AtomicBool>,
+}
+
+impl FaultCycle {
+    pub fn new(workload: &mut Workload) -> Self {
+        let cycle = Self::default();
+        workload.until_also = Some(Arc::clone(&cycle.cycled));
+        cycle
+    }
+
+    /// Calls `inject(step)` until `stop`; `kinds` steps make a full cycle.
+    pub async fn run(
+        &self,
+        kinds: usize,
+        mut inject: impl AsyncFnMut(usize) -> &'static str,
+    ) -> BTreeMap<&'static str, u32> {
+        let mut injected = BTreeMap::new();
+        let mut step = 0;
+        while !self.done.load(Ordering::Relaxed) {
+            *injected.entry(inject(step).await).or_default() += 1;
+            step += 1;
+            if step >= kinds {
+                self.cycled.store(true, Ordering::Relaxed);
+            }
+        }
+        injected
+    }
+
+    pub fn stop(&self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Appends a scenario's figures to the report file, when one is asked for.

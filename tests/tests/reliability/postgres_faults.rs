@@ -5,10 +5,9 @@
 //! no acknowledged write is lost, no read returns a version the database never committed, and no
 //! read is older than a clean acknowledgement.
 
-use crate::{history_figures, report, serial, stop, with_port};
+use crate::{FaultCycle, history_figures, report, serial, stop, with_port};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wtc_tests::history::{self, History, Workload};
 use wtc_tests::proxy::{FaultProxy, Mode};
@@ -126,30 +125,17 @@ async fn postgres_faults_under_load_keep_the_promise() {
         assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
     }
 
-    let cycled = Arc::new(AtomicBool::new(false));
-    workload.until_also = Some(Arc::clone(&cycled));
+    let cycle = FaultCycle::new(&mut workload);
     let recorded = History::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let faults = {
-        let done = Arc::clone(&done);
-        let cycled = Arc::clone(&cycled);
-        tokio::spawn(async move {
-            let mut injected = std::collections::BTreeMap::<&str, u32>::new();
-            let mut step = 0;
-            while !done.load(Ordering::Relaxed) {
-                *injected.entry(inject(step, &proxy).await).or_default() += 1;
-                step += 1;
-                if step >= FAULT_KINDS {
-                    cycled.store(true, Ordering::Relaxed);
-                }
-            }
-            // The proxy lives on: the sidecars still reach PostgreSQL through it.
-            (injected, proxy)
-        })
-    };
-    let stats = workload.run(&sidecars, &redis.url(), &recorded).await;
-    done.store(true, Ordering::Relaxed);
-    let (injected, _proxy) = faults.await.unwrap();
+    // The faults run alongside the workload, in this task, until it ends.
+    let (stats, injected) = tokio::join!(
+        async {
+            let stats = workload.run(&sidecars, &redis.url(), &recorded).await;
+            cycle.stop();
+            stats
+        },
+        cycle.run(FAULT_KINDS, async |step| inject(step, &proxy).await),
+    );
 
     // Both sidecars work again, and their repair queues (unknown outcomes) drained.
     for sc in &sidecars {

@@ -4,10 +4,9 @@
 //! stay acknowledged (`repairing` when their cache step failed), no read is older than a clean
 //! acknowledgement, and reads older than a `repairing` one end within W, the entity TTL.
 
-use crate::{history_figures, report, serial, stop};
+use crate::{FaultCycle, history_figures, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wtc_tests::history::{self, History, Workload};
 use wtc_tests::proxy::{FaultProxy, Mode};
@@ -98,32 +97,19 @@ async fn redis_faults_under_load_keep_the_promise() {
         assert!(sidecars[1].put("accounts", k, json!({"n": 0})).await.status < 300);
     }
 
-    let cycled = Arc::new(AtomicBool::new(false));
-    workload.until_also = Some(Arc::clone(&cycled));
+    let cycle = FaultCycle::new(&mut workload);
     let recorded = History::default();
     let redis_url = redis.url();
-    let done = Arc::new(AtomicBool::new(false));
-    let faults = {
-        let done = Arc::clone(&done);
-        let cycled = Arc::clone(&cycled);
-        tokio::spawn(async move {
-            let mut injected = std::collections::BTreeMap::<&str, u32>::new();
-            let mut step = 0;
-            while !done.load(Ordering::Relaxed) {
-                *injected
-                    .entry(inject(step, &proxy, &mut redis).await)
-                    .or_default() += 1;
-                step += 1;
-                if step >= FAULT_KINDS {
-                    cycled.store(true, Ordering::Relaxed);
-                }
-            }
-            (injected, redis, proxy)
-        })
-    };
-    let stats = workload.run(&sidecars, &redis_url, &recorded).await;
-    done.store(true, Ordering::Relaxed);
-    let (injected, redis, _proxy) = faults.await.unwrap();
+    // The faults run alongside the workload, in this task, until it ends.
+    let (stats, injected) = tokio::join!(
+        async {
+            let stats = workload.run(&sidecars, &redis_url, &recorded).await;
+            cycle.stop();
+            stats
+        },
+        cycle.run(FAULT_KINDS, async |step| inject(step, &proxy, &mut redis)
+            .await),
+    );
 
     // Every repair done: the cache and the database agree again.
     for sc in &sidecars {

@@ -1,10 +1,9 @@
 //! The sidecar itself dying: killed (-9) between a write's commit and its cache step, and killed
 //! and restarted again and again under load.
 
-use crate::{history_figures, report, serial, stop};
+use crate::{FaultCycle, history_figures, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wtc_tests::history::{self, History, Workload};
 use wtc_tests::*;
@@ -101,47 +100,40 @@ async fn sidecars_killed_and_restarted_under_load_keep_the_promise() {
     let sidecars = vec![Arc::clone(&victim), Arc::clone(&survivor)];
     let mut workload = Workload::new(4, stop((2_000, 600), (200_000, 20_000)));
     // However fast the workload, it runs through a few kills.
-    let killed_enough = Arc::new(AtomicBool::new(false));
-    workload.until_also = Some(Arc::clone(&killed_enough));
+    let cycle = FaultCycle::new(&mut workload);
     for k in &workload.keys {
         assert!(survivor.put("accounts", k, json!({"n": 0})).await.status < 300);
     }
 
     let recorded = History::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let killer = {
-        let done = Arc::clone(&done);
-        let killed_enough = Arc::clone(&killed_enough);
-        let mut pid = victim.pid();
-        tokio::spawn(async move {
-            let mut current = None;
-            let mut kills = 0u32;
-            while !done.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(300..900))).await;
-                signal(pid, "KILL");
-                kills += 1;
-                if kills >= 3 {
-                    killed_enough.store(true, Ordering::Relaxed);
-                }
-                // The port is free once the process is gone (the signal is asynchronous).
-                let gone = eventually(Duration::from_secs(5), || async {
-                    tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .is_err()
-                })
-                .await;
-                assert!(gone, "the killed sidecar still listens");
-                // The workload's handle keeps sending to the same port, now served by the new one.
-                let next = fixture(Some(port)).start().await;
-                pid = next.pid();
-                current = Some(next);
-            }
-            (kills, current)
-        })
-    };
-    let stats = workload.run(&sidecars, &redis.url(), &recorded).await;
-    done.store(true, Ordering::Relaxed);
-    let (kills, _last) = killer.await.unwrap();
+    let mut pid = victim.pid();
+    // The replacement of the victim; dropping it at the end stops it.
+    let mut current = None;
+    let (stats, injected) = tokio::join!(
+        async {
+            let stats = workload.run(&sidecars, &redis.url(), &recorded).await;
+            cycle.stop();
+            stats
+        },
+        cycle.run(3, async |_| {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(300..900))).await;
+            signal(pid, "KILL");
+            // The port is free once the process is gone (the signal is asynchronous).
+            let gone = eventually(Duration::from_secs(5), || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+            })
+            .await;
+            assert!(gone, "the killed sidecar still listens");
+            // The workload's handle keeps sending to the same port, now served by the new one.
+            let next = fixture(Some(port)).start().await;
+            pid = next.pid();
+            current = Some(next);
+            "sidecar killed (-9) and restarted"
+        }),
+    );
+    let kills: u32 = injected.values().sum();
 
     let ops = recorded.ops();
     let r = history::check(&workload.keys, &ops, &audit.committed(&pool).await);
