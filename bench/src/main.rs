@@ -6,6 +6,7 @@
 //! workload at the same fixed rates and in a closed loop. See docs/benchmarks.md.
 #![forbid(unsafe_code)]
 
+mod hop;
 mod http;
 mod load;
 mod plot;
@@ -162,6 +163,9 @@ fn main() -> ExitCode {
     if std::env::var_os(AS_SIDECAR).is_some() {
         return wtc_sidecar::main_entry();
     }
+    if std::env::var_os(hop::AS_HOP).is_some() {
+        return hop::main_entry();
+    }
     let opts = match parse_args(std::env::args().skip(1).collect()) {
         Ok(Some(o)) => o,
         Ok(None) => return ExitCode::SUCCESS,
@@ -196,15 +200,16 @@ fn log(msg: &str) {
     eprintln!("wtc-bench: {msg}");
 }
 
-/// The sidecar process under measurement; killed on drop.
-struct SidecarProcess {
+/// A child process answering HTTP (the sidecar under measurement, or the HTTP hop alone);
+/// killed on drop.
+struct ServerProcess {
     child: Child,
     addr: SocketAddr,
     pid: u32,
     binary: String,
 }
 
-impl SidecarProcess {
+impl ServerProcess {
     async fn start(
         binary: Option<&str>,
         threads: Option<usize>,
@@ -241,6 +246,22 @@ impl SidecarProcess {
             Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
             None => cmd.env_remove("TOKIO_WORKER_THREADS"),
         };
+        Self::spawn(cmd, shown).await
+    }
+
+    /// The HTTP hop alone (src/hop.rs): this binary again, with the sidecar's worker threads.
+    async fn start_hop(threads: Option<usize>) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&exe);
+        cmd.env(hop::AS_HOP, "1");
+        match threads {
+            Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
+            None => cmd.env_remove("TOKIO_WORKER_THREADS"),
+        };
+        Self::spawn(cmd, format!("{} (HTTP hop alone)", exe.display())).await
+    }
+
+    async fn spawn(mut cmd: Command, shown: String) -> Result<Self, String> {
         let mut child = cmd
             .env_remove("WTC_DATABASE_URL")
             .env_remove("WTC_REDIS_URL")
@@ -279,7 +300,10 @@ struct Bench {
     entity: String,
     table: String,
     inproc: Arc<Sidecar>,
-    sidecar: SidecarProcess,
+    sidecar: ServerProcess,
+    hop: ServerProcess,
+    hop_http: Vec<Client>,
+    redis_pid: Option<u32>,
     http: Vec<Client>,
     pg: sqlx::PgPool,
     redis: redis::aio::MultiplexedConnection,
@@ -341,25 +365,25 @@ async fn run(opts: Opts) -> Result<(), String> {
         .map_err(|e| format!("the sidecar configuration: {e}"))?;
     let inproc = Arc::new(Sidecar::new(config.clone())?);
     let sidecar =
-        SidecarProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
+        ServerProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
     log(&format!(
         "sidecar {} (pid {}) on {}",
         sidecar.binary, sidecar.pid, sidecar.addr
     ));
     let rss_start = procfs::rss_kib(sidecar.pid);
-    let mut http = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let c = HttpConn::connect(sidecar.addr)
-            .await
-            .map_err(|e| format!("cannot connect to the sidecar: {e}"))?;
-        http.push(Client::Http(Box::new(c)));
-    }
+    let hop = ServerProcess::start_hop(opts.sidecar_threads).await?;
+    let http = http_clients(sidecar.addr, conns, "the sidecar").await?;
+    let hop_http = http_clients(hop.addr, conns, "the HTTP hop").await?;
+    let redis_pid = redis_pid(&mut redis.clone()).await;
     let mut b = Bench {
         opts: opts.clone(),
         entity,
         table,
         inproc,
         sidecar,
+        hop,
+        hop_http,
+        redis_pid,
         http,
         pg,
         redis,
@@ -372,6 +396,37 @@ async fn run(opts: Opts) -> Result<(), String> {
     let result = b.measure_all(rss_start, load_before, started).await;
     b.cleanup().await;
     result
+}
+
+async fn http_clients(addr: SocketAddr, n: usize, what: &str) -> Result<Vec<Client>, String> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = HttpConn::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {what}: {e}"))?;
+        v.push(Client::Http(Box::new(c)));
+    }
+    Ok(v)
+}
+
+/// redis-server's pid (`INFO server`), to read its CPU time; `None` when Redis runs elsewhere.
+async fn redis_pid(redis: &mut redis::aio::MultiplexedConnection) -> Option<u32> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(redis)
+        .await
+        .ok()?;
+    let pid: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    // Only a Redis on this machine: the pid must name a redis-server here.
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .filter(|c| c.starts_with("redis"))
+        .map(|_| pid)
 }
 
 /// A TOML basic string.
@@ -443,6 +498,7 @@ async fn select_calls(pool: &sqlx::PgPool, table: &str) -> Result<i64, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Generator,
+    HttpHop,
     RedisGet,
     InProcess,
     Sidecar,
@@ -452,6 +508,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Generator => "generator alone",
+            Target::HttpHop => "HTTP hop alone",
             Target::RedisGet => "Redis GET",
             Target::InProcess => "in-process",
             Target::Sidecar => "sidecar",
@@ -459,11 +516,57 @@ impl Target {
     }
 }
 
+/// CPU time (µs) of the processes taking part: this process (the load generator, and the
+/// in-process side), redis-server, and the HTTP server (the sidecar or the hop) when there is one.
+#[derive(Default, Clone, Copy)]
+struct CpuSpent {
+    bench: Option<f64>,
+    redis: Option<f64>,
+    server: Option<f64>,
+}
+
+impl CpuSpent {
+    fn now(redis_pid: Option<u32>, server_pid: Option<u32>) -> Self {
+        Self {
+            bench: procfs::cpu_us(std::process::id()),
+            redis: redis_pid.and_then(procfs::cpu_us),
+            server: server_pid.and_then(procfs::cpu_us),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        let d = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        Self {
+            bench: d(self.bench, before.bench),
+            redis: d(self.redis, before.redis),
+            server: d(self.server, before.server),
+        }
+    }
+
+    /// Sums slices; a figure unknown in any slice is unknown.
+    fn add(self, other: Self) -> Self {
+        let s = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        Self {
+            bench: s(self.bench, other.bench),
+            redis: s(self.redis, other.redis),
+            server: s(self.server, other.server),
+        }
+    }
+
+    fn per_request(self, requests: u64) -> report::CpuPerRequest {
+        let per = |v: Option<f64>| v.filter(|_| requests > 0).map(|v| v / requests as f64);
+        report::CpuPerRequest {
+            bench_us: per(self.bench),
+            redis_us: per(self.redis),
+            server_us: per(self.server),
+        }
+    }
+}
+
 /// What one slice of a phase measured.
 struct Slice {
     run: Run,
-    /// The sidecar process's CPU time during the slice.
-    cpu_us: Option<f64>,
+    cpu: CpuSpent,
     rss_max: u64,
 }
 
@@ -471,8 +574,7 @@ struct Slice {
 struct Slices {
     parts: Vec<(Vec<u64>, u64, u64)>,
     elapsed: Duration,
-    cpu_us: f64,
-    cpu_known: bool,
+    cpu: Option<CpuSpent>,
     rss_max: u64,
 }
 
@@ -481,8 +583,7 @@ impl Default for Slices {
         Self {
             parts: Vec::new(),
             elapsed: Duration::ZERO,
-            cpu_us: 0.0,
-            cpu_known: true,
+            cpu: None,
             rss_max: 0,
         }
     }
@@ -491,10 +592,10 @@ impl Default for Slices {
 impl Slices {
     fn add(&mut self, s: Slice) {
         self.elapsed += s.run.elapsed;
-        match s.cpu_us {
-            Some(c) => self.cpu_us += c,
-            None => self.cpu_known = false,
-        }
+        self.cpu = Some(match self.cpu {
+            Some(c) => c.add(s.cpu),
+            None => s.cpu,
+        });
         self.rss_max = self.rss_max.max(s.rss_max);
         self.parts.push((s.run.lat_ns, s.run.ok, s.run.bad));
     }
@@ -523,6 +624,7 @@ impl Bench {
             Target::InProcess => (0..n)
                 .map(|_| Client::InProcess(Arc::clone(&self.inproc)))
                 .collect(),
+            Target::HttpHop => std::mem::take(&mut self.hop_http),
             Target::Sidecar => std::mem::take(&mut self.http),
         }
     }
@@ -570,10 +672,8 @@ impl Bench {
         for (t, a) in targets.iter().zip(acc) {
             let run = Run::merge(a.parts, a.elapsed);
             let requests = run.ok + run.bad;
-            let is_sidecar = *t == Target::Sidecar;
-            let cpu =
-                (is_sidecar && a.cpu_known && requests > 0).then(|| a.cpu_us / requests as f64);
-            let rss = is_sidecar.then_some(a.rss_max);
+            let cpu = a.cpu.unwrap_or_default().per_request(requests);
+            let rss = (*t == Target::Sidecar).then_some(a.rss_max);
             let p = Phase::new(kind, *t, rate, self.opts.conns, &run, cpu, rss);
             log(&p.one_line());
             self.phases.push(p);
@@ -605,7 +705,12 @@ impl Bench {
         let clients = self.clients(target);
         let pid = self.sidecar.pid;
         let is_sidecar = target == Target::Sidecar;
-        let cpu0 = procfs::cpu_us(pid);
+        let server_pid = match target {
+            Target::Sidecar => Some(pid),
+            Target::HttpHop => Some(self.hop.pid),
+            _ => None,
+        };
+        let cpu0 = CpuSpent::now(self.redis_pid, server_pid);
         let stop = Arc::new(AtomicBool::new(false));
         let rss_max = Arc::new(AtomicU64::new(0));
         let sampler = is_sidecar.then(|| {
@@ -624,24 +729,22 @@ impl Bench {
             Some(r) => load::fixed_rate(clients, plan, r, dur).await,
             None => load::closed_loop(clients, plan, dur).await,
         };
-        let cpu1 = procfs::cpu_us(pid);
+        let cpu = CpuSpent::now(self.redis_pid, server_pid).since(cpu0);
         stop.store(true, Ordering::Relaxed);
         if let Some(s) = sampler {
             let _ = s.await;
         }
-        if is_sidecar {
-            self.http = clients;
+        match target {
+            Target::Sidecar => self.http = clients,
+            Target::HttpHop => self.hop_http = clients,
+            _ => {}
         }
         if kind == Kind::Miss {
             self.cold_next += run.ok + run.bad;
         }
-        let cpu_us = match (cpu0, cpu1) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
         Ok(Slice {
             run,
-            cpu_us,
+            cpu,
             rss_max: rss_max.load(Ordering::Relaxed),
         })
     }
@@ -661,22 +764,28 @@ impl Bench {
                 .map_err(|e| format!("warm-up read: {e}"))?;
         }
         let warm = Duration::from_secs_f64(if self.opts.short { 0.2 } else { 1.0 });
-        for target in [Target::InProcess, Target::Sidecar] {
-            for kind in [Kind::Hit, Kind::Write] {
-                let plan = Arc::new(self.plan(kind, 0));
-                let clients = self.clients(target);
-                let (clients, run) = load::closed_loop(clients, plan, warm).await;
-                if target == Target::Sidecar {
-                    self.http = clients;
-                }
-                if run.ok == 0 {
-                    return Err(format!(
-                        "warm-up: no {} answered as expected by the {} ({} failed)",
-                        kind.name(),
-                        target.name(),
-                        run.bad
-                    ));
-                }
+        for (target, kind) in [
+            (Target::InProcess, Kind::Hit),
+            (Target::InProcess, Kind::Write),
+            (Target::Sidecar, Kind::Hit),
+            (Target::Sidecar, Kind::Write),
+            (Target::HttpHop, Kind::Hit),
+        ] {
+            let plan = Arc::new(self.plan(kind, 0));
+            let clients = self.clients(target);
+            let (clients, run) = load::closed_loop(clients, plan, warm).await;
+            match target {
+                Target::Sidecar => self.http = clients,
+                Target::HttpHop => self.hop_http = clients,
+                _ => {}
+            }
+            if run.ok == 0 {
+                return Err(format!(
+                    "warm-up: no {} answered as expected by the {} ({} failed)",
+                    kind.name(),
+                    target.name(),
+                    run.bad
+                ));
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -691,6 +800,7 @@ impl Bench {
         for &rate in &hit_rates {
             let targets = [
                 Target::Generator,
+                Target::HttpHop,
                 Target::RedisGet,
                 Target::InProcess,
                 Target::Sidecar,
@@ -717,8 +827,12 @@ impl Bench {
             .filter(|k| opts.runs("peak") && (!any_named || named(*k)))
             .collect();
         for kind in peaks {
-            self.phases(kind, &[Target::InProcess, Target::Sidecar], None)
-                .await?;
+            // For hits also the HTTP hop alone: the most any HTTP server answers here.
+            let targets: &[Target] = match kind {
+                Kind::Hit => &[Target::InProcess, Target::HttpHop, Target::Sidecar],
+                _ => &[Target::InProcess, Target::Sidecar],
+            };
+            self.phases(kind, targets, None).await?;
         }
         let mut herds = Vec::new();
         if opts.runs("herd") {

@@ -26,6 +26,8 @@ fn color(target: Target, rate_rank: usize) -> RGBColor {
     let dark = rate_rank > 0;
     match (target, dark) {
         (Target::Generator, _) => RGBColor(160, 160, 160),
+        (Target::HttpHop, false) => RGBColor(200, 170, 90),
+        (Target::HttpHop, true) => RGBColor(140, 100, 0),
         (Target::RedisGet, false) => RGBColor(120, 200, 120),
         (Target::RedisGet, true) => RGBColor(20, 120, 20),
         (Target::InProcess, false) => RGBColor(110, 160, 230),

@@ -6,6 +6,16 @@ use serde_json::{Value, json};
 use std::fmt::Write;
 use std::path::Path;
 
+/// CPU time per request of each process taking part in a phase (µs; `None`: not measured).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuPerRequest {
+    /// wtc-bench itself: the load generator, plus the in-process side's work.
+    pub bench_us: Option<f64>,
+    pub redis_us: Option<f64>,
+    /// The process answering HTTP: the sidecar, or the HTTP hop alone.
+    pub server_us: Option<f64>,
+}
+
 pub const PCTS: [(f64, &str); 4] = [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")];
 
 /// One measured phase.
@@ -22,7 +32,7 @@ pub struct Phase {
     pub ok: u64,
     pub bad: u64,
     pub throughput: f64,
-    pub sidecar_cpu_us_per_req: Option<f64>,
+    pub cpu: CpuPerRequest,
     pub sidecar_rss_max_kib: Option<u64>,
 }
 
@@ -33,7 +43,7 @@ impl Phase {
         rate: Option<f64>,
         conns: usize,
         run: &Run,
-        cpu: Option<f64>,
+        cpu: CpuPerRequest,
         rss: Option<u64>,
     ) -> Self {
         Self {
@@ -46,9 +56,16 @@ impl Phase {
             ok: run.ok,
             bad: run.bad,
             throughput: run.throughput(),
-            sidecar_cpu_us_per_req: cpu,
+            cpu,
             sidecar_rss_max_kib: rss,
         }
+    }
+
+    /// The sidecar process's CPU per request (sidecar phases only).
+    pub fn sidecar_cpu_us_per_req(&self) -> Option<f64> {
+        self.cpu
+            .server_us
+            .filter(|_| self.target == Target::Sidecar)
     }
 
     pub fn one_line(&self) -> String {
@@ -69,8 +86,8 @@ impl Phase {
             self.ok,
             self.bad
         );
-        if let Some(c) = self.sidecar_cpu_us_per_req {
-            let _ = write!(s, ", sidecar CPU {c:.1} µs/req");
+        if let Some(c) = self.cpu.server_us {
+            let _ = write!(s, ", server CPU {c:.1} µs/req");
         }
         if let Some(r) = self.sidecar_rss_max_kib {
             let _ = write!(s, ", RSS max {:.1} MiB", r as f64 / 1024.0);
@@ -92,7 +109,12 @@ impl Phase {
             "ok": self.ok,
             "bad": self.bad,
             "throughput": self.throughput,
-            "sidecar_cpu_us_per_req": self.sidecar_cpu_us_per_req,
+            "sidecar_cpu_us_per_req": self.sidecar_cpu_us_per_req(),
+            "cpu_us_per_req": {
+                "bench": self.cpu.bench_us,
+                "redis": self.cpu.redis_us,
+                "server": self.cpu.server_us,
+            },
             "sidecar_rss_max_kib": self.sidecar_rss_max_kib,
         })
     }
@@ -301,6 +323,47 @@ impl Report {
         })
     }
 
+    /// Every process's CPU per request, phase by phase: what a request costs the machine on
+    /// each side, including the wake-ups that a fixed rate pays and a closed loop does not.
+    fn cpu_by_process(&self, w: &mut String) {
+        let _ = writeln!(
+            w,
+            "\n### CPU time per request of every process taking part\n\n\
+             Same method as above, for each process: `wtc-bench` (the load generator, and on the in-process side \
+             also the sidecar library's work), `redis-server`, and the HTTP server (the sidecar, or the HTTP hop \
+             alone). The application's share of an in-process hit is roughly `wtc-bench` in-process minus \
+             `wtc-bench` generator alone. PostgreSQL is not counted.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| workload | rate (req/s) | side | wtc-bench | redis-server | HTTP server | all three |"
+        );
+        let _ = writeln!(w, "| --- | --: | --- | --: | --: | --: | --: |");
+        let f = |v: Option<f64>| {
+            v.map(|v| format!("{v:.1} µs"))
+                .unwrap_or_else(|| "—".into())
+        };
+        for p in &self.phases {
+            let c = p.cpu;
+            let sum =
+                c.bench_us.unwrap_or(0.0) + c.redis_us.unwrap_or(0.0) + c.server_us.unwrap_or(0.0);
+            let rate = p
+                .rate
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "closed loop".into());
+            let _ = writeln!(
+                w,
+                "| {} | {rate} | {} | {} | {} | {} | {} |",
+                p.kind.name(),
+                p.target.name(),
+                f(c.bench_us),
+                f(c.redis_us),
+                f(c.server_us),
+                f(Some(sum))
+            );
+        }
+    }
+
     /// The issue's targets, each against what this run measured.
     pub fn targets(&self) -> Vec<TargetRow> {
         let mut rows = Vec::new();
@@ -320,16 +383,35 @@ impl Report {
                 continue;
             };
             let get = self.find(Kind::Hit, Target::RedisGet, Some(rate));
+            let hop = match (
+                self.find(Kind::Hit, Target::HttpHop, Some(rate)),
+                self.find(Kind::Hit, Target::Generator, Some(rate)),
+            ) {
+                (Some(h), Some(g)) => Some((h, g)),
+                _ => None,
+            };
             for (i, limit, name) in [(0usize, 25.0, "p50"), (2, 100.0, "p99")] {
                 let d = sc.pcts_us[i] - base.pcts_us[i];
-                let vs_get = get
+                let mut vs_get = get
                     .map(|g| {
                         format!(
-                            " ({} µs over the bare Redis GET)",
+                            "{} µs over the bare Redis GET",
                             signed(sc.pcts_us[i] - g.pcts_us[i])
                         )
                     })
                     .unwrap_or_default();
+                if let Some((h, g)) = hop {
+                    let _ = write!(
+                        vs_get,
+                        "; an HTTP exchange with nothing behind it: {} µs over the generator alone",
+                        signed(h.pcts_us[i] - g.pcts_us[i])
+                    );
+                }
+                let vs_get = if vs_get.is_empty() {
+                    vs_get
+                } else {
+                    format!(" ({vs_get})")
+                };
                 push(
                     format!("hit {name} at {rate:.0} req/s, sidecar − in-process"),
                     &format!("≤ +{limit:.0} µs"),
@@ -348,10 +430,20 @@ impl Report {
             _ => None,
         };
         if let Some((r, s, b)) = peak_ratio(Kind::Hit) {
+            let hop = self
+                .find(Kind::Hit, Target::HttpHop, None)
+                .map(|h| {
+                    format!(
+                        "; the HTTP hop alone: {:.0} req/s, {:.2}x",
+                        h.throughput,
+                        h.throughput / b.max(1e-9)
+                    )
+                })
+                .unwrap_or_default();
             push(
                 "peak hit throughput, sidecar / in-process".into(),
                 "≥ 0.5x",
-                format!("{r:.2}x ({s:.0} / {b:.0} req/s)"),
+                format!("{r:.2}x ({s:.0} / {b:.0} req/s{hop})"),
                 Some(r >= 0.5),
             );
         }
@@ -383,7 +475,7 @@ impl Report {
             .iter()
             .filter(|p| p.kind == Kind::Hit && p.target == Target::Sidecar)
         {
-            if let Some(c) = p.sidecar_cpu_us_per_req {
+            if let Some(c) = p.sidecar_cpu_us_per_req() {
                 let mode = match p.rate {
                     Some(r) => format!("at {r:.0} req/s"),
                     None => "at peak".into(),
@@ -489,9 +581,12 @@ impl Report {
         );
         let _ = writeln!(
             w,
-            "| workload | rate (req/s) | percentile | generator alone | Redis GET | in-process | sidecar | sidecar − in-process | sidecar / in-process |"
+            "| workload | rate (req/s) | percentile | generator alone | HTTP hop alone | Redis GET | in-process | sidecar | sidecar − in-process | sidecar / in-process |"
         );
-        let _ = writeln!(w, "| --- | --: | --- | --: | --: | --: | --: | --: | --: |");
+        let _ = writeln!(
+            w,
+            "| --- | --: | --- | --: | --: | --: | --: | --: | --: | --: |"
+        );
         for kind in [Kind::Hit, Kind::Miss, Kind::Write] {
             for rate in self.rates(kind) {
                 let cell = |t| {
@@ -499,8 +594,9 @@ impl Report {
                         .map(|p| p.pcts_us)
                         .map_or([None; 4], |a| a.map(Some))
                 };
-                let (gen_, get, base, sc) = (
+                let (gen_, hop, get, base, sc) = (
                     cell(Target::Generator),
+                    cell(Target::HttpHop),
                     cell(Target::RedisGet),
                     cell(Target::InProcess),
                     cell(Target::Sidecar),
@@ -514,9 +610,10 @@ impl Report {
                     };
                     let _ = writeln!(
                         w,
-                        "| {} | {rate:.0} | {name} | {} | {} | {} | {} | {d} | {r} |",
+                        "| {} | {rate:.0} | {name} | {} | {} | {} | {} | {} | {d} | {r} |",
                         kind.name(),
                         f(gen_[i]),
+                        f(hop[i]),
                         f(get[i]),
                         f(base[i]),
                         f(sc[i])
@@ -575,11 +672,26 @@ impl Report {
                     b.pcts_us[2],
                     s.pcts_us[0],
                     s.pcts_us[2],
-                    s.sidecar_cpu_us_per_req
+                    s.sidecar_cpu_us_per_req()
                         .map(|c| format!("{c:.1} µs"))
                         .unwrap_or_default()
                 );
             }
+        }
+        if let Some(h) = self.find(Kind::Hit, Target::HttpHop, None) {
+            let _ = writeln!(
+                w,
+                "\nThe HTTP hop alone (the same HTTP stack answering at once, nothing behind it), closed loop: \
+                 {:.0} req/s, p50 / p99 {:.0} / {:.0} µs, its CPU per request {}: the most any HTTP hop \
+                 answers on this machine with this load generator.",
+                h.throughput,
+                h.pcts_us[0],
+                h.pcts_us[2],
+                h.cpu
+                    .server_us
+                    .map(|c| format!("{c:.1} µs"))
+                    .unwrap_or_else(|| "—".into())
+            );
         }
 
         let _ = writeln!(
@@ -607,12 +719,13 @@ impl Report {
                 "| {} at {mode} | {} | {} | {} |",
                 p.kind.name(),
                 p.ok + p.bad,
-                p.sidecar_cpu_us_per_req
+                p.sidecar_cpu_us_per_req()
                     .map(|c| format!("{c:.1} µs"))
                     .unwrap_or_default(),
                 mib(p.sidecar_rss_max_kib)
             );
         }
+        self.cpu_by_process(w);
 
         let _ = writeln!(w, "\n### Herd: concurrent readers of one cold key\n");
         let _ = writeln!(

@@ -43,8 +43,8 @@ fn short_run_reports_sane_figures() {
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["short"], true);
     let phases = report["phases"].as_array().expect("phases");
-    // hits: 2 rates x 4 targets; misses and writes: 2 rates x 2 targets; peaks: 3 x 2.
-    assert_eq!(phases.len(), 8 + 4 + 4 + 6, "{phases:?}");
+    // hits: 2 rates x 5 targets; misses and writes: 2 rates x 2 targets; peaks: 3 x 2 + the hop.
+    assert_eq!(phases.len(), 10 + 4 + 4 + 7, "{phases:?}");
     let mut sidecar_cpu = 0.0;
     for p in phases {
         let ok = num(p, "ok");
@@ -61,6 +61,9 @@ fn short_run_reports_sane_figures() {
             pcts.windows(2).all(|w| w[0] <= w[1]),
             "percentiles out of order: {p}"
         );
+        if p["target"] == "sidecar" || p["target"] == "HTTP hop alone" {
+            assert!(num(&p["cpu_us_per_req"], "server") > 0.0, "{p}");
+        }
         if p["target"] == "sidecar" {
             sidecar_cpu += num(p, "sidecar_cpu_us_per_req");
             assert!(num(p, "sidecar_rss_max_kib") > 0.0, "{p}");
