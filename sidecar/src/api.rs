@@ -77,7 +77,7 @@ where
         "/readyz" => {
             return match only_get(&method) {
                 Some(r) => r,
-                None => ready(&sc).await,
+                None => Box::pin(ready(&sc)).await,
             };
         }
         "/metrics" => {
@@ -104,7 +104,7 @@ where
     }
     #[cfg(feature = "test-hooks")]
     if let Some(rest) = path.strip_prefix("/_test/") {
-        return test_hooks::handle(&sc, &method, rest, body).await;
+        return Box::pin(test_hooks::handle(&sc, &method, rest, body)).await;
     }
     // Load shedding: the slot is held until the answer (a write's: until its task ends).
     let Some(slot) = sc.admission.admit(&sc.metrics).await else {
@@ -167,7 +167,7 @@ where
             Ok(k) => k,
             Err(r) => return r,
         };
-        return match sc.read_many(idx, &keys).await {
+        return match Box::pin(sc.read_many(idx, &keys)).await {
             Ok(outcomes) => bulk_response(&keys, &outcomes),
             Err(e) => db_error(e),
         };

@@ -172,13 +172,17 @@ impl Database {
     /// The table of entity `idx`, introspected on first use (the application may create or
     /// migrate it after the sidecar started). Failures are not remembered.
     pub async fn table(&self, idx: usize) -> Result<Arc<Table>, DbError> {
-        self.tables[idx]
-            .get_or_try_init(|| async {
-                let t = Table::load(&self.pool, &self.entities[idx]).await?;
-                Ok::<_, DbError>(Arc::new(t))
-            })
-            .await
-            .cloned()
+        if let Some(t) = self.tables[idx].get() {
+            return Ok(Arc::clone(t));
+        }
+        // Boxed: the introspection's state is large and needed once; every caller's future
+        // would otherwise carry it.
+        Box::pin(self.tables[idx].get_or_try_init(|| async {
+            let t = Table::load(&self.pool, &self.entities[idx]).await?;
+            Ok::<_, DbError>(Arc::new(t))
+        }))
+        .await
+        .cloned()
     }
 
     async fn fetch_optional(

@@ -86,8 +86,7 @@ impl Sidecar {
         let ck = CacheKey::new(self.entity_name(idx), key);
         if !self.cache.is_up() || self.repair.contains(&ck) {
             m.bypass.inc();
-            let table = self.db.table(idx).await?;
-            return self.read_db(&table, key, CacheStatus::Bypass).await;
+            return Box::pin(self.read_bypass(idx, key)).await;
         }
         let beta = self.config.cache.early_expiration_beta;
         let cached = if beta > 0.0 {
@@ -123,10 +122,28 @@ impl Sidecar {
             Err(_) => {
                 self.metrics.redis_errors.inc();
                 m.bypass.inc();
-                let table = self.db.table(idx).await?;
-                return self.read_db(&table, key, CacheStatus::Bypass).await;
+                return Box::pin(self.read_bypass(idx, key)).await;
             }
         }
+        // Boxed: the database and fill states are large (sqlx), and a hit should not carry
+        // them in its future, which every request moves around (docs/benchmarks.md).
+        Box::pin(self.read_miss(idx, key, ck, min_version)).await
+    }
+
+    async fn read_bypass(&self, idx: usize, key: &str) -> Result<ReadOutcome, DbError> {
+        let table = self.db.table(idx).await?;
+        self.read_db(&table, key, CacheStatus::Bypass).await
+    }
+
+    /// Not in Redis (or older than the client's minimum): the flight, the lease, the fill.
+    async fn read_miss(
+        self: &Arc<Self>,
+        idx: usize,
+        key: &str,
+        ck: CacheKey,
+        min_version: Option<i64>,
+    ) -> Result<ReadOutcome, DbError> {
+        let m = &self.metrics.entities[idx];
         // A hit needs no table: with the database away, cached rows are still served.
         let table = self.db.table(idx).await?;
         m.miss.inc();

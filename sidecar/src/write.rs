@@ -35,7 +35,7 @@ impl Sidecar {
         let intent = self.take_intent(&ck).await;
 
         let started = Instant::now();
-        let result = self.db.upsert(&table, key, raw, &columns, if_match).await;
+        let result = Box::pin(self.db.upsert(&table, key, raw, &columns, if_match)).await;
         self.metrics
             .db_write
             .observe(started.elapsed().as_secs_f64());
@@ -73,7 +73,7 @@ impl Sidecar {
         let intent = self.take_intent(&ck).await;
 
         let started = Instant::now();
-        let result = self.db.delete(&table, key, if_match).await;
+        let result = Box::pin(self.db.delete(&table, key, if_match)).await;
         self.metrics
             .db_write
             .observe(started.elapsed().as_secs_f64());
