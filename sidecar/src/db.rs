@@ -312,6 +312,25 @@ impl Database {
         &self,
         items: &[BatchStatement<'_>],
     ) -> Result<Vec<Committed>, BatchFailure> {
+        match Box::pin(self.write_batch_in(items, true)).await {
+            // A set statement the database refused does not say which of its rows it refused:
+            // the batch (rolled back) runs again one statement per item, to name it.
+            Err(BatchFailure::Db {
+                index: None,
+                error: DbError::Rejected(_) | DbError::BadKey(_),
+                at_commit: false,
+            }) => Box::pin(self.write_batch_in(items, false)).await,
+            other => other,
+        }
+    }
+
+    /// `grouped`: consecutive puts without If-Match to one table with the same columns run as one
+    /// set statement (one round trip instead of one per item).
+    async fn write_batch_in(
+        &self,
+        items: &[BatchStatement<'_>],
+        grouped: bool,
+    ) -> Result<Vec<Committed>, BatchFailure> {
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -332,7 +351,23 @@ impl Database {
             Err(_) => return Err(fail(None, DbError::Unavailable)),
         };
         let mut out: Vec<Option<Committed>> = vec![None; items.len()];
-        for (lock, i) in order {
+        let mut next = 0;
+        while next < order.len() {
+            let run = if grouped {
+                plain_put_run(items, &order[next..])
+            } else {
+                1
+            };
+            if run >= 2 {
+                let group = &order[next..next + run];
+                next += run;
+                for (n, committed) in self.upsert_group(&mut tx, items, group).await? {
+                    out[group[n].1] = Some(committed);
+                }
+                continue;
+            }
+            let (lock, i) = order[next];
+            next += 1;
             let s = &items[i];
             s.table.check_key(s.key).map_err(|e| fail(Some(i), e))?;
             let (q, key_only) = match &s.op {
@@ -434,6 +469,100 @@ fn row_envelope(r: &PgRow) -> Result<Envelope, DbError> {
     let version: i64 = r.try_get(1).map_err(|_| DbError::Internal)?;
     let at: String = r.try_get(2).map_err(|_| DbError::Internal)?;
     Ok(Envelope::row(version, &data, &at))
+}
+
+/// How many of `order`'s first statements are puts without If-Match to one table with the same
+/// columns (at least 1 when `order` is not empty).
+fn plain_put_run(items: &[BatchStatement<'_>], order: &[(i64, usize)]) -> usize {
+    let plain = |i: usize| match &items[i].op {
+        BatchOp::Put { columns, .. } if items[i].if_match.is_none() => Some(columns),
+        _ => None,
+    };
+    let Some(&(_, first)) = order.first() else {
+        return 0;
+    };
+    let Some(columns) = plain(first) else {
+        return 1;
+    };
+    order
+        .iter()
+        .take_while(|(_, i)| {
+            std::ptr::eq(items[*i].table, items[first].table) && plain(*i) == Some(columns)
+        })
+        .count()
+        .max(1)
+}
+
+impl Database {
+    /// One set statement for a run of plain puts (`plain_put_run`); returns each row's position
+    /// in `group` with what it committed.
+    async fn upsert_group(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        items: &[BatchStatement<'_>],
+        group: &[(i64, usize)],
+    ) -> Result<Vec<(usize, Committed)>, BatchFailure> {
+        let fail = |error: DbError| BatchFailure::Db {
+            index: None,
+            error,
+            at_commit: false,
+        };
+        let first = &items[group[0].1];
+        let BatchOp::Put { columns, .. } = &first.op else {
+            return Err(fail(DbError::Internal));
+        };
+        let mut bodies = Vec::with_capacity(group.len());
+        let mut keys = Vec::with_capacity(group.len());
+        let mut locks = Vec::with_capacity(group.len());
+        for &(lock, i) in group {
+            let s = &items[i];
+            s.table.check_key(s.key).map_err(|e| BatchFailure::Db {
+                index: Some(i),
+                error: e,
+                at_commit: false,
+            })?;
+            let BatchOp::Put { body, .. } = &s.op else {
+                return Err(fail(DbError::Internal));
+            };
+            bodies.push(*body);
+            keys.push(s.key);
+            locks.push(lock);
+        }
+        let q = sqlx::query(AssertSqlSafe(first.table.upsert_many_sql(columns)))
+            .bind(bodies)
+            .bind(keys)
+            .bind(locks);
+        let rows = match tokio::time::timeout(self.timeout, q.fetch_all(&mut **tx)).await {
+            Ok(r) => r.map_err(|e| {
+                // Two keys that name one row (`7` and `07` of an integer key) cannot be one set
+                // statement; one statement per item can run them.
+                let same_row = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("21000"));
+                fail(if same_row {
+                    DbError::Rejected("two keys of the batch name one row".into())
+                } else {
+                    DbError::from_sqlx(e, false)
+                })
+            })?,
+            Err(_) => return Err(fail(DbError::Unavailable)),
+        };
+        if rows.len() != group.len() {
+            return Err(fail(DbError::Internal));
+        }
+        rows.iter()
+            .map(|r| {
+                let ordinal: i64 = r.try_get(4).map_err(|_| fail(DbError::Internal))?;
+                let n = usize::try_from(ordinal - 1)
+                    .ok()
+                    .filter(|n| *n < group.len())
+                    .ok_or_else(|| fail(DbError::Internal))?;
+                let committed = Committed {
+                    envelope: row_envelope(r).map_err(fail)?,
+                    created: r.try_get(3).map_err(|_| fail(DbError::Internal))?,
+                };
+                Ok((n, committed))
+            })
+            .collect()
+    }
 }
 
 /// Advisory lock id for (table, key): FNV-1a, stable across processes and machines.
@@ -642,6 +771,35 @@ impl Table {
         }
         columns.sort_unstable();
         Ok(columns.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// The set form of `upsert_sql`: `$1` bodies, `$2` keys, `$3` lock ids, as arrays in lock
+    /// order. Each row's lock is taken before its version is drawn, in array order (the CTE is
+    /// scanned in order, once); the answer has the ordinal of each row.
+    fn upsert_many_sql(&self, columns: &[&str]) -> String {
+        let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
+        let mut names = String::new();
+        let mut values = String::new();
+        let mut sets = String::new();
+        for c in columns {
+            let q = quote_ident(c);
+            names.push_str(&format!("{q}, "));
+            values.push_str(&format!("r.{q}, "));
+            sets.push_str(&format!("{q} = EXCLUDED.{q}, "));
+        }
+        let key = self.key_cast.replace("$KEY", "i.k");
+        format!(
+            "WITH i AS MATERIALIZED (SELECT u.b, u.k, u.o, pg_advisory_xact_lock(u.l) \
+             FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS u(b, k, l, o)), \
+             w(d, v, a, created, k) AS (INSERT INTO {q_table} AS t ({names}{q_key}, {q_version}) \
+             SELECT {values}{key}, {next} FROM i, jsonb_populate_record(NULL::{q_table}, i.b::jsonb) AS r \
+             ORDER BY i.o \
+             ON CONFLICT ({q_key}) DO UPDATE SET {sets}{q_version} = EXCLUDED.{q_version} \
+             RETURNING {ret}, (t.xmax = 0), t.{q_key}) \
+             SELECT w.d, w.v, w.a, w.created, i.o FROM w JOIN i ON w.k = {key} ORDER BY i.o",
+            next = self.next_version,
+            ret = self.returning,
+        )
     }
 
     fn upsert_sql(&self, columns: &[&str]) -> String {
