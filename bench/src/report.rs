@@ -520,6 +520,24 @@ impl Report {
                 Some(h.max_reads() <= 1),
             );
         }
+        let batch_rate = |endpoint: bool| {
+            self.batches
+                .iter()
+                .find(|b| b.target == Target::Sidecar && b.endpoint == endpoint)
+                .map(|b| b.writes_per_s)
+        };
+        if let (Some(one), Some(singles)) = (batch_rate(true), batch_rate(false))
+            && singles > 0.0
+        {
+            let r = one / singles;
+            push(
+                "batch of 100 writes through the sidecar: write throughput, one batch / 100 single writes"
+                    .into(),
+                "≥ 10x",
+                format!("{r:.1}x ({one:.0} / {singles:.0} writes/s)"),
+                Some(r >= 10.0),
+            );
+        }
         rows
     }
 
