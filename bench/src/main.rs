@@ -1098,6 +1098,13 @@ impl Bench {
         };
         let synchronous_commit = show("synchronous_commit").await;
         let pg_version = show("server_version").await;
+        let pg_tls = sqlx::query_scalar::<_, String>(
+            "SELECT CASE WHEN ssl THEN 'over ' || version ELSE 'without TLS' END \
+             FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&self.pg)
+        .await
+        .unwrap_or_else(|_| "(TLS unknown)".into());
         let info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut self.redis)
@@ -1133,6 +1140,7 @@ impl Bench {
             load_before,
             load_after: procfs::loadavg(),
             synchronous_commit,
+            pg_tls,
             pg_version,
             redis_version,
             pool_size: self.inproc.config.database.pool_size,

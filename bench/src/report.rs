@@ -234,6 +234,8 @@ pub struct Machine {
     pub load_before: String,
     pub load_after: String,
     pub synchronous_commit: String,
+    /// How the database URL's connections are made: `TLSv1.3` etc., or `no TLS`.
+    pub pg_tls: String,
     pub pg_version: String,
     pub redis_version: String,
     pub pool_size: u32,
@@ -301,7 +303,7 @@ impl Report {
             "command": self.command,
             "machine": {
                 "nproc": m.nproc, "cpu_model": m.cpu_model, "load_before": m.load_before,
-                "load_after": m.load_after, "synchronous_commit": m.synchronous_commit,
+                "load_after": m.load_after, "synchronous_commit": m.synchronous_commit, "pg_tls": m.pg_tls,
                 "pg_version": m.pg_version, "redis_version": m.redis_version,
                 "pool_size": m.pool_size, "date": m.date, "commit": m.commit,
             },
@@ -558,8 +560,8 @@ impl Report {
         let _ = writeln!(
             w,
             "Machine: {} CPUs (`nproc`), {}; load average (1/5/15 min) {} before, {} after; the load generator, \
-             the sidecar, PostgreSQL {} and Redis {} all share these cores. PostgreSQL `synchronous_commit = {}`; \
-             database pool {} connections on both sides; {} connections (workers) per phase; fixed-rate phases {} s, \
+             the sidecar, PostgreSQL {} and Redis {} all share these cores. PostgreSQL `synchronous_commit = {}`, \
+             connections {} on both sides (what the database URL gives); database pool {} connections on both sides; {} connections (workers) per phase; fixed-rate phases {} s, \
              closed-loop phases {} s, each run as {} slices alternating between the sides.\n",
             m.nproc,
             m.cpu_model,
@@ -568,6 +570,7 @@ impl Report {
             m.pg_version,
             m.redis_version,
             m.synchronous_commit,
+            m.pg_tls,
             m.pool_size,
             self.conns,
             self.seconds,
