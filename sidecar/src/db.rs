@@ -778,15 +778,11 @@ impl Table {
     /// scanned in order, once); the answer has the ordinal of each row.
     fn upsert_many_sql(&self, columns: &[&str]) -> String {
         let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
-        let mut names = String::new();
-        let mut values = String::new();
-        let mut sets = String::new();
-        for c in columns {
-            let q = quote_ident(c);
-            names.push_str(&format!("{q}, "));
-            values.push_str(&format!("r.{q}, "));
-            sets.push_str(&format!("{q} = EXCLUDED.{q}, "));
-        }
+        let UpsertColumns {
+            names,
+            values,
+            sets,
+        } = UpsertColumns::of(columns);
         let key = self.key_cast.replace("$KEY", "i.k");
         format!(
             "WITH i AS MATERIALIZED (SELECT u.b, u.k, u.o, pg_advisory_xact_lock(u.l) \
@@ -804,15 +800,11 @@ impl Table {
 
     fn upsert_sql(&self, columns: &[&str]) -> String {
         let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
-        let mut names = String::new();
-        let mut values = String::new();
-        let mut sets = String::new();
-        for c in columns {
-            let q = quote_ident(c);
-            names.push_str(&format!("{q}, "));
-            values.push_str(&format!("r.{q}, "));
-            sets.push_str(&format!("{q} = EXCLUDED.{q}, "));
-        }
+        let UpsertColumns {
+            names,
+            values,
+            sets,
+        } = UpsertColumns::of(columns);
         format!(
             "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($3::int8)) \
              INSERT INTO {q_table} AS t ({names}{q_key}, {q_version}) \
@@ -842,6 +834,31 @@ impl Table {
             next = self.next_version,
             ret = self.returning,
         )
+    }
+}
+
+/// The column lists of an upsert of `columns` from a record `r`: the INSERT's names, the
+/// SELECT's values, the ON CONFLICT update's assignments (each ending in ", ").
+struct UpsertColumns {
+    names: String,
+    values: String,
+    sets: String,
+}
+
+impl UpsertColumns {
+    fn of(columns: &[&str]) -> Self {
+        let mut out = Self {
+            names: String::new(),
+            values: String::new(),
+            sets: String::new(),
+        };
+        for c in columns {
+            let q = quote_ident(c);
+            out.names.push_str(&format!("{q}, "));
+            out.values.push_str(&format!("r.{q}, "));
+            out.sets.push_str(&format!("{q} = EXCLUDED.{q}, "));
+        }
+        out
     }
 }
 
