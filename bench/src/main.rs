@@ -220,7 +220,7 @@ impl ServerProcess {
         let path = dir.join("sidecar.toml");
         std::fs::write(&path, config.render()).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let (mut cmd, shown) = match binary {
+        let (cmd, shown) = match binary {
             Some("embedded") => {
                 let mut c = Command::new(&exe);
                 c.env(AS_SIDECAR, "1").env("WTC_CONFIG", &path);
@@ -242,11 +242,7 @@ impl ServerProcess {
                 (c, bin.display().to_string())
             }
         };
-        match threads {
-            Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
-            None => cmd.env_remove("TOKIO_WORKER_THREADS"),
-        };
-        Self::spawn(cmd, shown).await
+        Self::spawn(cmd, threads, shown).await
     }
 
     /// The HTTP hop alone (src/hop.rs): this binary again, with the sidecar's worker threads.
@@ -254,14 +250,18 @@ impl ServerProcess {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&exe);
         cmd.env(hop::AS_HOP, "1");
+        Self::spawn(cmd, threads, format!("{} (HTTP hop alone)", exe.display())).await
+    }
+
+    async fn spawn(
+        mut cmd: Command,
+        threads: Option<usize>,
+        shown: String,
+    ) -> Result<Self, String> {
         match threads {
             Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
             None => cmd.env_remove("TOKIO_WORKER_THREADS"),
         };
-        Self::spawn(cmd, format!("{} (HTTP hop alone)", exe.display())).await
-    }
-
-    async fn spawn(mut cmd: Command, shown: String) -> Result<Self, String> {
         let mut child = cmd
             .env_remove("WTC_DATABASE_URL")
             .env_remove("WTC_REDIS_URL")
@@ -629,6 +629,15 @@ impl Bench {
         }
     }
 
+    /// The HTTP connections `clients` took, back in their place (the others are made per phase).
+    fn give_back(&mut self, target: Target, clients: Vec<Client>) {
+        match target {
+            Target::Sidecar => self.http = clients,
+            Target::HttpHop => self.hop_http = clients,
+            _ => {}
+        }
+    }
+
     async fn evict_cold(&mut self, from: u64, count: u64) -> Result<(), String> {
         let end = (from + count).min(self.cold_rows);
         let mut i = from;
@@ -734,11 +743,7 @@ impl Bench {
         if let Some(s) = sampler {
             let _ = s.await;
         }
-        match target {
-            Target::Sidecar => self.http = clients,
-            Target::HttpHop => self.hop_http = clients,
-            _ => {}
-        }
+        self.give_back(target, clients);
         if kind == Kind::Miss {
             self.cold_next += run.ok + run.bad;
         }
@@ -774,11 +779,7 @@ impl Bench {
             let plan = Arc::new(self.plan(kind, 0));
             let clients = self.clients(target);
             let (clients, run) = load::closed_loop(clients, plan, warm).await;
-            match target {
-                Target::Sidecar => self.http = clients,
-                Target::HttpHop => self.hop_http = clients,
-                _ => {}
-            }
+            self.give_back(target, clients);
             if run.ok == 0 {
                 return Err(format!(
                     "warm-up: no {} answered as expected by the {} ({} failed)",

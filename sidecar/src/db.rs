@@ -472,7 +472,7 @@ fn row_envelope(r: &PgRow) -> Result<Envelope, DbError> {
 }
 
 /// How many of `order`'s first statements are puts without If-Match to one table with the same
-/// columns (at least 1 when `order` is not empty).
+/// columns (at least 1 when `order` is not empty: the first counts itself).
 fn plain_put_run(items: &[BatchStatement<'_>], order: &[(i64, usize)]) -> usize {
     let plain = |i: usize| match &items[i].op {
         BatchOp::Put { columns, .. } if items[i].if_match.is_none() => Some(columns),
@@ -490,7 +490,6 @@ fn plain_put_run(items: &[BatchStatement<'_>], order: &[(i64, usize)]) -> usize 
             std::ptr::eq(items[*i].table, items[first].table) && plain(*i) == Some(columns)
         })
         .count()
-        .max(1)
 }
 
 impl Database {
