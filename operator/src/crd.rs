@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Redis","type":"string","jsonPath":".status.redisEndpoint"}"#,
     printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injectedPods"}"#,
+    printcolumn = r#"{"name":"Sidecars Ready","type":"integer","jsonPath":".status.readySidecars"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -99,8 +100,10 @@ pub struct RedisSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedRedis {
-    #[serde(default = "default_redis_image")]
-    pub image: String,
+    /// Pins the Redis image. Unset: the image of the operator's release (`--redis-image`), so
+    /// upgrading the operator moves Redis forward too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// 0 stops Redis (the sidecars then read from the database); 1 runs it.
     #[serde(default = "default_one")]
     #[schemars(range(min = 0, max = 1))]
@@ -153,8 +156,10 @@ pub struct ExternalRedis {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
-    #[serde(default = "default_sidecar_image")]
-    pub image: String,
+    /// Pins the sidecar image. Unset: the image of the operator's release (`--sidecar-image`),
+    /// so upgrading the operator moves new pods' sidecars forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Loopback port the application calls.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1024, max = 65535))]
@@ -196,15 +201,18 @@ pub struct InjectionSpec {
 pub struct WriteThroughCacheStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `RedisReady`, `ConfigValid`.
+    /// `Ready`, `RedisReady`, `ConfigValid`, `SidecarsReady`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// `host:port` the sidecars use (managed Redis), or `external`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_endpoint: Option<String>,
-    /// Running pods with the sidecar injected for this cache.
+    /// Pods with the sidecar injected for this cache.
     #[serde(default)]
     pub injected_pods: i32,
+    /// Injected pods whose sidecar is running and ready.
+    #[serde(default)]
+    pub ready_sidecars: i32,
 }
 
 fn default_pool_size() -> u32 {
@@ -219,17 +227,11 @@ fn default_version_column() -> String {
 fn default_ttl_seconds() -> u64 {
     300
 }
-fn default_redis_image() -> String {
-    "redis:7.2-alpine".into()
-}
 fn default_one() -> i32 {
     1
 }
 fn default_maxmemory() -> String {
     "256mb".into()
-}
-fn default_sidecar_image() -> String {
-    format!("ghcr.io/wtc-dev/wtc-sidecar:{}", env!("CARGO_PKG_VERSION"))
 }
 fn default_port() -> u16 {
     7480

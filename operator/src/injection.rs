@@ -3,7 +3,7 @@
 
 use crate::crd::WriteThroughCache;
 use crate::resources::{
-    CONFIG_KEY, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
+    CONFIG_KEY, Images, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
     restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
@@ -34,7 +34,13 @@ pub fn requested_cache(pod: &Pod) -> Option<&str> {
 }
 
 /// `native`: the cluster runs sidecars as init containers with `restartPolicy: Always` (1.29+).
-pub fn plan(pod: &Pod, cache: Option<&WriteThroughCache>, native: bool) -> Decision {
+/// `images`: the operator's release, for caches that pin no sidecar image.
+pub fn plan(
+    pod: &Pod,
+    cache: Option<&WriteThroughCache>,
+    native: bool,
+    images: &Images,
+) -> Decision {
     if requested_cache(pod).is_none() {
         return Decision::Skip("not opted in");
     }
@@ -58,7 +64,7 @@ pub fn plan(pod: &Pod, cache: Option<&WriteThroughCache>, native: bool) -> Decis
         return Decision::Skip("pod does not match the cache's pod selector");
     }
 
-    let mut container = sidecar_container(cache);
+    let mut container = sidecar_container(cache, images);
     let mut ops: Vec<Value> = vec![];
     if native {
         container.restart_policy = Some("Always".into());
@@ -100,7 +106,14 @@ pub fn plan(pod: &Pod, cache: Option<&WriteThroughCache>, native: bool) -> Decis
 
 /// The sidecar container: configuration from the cache's ConfigMap, credentials by
 /// `secretKeyRef` only, never inline.
-pub fn sidecar_container(cache: &WriteThroughCache) -> Container {
+///
+/// Probes (docs/kubernetes.md says what each means): all three ask `/healthz`, which answers
+/// while the process serves its API, whatever PostgreSQL and Redis do. The startup probe holds
+/// the application back until the sidecar listens (a native sidecar's start gates the containers
+/// after it); readiness does not follow the database, so a PostgreSQL outage does not take every
+/// injected pod out of its Services (the sidecar answers 503 with `Retry-After` meanwhile); the
+/// liveness probe restarts a sidecar that stopped answering.
+pub fn sidecar_container(cache: &WriteThroughCache, images: &Images) -> Container {
     let spec = &cache.spec;
     let mut env = vec![secret_env(
         "WTC_DATABASE_URL",
@@ -129,9 +142,28 @@ pub fn sidecar_container(cache: &WriteThroughCache) -> Container {
         (None, None) => {}
     }
     let port = spec.sidecar.port;
+    // The API listens on loopback only, out of the kubelet's reach: the binary probes itself.
+    let probe = |period: i32, failures: i32| Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "/wtc-sidecar".into(),
+                "--probe".into(),
+                format!("http://127.0.0.1:{port}/healthz"),
+            ]),
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    };
     Container {
         name: SIDECAR_NAME.into(),
-        image: Some(spec.sidecar.image.clone()),
+        image: Some(
+            spec.sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| images.sidecar.clone()),
+        ),
         args: Some(vec![
             "--config".into(),
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
@@ -144,19 +176,10 @@ pub fn sidecar_container(cache: &WriteThroughCache) -> Container {
             read_only: Some(true),
             ..VolumeMount::default()
         }]),
-        // The API listens on loopback only, out of the kubelet's reach: the binary probes itself.
-        readiness_probe: Some(Probe {
-            exec: Some(ExecAction {
-                command: Some(vec![
-                    "/wtc-sidecar".into(),
-                    "--probe".into(),
-                    format!("http://127.0.0.1:{port}/readyz"),
-                ]),
-            }),
-            period_seconds: Some(5),
-            timeout_seconds: Some(2),
-            ..Probe::default()
-        }),
+        // Up to 60 s to listen (it connects to nothing before listening).
+        startup_probe: Some(probe(1, 60)),
+        readiness_probe: Some(probe(5, 3)),
+        liveness_probe: Some(probe(10, 3)),
         security_context: Some(restricted_container()),
         ..Container::default()
     }
@@ -212,7 +235,8 @@ mod tests {
     #[test]
     fn injects_a_native_sidecar_with_secret_refs_and_config() {
         let cache = CacheBuilder::new("orders").build();
-        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true) else {
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Images::default())
+        else {
             panic!("no injection")
         };
         let out = apply(&pod(true), &patch);
@@ -240,21 +264,67 @@ mod tests {
             url.value.as_deref(),
             Some("redis://:$(WTC_REDIS_PASSWORD)@orders-redis.shop.svc:6379")
         );
-        assert!(sc.readiness_probe.is_some());
+        // The application waits for the sidecar to listen; no probe follows the database.
+        for probe in [&sc.startup_probe, &sc.readiness_probe, &sc.liveness_probe] {
+            let cmd = probe
+                .as_ref()
+                .unwrap()
+                .exec
+                .as_ref()
+                .unwrap()
+                .command
+                .clone();
+            assert_eq!(
+                cmd.unwrap(),
+                ["/wtc-sidecar", "--probe", "http://127.0.0.1:7480/healthz"]
+            );
+        }
+        assert_eq!(sc.image, Some(Images::default().sidecar));
         assert_eq!(
             spec.volumes.unwrap()[0].config_map.as_ref().unwrap().name,
             "orders-sidecar"
         );
         assert_eq!(out.metadata.labels.unwrap()[INJECTED_LABEL], "orders");
         // Injecting again changes nothing.
-        let again = plan(&apply(&pod(true), &patch), Some(&cache), true);
+        let again = plan(
+            &apply(&pod(true), &patch),
+            Some(&cache),
+            true,
+            &Images::default(),
+        );
         assert_eq!(again, Decision::Skip("already injected"));
+    }
+
+    #[test]
+    fn the_sidecar_image_is_the_operators_unless_the_cache_pins_one() {
+        let images = Images {
+            sidecar: "registry.example/wtc-dev/wtc-sidecar:9.9.9".into(),
+            redis: "registry.example/wtc-dev/redis:7".into(),
+        };
+        let mut cache = CacheBuilder::new("orders").build();
+        let image = |cache: &WriteThroughCache| {
+            let Decision::Inject(patch) = plan(&pod(true), Some(cache), true, &images) else {
+                panic!("no injection")
+            };
+            apply(&pod(true), &patch)
+                .spec
+                .unwrap()
+                .init_containers
+                .unwrap()[0]
+                .image
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(image(&cache), images.sidecar);
+        cache.spec.sidecar.image = Some("pinned/wtc-sidecar:1".into());
+        assert_eq!(image(&cache), "pinned/wtc-sidecar:1");
     }
 
     #[test]
     fn regular_container_on_older_clusters() {
         let cache = CacheBuilder::new("orders").external().build();
-        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), false) else {
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), false, &Images::default())
+        else {
             panic!()
         };
         let out = apply(&pod(true), &patch).spec.unwrap();
@@ -278,30 +348,30 @@ mod tests {
     fn leaves_alone_what_it_should() {
         let cache = CacheBuilder::new("orders").build();
         assert_eq!(
-            plan(&pod(false), Some(&cache), true),
+            plan(&pod(false), Some(&cache), true, &Images::default()),
             Decision::Skip("not opted in")
         );
         assert_eq!(
-            plan(&pod(true), None, true),
+            plan(&pod(true), None, true, &Images::default()),
             Decision::Skip("no such cache in this namespace")
         );
         let mut host = pod(true);
         host.spec.as_mut().unwrap().host_network = Some(true);
         assert_eq!(
-            plan(&host, Some(&cache), true),
+            plan(&host, Some(&cache), true, &Images::default()),
             Decision::Skip("host network")
         );
         let mut selective = cache.clone();
         selective.spec.injection.pod_selector =
             Some(serde_json::from_value(json!({"matchLabels": {"tier": "api"}})).unwrap());
         assert!(matches!(
-            plan(&pod(true), Some(&selective), true),
+            plan(&pod(true), Some(&selective), true, &Images::default()),
             Decision::Skip(_)
         ));
         let mut labelled = pod(true);
         labelled.labels_mut().insert("tier".into(), "api".into());
         assert!(matches!(
-            plan(&labelled, Some(&selective), true),
+            plan(&labelled, Some(&selective), true, &Images::default()),
             Decision::Inject(_)
         ));
     }

@@ -2,7 +2,7 @@
 //! configuration, and injects the sidecar into pods that opt in.
 //!
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
-//! patch); then `reconcile` (apply + status), `webhook` and `certs` (the admission server), `run`.
+//! patch), `sidecars` (what injected sidecars are doing, from pod statuses); then `reconcile` (apply + status), `webhook` and `certs` (the admission server), `run`.
 #![forbid(unsafe_code)]
 
 pub mod certs;
@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod resources;
 pub mod run;
+pub mod sidecars;
 pub mod webhook;
 
 pub use run::main_entry;

@@ -4,7 +4,8 @@
 use crate::crd::{WriteThroughCache, WriteThroughCacheStatus};
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
-use crate::resources::{self, Desired, InvalidSpec, PASSWORD_KEY};
+use crate::resources::{self, Desired, Images, InvalidSpec, PASSWORD_KEY};
+use crate::sidecars;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -27,6 +28,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// The operator's release: what caches that pin no image run.
+    pub images: Images,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +88,7 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
         None => resources::new_password(),
     };
 
-    let desired = match resources::desired(cr, &password) {
+    let desired = match resources::desired(cr, &password, &ctx.images) {
         Ok(d) => d,
         Err(InvalidSpec(msg)) => {
             // Nothing to retry until the spec changes: no hot loop.
@@ -285,17 +288,26 @@ async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) ->
     ];
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let injected = pods
-        .list_metadata(
-            &ListParams::default().labels(&format!("{INJECTED_LABEL}={}", cr.name_any())),
-        )
+        .list(&ListParams::default().labels(&format!("{INJECTED_LABEL}={}", cr.name_any())))
         .await?
-        .items
-        .len() as i32;
+        .items;
+    let sidecars = sidecars::health(&injected);
+    let (sidecars_ok, sidecars_reason, sidecars_msg) = sidecars.condition();
+    let mut conditions = conditions;
+    conditions.push(condition(
+        "SidecarsReady",
+        sidecars_ok,
+        sidecars_reason,
+        sidecars_msg.clone(),
+        generation,
+        &old.conditions,
+    ));
     let status = WriteThroughCacheStatus {
         observed_generation: generation,
         conditions,
         redis_endpoint: resources::redis_endpoint(cr).or_else(|| Some("external".into())),
-        injected_pods: injected,
+        injected_pods: sidecars.injected,
+        ready_sidecars: sidecars.ready,
     };
     let was_ready = old
         .conditions
@@ -320,28 +332,45 @@ async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) ->
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
         Err(e) => return Err(e.into()),
     }
+    let sidecars_were_ok = !old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "SidecarsReady" && c.status == "False");
+    if sidecars_were_ok && !sidecars_ok {
+        publish(ctx, cr, EventType::Warning, sidecars_reason, sidecars_msg).await;
+    }
     if was_ready != ready || cr.status.is_none() {
         let (type_, reason) = if ready {
             (EventType::Normal, "Ready")
         } else {
             (EventType::Warning, ready_reason)
         };
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(status.conditions[0].message.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
+        publish(ctx, cr, type_, reason, status.conditions[0].message.clone()).await;
     }
     Ok(())
 }
 
+async fn publish(
+    ctx: &Context,
+    cr: &WriteThroughCache,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
 /// Runs the controller until the stream ends (shutdown signal).
-pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String>) {
+pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String>, images: Images) {
     let caches: Api<WriteThroughCache> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -364,6 +393,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         client,
         metrics,
+        images,
     });
     // Injected pods carry a label naming their cache: their comings and goings refresh its count.
     let pods: Api<Pod> = match &namespace {

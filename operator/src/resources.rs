@@ -22,6 +22,27 @@ pub const CONFIG_KEY: &str = "sidecar.toml";
 pub const PASSWORD_KEY: &str = "password";
 pub const CACHE_LABEL: &str = "wtc.dev/cache";
 
+/// The images the operator runs where a cache pins none: those of the operator's own release,
+/// set by the chart (`--sidecar-image`, `--redis-image`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    pub sidecar: String,
+    pub redis: String,
+}
+
+/// Redis as packaged by `scripts/images` (Debian's redis-server).
+pub const REDIS_VERSION: &str = "7.0.15";
+
+impl Default for Images {
+    fn default() -> Self {
+        let version = env!("CARGO_PKG_VERSION");
+        Self {
+            sidecar: format!("ghcr.io/wtc-dev/wtc-sidecar:{version}"),
+            redis: format!("ghcr.io/wtc-dev/redis:{REDIS_VERSION}"),
+        }
+    }
+}
+
 pub fn redis_name(cr: &WriteThroughCache) -> String {
     format!("{}-redis", cr.name_any())
 }
@@ -117,7 +138,11 @@ fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
 
 /// Builds the desired objects. `redis_password` is the managed Redis password already stored in
 /// the cluster (or a fresh one): the builder never invents secrets, so it stays deterministic.
-pub fn desired(cr: &WriteThroughCache, redis_password: &str) -> Result<Desired, InvalidSpec> {
+pub fn desired(
+    cr: &WriteThroughCache,
+    redis_password: &str,
+    images: &Images,
+) -> Result<Desired, InvalidSpec> {
     if cr.meta().uid.is_none() || cr.namespace().is_none() {
         return Err(InvalidSpec(
             "the resource has no uid or namespace yet".into(),
@@ -140,11 +165,16 @@ pub fn desired(cr: &WriteThroughCache, redis_password: &str) -> Result<Desired, 
         .redis
         .managed
         .as_ref()
-        .map(|m| managed_redis(cr, m, redis_password));
+        .map(|m| managed_redis(cr, m, redis_password, images));
     Ok(Desired { config_map, redis })
 }
 
-fn managed_redis(cr: &WriteThroughCache, m: &ManagedRedis, password: &str) -> ManagedObjects {
+fn managed_redis(
+    cr: &WriteThroughCache,
+    m: &ManagedRedis,
+    password: &str,
+    images: &Images,
+) -> ManagedObjects {
     let name = redis_name(cr);
     let selector = BTreeMap::from([
         (
@@ -180,7 +210,7 @@ fn managed_redis(cr: &WriteThroughCache, m: &ManagedRedis, password: &str) -> Ma
     ];
     let container = Container {
         name: "redis".into(),
-        image: Some(m.image.clone()),
+        image: Some(m.image.clone().unwrap_or_else(|| images.redis.clone())),
         command: Some(vec!["redis-server".into()]),
         args: Some(args),
         env: Some(vec![secret_env(
@@ -379,7 +409,7 @@ mod tests {
     #[test]
     fn managed_cache_gets_redis_objects_owned_by_the_resource() {
         let cr = CacheBuilder::new("orders").build();
-        let d = desired(&cr, "pw").unwrap();
+        let d = desired(&cr, "pw", &Images::default()).unwrap();
         let r = d.redis.expect("managed Redis");
         assert_eq!(r.deployment.metadata.name.as_deref(), Some("orders-redis"));
         assert_eq!(r.service.metadata.name.as_deref(), Some("orders-redis"));
@@ -418,7 +448,7 @@ mod tests {
     #[test]
     fn rendered_config_is_what_the_sidecar_parses() {
         let cr = CacheBuilder::new("orders").entity("items").build();
-        let d = desired(&cr, "pw").unwrap();
+        let d = desired(&cr, "pw", &Images::default()).unwrap();
         let toml = &d.config_map.data.unwrap()[CONFIG_KEY];
         let overrides = wtc_config::Overrides {
             database_url: Some("postgres://db/app".into()),
@@ -432,9 +462,32 @@ mod tests {
     }
 
     #[test]
+    fn managed_redis_runs_the_operators_image_unless_the_cache_pins_one() {
+        let images = Images {
+            sidecar: "r.example/wtc-dev/wtc-sidecar:2".into(),
+            redis: "r.example/wtc-dev/redis:7".into(),
+        };
+        let mut cr = CacheBuilder::new("orders").build();
+        let image = |cr: &WriteThroughCache| {
+            let d = desired(cr, "pw", &images)
+                .unwrap()
+                .redis
+                .unwrap()
+                .deployment;
+            d.spec.unwrap().template.spec.unwrap().containers[0]
+                .image
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(image(&cr), "r.example/wtc-dev/redis:7");
+        cr.spec.redis.managed.as_mut().unwrap().image = Some("redis:7.2-alpine".into());
+        assert_eq!(image(&cr), "redis:7.2-alpine");
+    }
+
+    #[test]
     fn external_redis_has_no_managed_objects() {
         let cr = CacheBuilder::new("orders").external().build();
-        let d = desired(&cr, "pw").unwrap();
+        let d = desired(&cr, "pw", &Images::default()).unwrap();
         assert!(d.redis.is_none());
         assert_eq!(redis_endpoint(&cr), None);
     }
@@ -443,7 +496,7 @@ mod tests {
     fn specs_the_sidecar_would_refuse_are_invalid() {
         let mut cr = CacheBuilder::new("orders").build();
         cr.spec.entities[0].key_column = "version".into();
-        let err = desired(&cr, "pw").unwrap_err();
+        let err = desired(&cr, "pw", &Images::default()).unwrap_err();
         assert!(err.0.contains("same column"), "{err}");
     }
 

@@ -4,6 +4,7 @@
 use crate::certs::{self, WebhookCerts};
 use crate::crd::WriteThroughCache;
 use crate::metrics::Metrics;
+use crate::resources::Images;
 use crate::webhook::{self, Endpoint, Webhook};
 use kube::{Client, CustomResourceExt};
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ options:
   --cert-manager NS/CERT       certificates come from cert-manager: read --tls-dir, annotate for CA injection
   --tls-dir DIR                tls.crt and tls.key (with --cert-manager; default /tls)
   --owner-cluster-role NAME    make the webhook configuration owned by this ClusterRole (the chart's)
+  --sidecar-image IMAGE        the sidecar injected where a cache pins none (default: $WTC_SIDECAR_IMAGE or this release's)
+  --redis-image IMAGE          managed Redis where a cache pins none (default: $WTC_REDIS_IMAGE or this release's)
   --no-webhook                 run the controller only";
 
 #[derive(Debug, Clone)]
@@ -43,6 +46,7 @@ pub struct Options {
     pub tls_dir: String,
     pub owner_cluster_role: Option<String>,
     pub webhook: bool,
+    pub images: Images,
 }
 
 impl Options {
@@ -61,6 +65,13 @@ impl Options {
             tls_dir: "/tls".into(),
             owner_cluster_role: None,
             webhook: true,
+            images: {
+                let default = Images::default();
+                Images {
+                    sidecar: std::env::var("WTC_SIDECAR_IMAGE").unwrap_or(default.sidecar),
+                    redis: std::env::var("WTC_REDIS_IMAGE").unwrap_or(default.redis),
+                }
+            },
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -91,6 +102,8 @@ impl Options {
                 "--tls-dir" => o.tls_dir = value()?,
                 "--owner-cluster-role" => o.owner_cluster_role = Some(value()?),
                 "--no-webhook" => o.webhook = false,
+                "--sidecar-image" => o.images.sidecar = value()?,
+                "--redis-image" => o.images.redis = value()?,
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
         }
@@ -181,6 +194,12 @@ pub async fn run(options: Options) -> Result<(), String> {
         .map_err(|e| format!("no Kubernetes client: {e}"))?;
     let metrics = Arc::new(Metrics::default());
 
+    // The webhook first: `/healthz` is the pod's readiness, and the Service sends admission
+    // requests only to ready pods, so a pod created meanwhile is not silently left uninjected
+    // because this replica was ready before it served.
+    if options.webhook {
+        start_webhook(&client, &options, Arc::clone(&metrics)).await?;
+    }
     let m = Arc::clone(&metrics);
     let routes = warp::path("metrics")
         .map(move || m.render())
@@ -189,12 +208,14 @@ pub async fn run(options: Options) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.metrics_addr))?;
     tokio::spawn(warp::serve(routes).incoming(listener).run());
-
-    if options.webhook {
-        start_webhook(&client, &options, Arc::clone(&metrics)).await?;
-    }
     tracing::info!(namespace = ?options.namespace, "wtc-operator running");
-    crate::reconcile::run(client, metrics, options.namespace.clone()).await;
+    crate::reconcile::run(
+        client,
+        metrics,
+        options.namespace.clone(),
+        options.images.clone(),
+    )
+    .await;
     Ok(())
 }
 
@@ -236,7 +257,13 @@ async fn start_webhook(
         .await
         .map_err(|e| format!("cannot apply the MutatingWebhookConfiguration: {e}"))?;
     let native = webhook::supports_native_sidecars(client).await;
-    let hook = Arc::new(Webhook::new(client.clone(), metrics, native, &certs)?);
+    let hook = Arc::new(Webhook::new(
+        client.clone(),
+        metrics,
+        native,
+        options.images.clone(),
+        &certs,
+    )?);
     let listener = Webhook::bind(options.webhook_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.webhook_addr))?;

@@ -6,6 +6,7 @@ use crate::certs::WebhookCerts;
 use crate::crd::WriteThroughCache;
 use crate::injection::{self, Decision};
 use crate::metrics::Metrics;
+use crate::resources::Images;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -161,6 +162,7 @@ pub struct Webhook {
     metrics: Arc<Metrics>,
     /// Native sidecars (init containers with `restartPolicy: Always`) are available.
     native_sidecars: bool,
+    images: Images,
     tls: RwLock<TlsAcceptor>,
 }
 
@@ -187,12 +189,14 @@ impl Webhook {
         client: Client,
         metrics: Arc<Metrics>,
         native_sidecars: bool,
+        images: Images,
         certs: &WebhookCerts,
     ) -> Result<Self, String> {
         Ok(Self {
             client,
             metrics,
             native_sidecars,
+            images,
             tls: RwLock::new(acceptor(certs)?),
         })
     }
@@ -298,7 +302,7 @@ impl Webhook {
                 return allowed;
             }
         };
-        match injection::plan(pod, cache.as_ref(), self.native_sidecars) {
+        match injection::plan(pod, cache.as_ref(), self.native_sidecars, &self.images) {
             Decision::Skip(reason) => {
                 tracing::info!(%namespace, cache = cache_name, reason, "not injecting");
                 self.count("skipped");

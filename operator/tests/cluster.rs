@@ -14,6 +14,7 @@ use wtc_k8s_harness::{ControlPlane, shared};
 use wtc_operator::certs::WebhookCerts;
 use wtc_operator::crd::WriteThroughCache;
 use wtc_operator::metrics::Metrics;
+use wtc_operator::resources::Images;
 use wtc_operator::webhook::{self, Endpoint, Webhook};
 
 const CRD_FILE: &str = concat!(
@@ -190,6 +191,7 @@ async fn controller_creates_owned_objects_reports_ready_and_follows_changes() {
         client.clone(),
         Arc::new(Metrics::default()),
         Some(ns.name().to_string()),
+        Images::default(),
     ));
     let out = kubectl_apply(
         cp,
@@ -361,7 +363,14 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         wtc_k8s_harness::KUBERNETES_MINOR
     );
     let hook = Arc::new(
-        Webhook::new(client.clone(), Arc::new(Metrics::default()), native, &certs).unwrap(),
+        Webhook::new(
+            client.clone(),
+            Arc::new(Metrics::default()),
+            native,
+            Images::default(),
+            &certs,
+        )
+        .unwrap(),
     );
     let listener = Webhook::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -565,6 +574,19 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     );
     assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
     assert_eq!(pod_spec.service_account_name.as_deref(), Some(name));
+    // One registry for the three images by default; the operator passes on the other two.
+    let operator = &pod_spec.containers[0];
+    assert_eq!(
+        operator.image.as_deref(),
+        Some("ghcr.io/wtc-dev/wtc-operator:0.1.0")
+    );
+    let args = operator.args.clone().unwrap();
+    for arg in [
+        "--sidecar-image=ghcr.io/wtc-dev/wtc-sidecar:0.1.0",
+        "--redis-image=ghcr.io/wtc-dev/redis:7.0.15",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
+    }
 
     let ns = cp.namespace("wtc-helm").await.unwrap();
     // The operator as a process of this test, with the ServiceAccount's token only.
@@ -722,6 +744,7 @@ async fn invalid_spec_is_reported_and_not_retried_in_a_loop() {
         cp.client(),
         Arc::clone(&metrics),
         Some(ns.name().to_string()),
+        Images::default(),
     ));
     let yaml = cache_yaml("odd", "    managed: {}").replace(
         "table: accounts",
