@@ -144,11 +144,16 @@ async fn serve(sidecar: Sidecar) -> ExitCode {
     };
     let health = warp::path!("healthz").and(warp::get()).map(|| "ok");
     let to_sidecar = sidecar.clone();
+    // A body only on PUT, of a declared length up to 1 MiB; GET and DELETE carry none.
+    let body = warp::put()
+        .and(warp::body::content_length_limit(1 << 20))
+        .and(warp::body::bytes())
+        .or(warp::get().or(warp::delete()).unify().map(Bytes::new))
+        .unify();
     let accounts = warp::path!("accounts" / String)
         .and(warp::method())
         .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(1 << 20))
-        .and(warp::body::bytes())
+        .and(body)
         .and(warp::any().map(move || to_sidecar.clone()))
         .then(forward);
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -191,13 +196,6 @@ async fn forward(
     body: Bytes,
     sidecar: Sidecar,
 ) -> warp::reply::Response {
-    if ![Method::GET, Method::PUT, Method::DELETE].contains(&method) {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "GET, PUT or DELETE",
-        );
-    }
     match sidecar.call(method, &id, &headers, body).await {
         Ok(resp) => {
             let status =

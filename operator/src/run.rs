@@ -73,7 +73,15 @@ impl Options {
                 }
             },
         };
-        let mut it = args.iter();
+        // `--flag value` and `--flag=value` (the chart's form) alike.
+        let split: Vec<String> = args
+            .iter()
+            .flat_map(|a| match a.split_once('=') {
+                Some((flag, value)) if a.starts_with("--") => vec![flag.into(), value.into()],
+                _ => vec![a.clone()],
+            })
+            .collect();
+        let mut it = split.iter();
         while let Some(a) = it.next() {
             let mut value = || {
                 it.next()
@@ -336,5 +344,16 @@ mod tests {
                 .contains(&"wtc-operator.ops.svc".to_string())
         );
         assert!(Options::parse(&["--bogus".into()]).is_err());
+        // The chart passes `--flag=value`.
+        let o = Options::parse(&[
+            "run".into(),
+            "--operator-namespace=ops".into(),
+            "--sidecar-image=r.example/wtc-dev/wtc-sidecar:1".into(),
+            "--webhook-addr=0.0.0.0:9443".into(),
+        ])
+        .unwrap();
+        assert_eq!(o.operator_namespace, "ops");
+        assert_eq!(o.images.sidecar, "r.example/wtc-dev/wtc-sidecar:1");
+        assert_eq!(o.webhook_addr.port(), 9443);
     }
 }
