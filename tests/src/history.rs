@@ -11,7 +11,7 @@
 //! - staleness after a cache-side fault: reads older than a write acknowledged as `repairing`,
 //!   allowed by P3 for a bounded time W; the longest one is reported.
 
-use crate::{Sidecar, unique};
+use crate::{Target, unique};
 use serde_json::json;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -294,11 +294,12 @@ impl Workload {
         }
     }
 
-    /// Runs against `sidecars` (entity `accounts`) and evicts from the Redis at `redis_url`,
-    /// recording into `history`. Returns when `stop` says so.
-    pub async fn run(
+    /// Runs against `sidecars` (entity `accounts`; sidecars or an application in front of one)
+    /// and evicts from the Redis at `redis_url`, recording into `history`. Returns when `stop`
+    /// says so.
+    pub async fn run<T: Target>(
         &self,
-        sidecars: &[Arc<Sidecar>],
+        sidecars: &[Arc<T>],
         redis_url: &str,
         history: &History,
     ) -> RunStats {
@@ -333,9 +334,9 @@ impl Workload {
                         // Fits the `integer` column of the test tables.
                         let body =
                             json!({"n": (worker as u64 % 20) * 100_000_000 + n % 100_000_000});
-                        write_outcome(sc, &keys[k], body).await
+                        write_outcome(sc.as_ref(), &keys[k], body).await
                     } else {
-                        read_outcome(sc, &keys[k]).await
+                        read_outcome(sc.as_ref(), &keys[k]).await
                     };
                     let end = Instant::now();
                     if writer {
@@ -410,13 +411,13 @@ async fn evict_until(
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn write_outcome(sc: &Sidecar, key: &str, body: serde_json::Value) -> Outcome {
+async fn write_outcome(sc: &impl Target, key: &str, body: serde_json::Value) -> Outcome {
     let req = sc
-        .http
-        .put(sc.url("accounts", key))
+        .http()
+        .put(sc.row_url("accounts", key))
         .timeout(CLIENT_TIMEOUT)
         .json(&body);
-    match sc.try_send(req).await {
+    match crate::reply(req).await {
         Ok(r) if r.status == 200 || r.status == 201 => Outcome::Ok {
             version: r.version(),
             clean: r.cache.as_deref() == Some("ok"),
@@ -427,9 +428,12 @@ async fn write_outcome(sc: &Sidecar, key: &str, body: serde_json::Value) -> Outc
     }
 }
 
-async fn read_outcome(sc: &Sidecar, key: &str) -> Outcome {
-    let req = sc.http.get(sc.url("accounts", key)).timeout(CLIENT_TIMEOUT);
-    match sc.try_send(req).await {
+async fn read_outcome(sc: &impl Target, key: &str) -> Outcome {
+    let req = sc
+        .http()
+        .get(sc.row_url("accounts", key))
+        .timeout(CLIENT_TIMEOUT);
+    match crate::reply(req).await {
         Ok(r) if r.status == 200 => Outcome::Ok {
             version: r.version(),
             clean: r.cache.as_deref() == Some("hit"),

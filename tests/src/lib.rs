@@ -368,6 +368,46 @@ impl Fixture {
     }
 }
 
+/// What a workload sends its requests to: a sidecar, or an application in front of one that
+/// answers with the sidecar's status, `ETag`, `X-Wtc-Cache` and body (the demo application).
+pub trait Target: Send + Sync + 'static {
+    fn http(&self) -> &reqwest::Client;
+    /// The URL of one row.
+    fn row_url(&self, entity: &str, key: &str) -> String;
+}
+
+impl Target for Sidecar {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+    fn row_url(&self, entity: &str, key: &str) -> String {
+        self.url(entity, key)
+    }
+}
+
+/// Sends `req` and reads the answer; the error text when nothing came back.
+pub async fn reply(req: reqwest::RequestBuilder) -> Result<Reply, String> {
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let etag = header("etag").and_then(|e| e.trim_matches('"').parse().ok());
+    let cache = header("x-wtc-cache");
+    let raw = resp.text().await.map_err(|e| e.to_string())?;
+    let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
+    Ok(Reply {
+        status,
+        etag,
+        cache,
+        body,
+        raw,
+    })
+}
+
 /// A running `wtc-sidecar` process (the build with hold points).
 pub struct Sidecar {
     pub base: String,
@@ -487,25 +527,7 @@ impl Sidecar {
 
     /// `send` for scenarios where the sidecar may be gone or the connection cut: the error text.
     pub async fn try_send(&self, req: reqwest::RequestBuilder) -> Result<Reply, String> {
-        let resp = req.send().await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let etag = header("etag").and_then(|e| e.trim_matches('"').parse().ok());
-        let cache = header("x-wtc-cache");
-        let raw = resp.text().await.map_err(|e| e.to_string())?;
-        let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
-        Ok(Reply {
-            status,
-            etag,
-            cache,
-            body,
-            raw,
-        })
+        reply(req).await
     }
 
     pub async fn get(&self, entity: &str, key: &str) -> Reply {
