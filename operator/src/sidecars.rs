@@ -202,7 +202,7 @@ mod tests {
             )
         );
         let h = health(&[pod("a", sidecar(json!({"running": {}}), true))]);
-        assert_eq!(h.condition().0, true);
+        assert!(h.condition().0);
         assert_eq!(h.condition().2, "1 of 1 injected pods have a ready sidecar");
     }
 }
