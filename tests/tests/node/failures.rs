@@ -44,6 +44,23 @@ impl Drop for DatabaseOutage {
     }
 }
 
+/// Three writers and `readers` readers on four hot keys through the application's port, no
+/// evictions (the fault is the point), until `(reads, writes)` are done and the returned flag is
+/// set by the fault's end, or `max`.
+fn workload_through_the_app(
+    (reads, writes): (u64, u64),
+    readers: usize,
+    max: Duration,
+) -> (Workload, Arc<AtomicBool>) {
+    let mut workload = Workload::new(4, Stop { reads, writes, max });
+    workload.evict_every = None;
+    workload.writers = 3;
+    workload.readers = readers;
+    let fault_done = Arc::new(AtomicBool::new(false));
+    workload.until_also = Some(Arc::clone(&fault_done));
+    (workload, fault_done)
+}
+
 fn pod_ready(pod: &serde_json::Value) -> bool {
     pod["status"]["conditions"]
         .as_array()
@@ -159,19 +176,8 @@ async fn the_managed_redis_pod_deleted_under_load() {
     let audit = history::Audit::install(&shop.pool, &shop.table).await;
     let app = shop.app(node).await;
     let recorded = History::default();
-    let mut workload = Workload::new(
-        4,
-        Stop {
-            reads: 2_000,
-            writes: 500,
-            max: Duration::from_secs(120),
-        },
-    );
-    workload.evict_every = None;
-    workload.writers = 3;
-    workload.readers = 4;
-    let fault_done = Arc::new(AtomicBool::new(false));
-    workload.until_also = Some(Arc::clone(&fault_done));
+    let (workload, fault_done) =
+        workload_through_the_app((2_000, 500), 4, Duration::from_secs(120));
 
     let redis_pod = |node: &'static crate::Node, ns: String| async move {
         let list = node
@@ -298,19 +304,7 @@ async fn the_sidecar_killed_inside_its_pod_is_restarted_and_the_application_keep
     let uid = before["metadata"]["uid"].as_str().unwrap().to_string();
 
     let recorded = History::default();
-    let mut workload = Workload::new(
-        4,
-        Stop {
-            reads: 1_000,
-            writes: 300,
-            max: Duration::from_secs(90),
-        },
-    );
-    workload.evict_every = None;
-    workload.writers = 3;
-    workload.readers = 3;
-    let fault_done = Arc::new(AtomicBool::new(false));
-    workload.until_also = Some(Arc::clone(&fault_done));
+    let (workload, fault_done) = workload_through_the_app((1_000, 300), 3, Duration::from_secs(90));
     let fault = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pid = sidecar_pid(&uid).expect("the sidecar's process on this node");

@@ -45,6 +45,8 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
         "the application started before the sidecar listened:\n{log}"
     );
 
+    let metrics_before = shop.exec(node, &["metrics"]).await.unwrap();
+
     // A write from inside the pod: committed to PostgreSQL, then cached.
     let put = shop
         .exec(
@@ -98,14 +100,22 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
 
     // The sidecar's metrics, read from inside the pod.
     let metrics = shop.exec(node, &["metrics"]).await.unwrap();
-    for line in [
-        r#"wtc_writes_total{entity="accounts",outcome="ok"} 1"#,
-        r#"wtc_cache_lookups_total{entity="accounts",result="hit"} 2"#,
-        r#"wtc_cache_lookups_total{entity="accounts",result="miss"} 1"#,
+    for (series, added) in [
+        (r#"wtc_writes_total{entity="accounts",outcome="ok"}"#, 1.0),
+        (
+            r#"wtc_cache_lookups_total{entity="accounts",result="hit"}"#,
+            2.0,
+        ),
+        (
+            r#"wtc_cache_lookups_total{entity="accounts",result="miss"}"#,
+            1.0,
+        ),
     ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "no {line:?} in:\n{metrics}"
+        let now = sample(&metrics, series);
+        assert_eq!(
+            now - sample(&metrics_before, series),
+            added,
+            "{series} in:\n{metrics}"
         );
     }
 
@@ -124,4 +134,11 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
     assert_eq!(ready("Ready"), Some("True".into()), "{status}");
     assert_eq!(ready("SidecarsReady"), Some("True".into()), "{status}");
     shop.delete(node).await;
+}
+
+/// The value of one series in Prometheus' text format (0 when absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -419,7 +419,40 @@ impl Shop {
                 );
             }
         }
-        Shop { ns, table, pool }
+        let shop = Shop { ns, table, pool };
+        if !opts.no_wait {
+            shop.wait_for_redis(node).await;
+        }
+        shop
+    }
+
+    /// Until the sidecar reaches the managed Redis: a read stops answering `bypass`. The cache
+    /// turns Ready with the Redis Deployment, a moment before kube-proxy routes its Service and
+    /// before the sidecar's back-off after a refused connection ends; a write meanwhile is
+    /// acknowledged `repairing` (committed, the cache repaired later).
+    async fn wait_for_redis(&self, node: &Node) {
+        let app = self.app(node).await;
+        let started = Instant::now();
+        wait_for(
+            Duration::from_secs(60),
+            "the sidecar to reach Redis",
+            || {
+                let app = Arc::clone(&app);
+                async move {
+                    let r =
+                        wtc_tests::reply(app.http.get(format!("{}/accounts/-probe-", app.base)))
+                            .await
+                            .ok()?;
+                    (r.status == 404 && r.cache.as_deref() != Some("bypass")).then_some(())
+                }
+            },
+        )
+        .await;
+        eprintln!(
+            "{}: the sidecar reached Redis {:.1} s after the application was Ready",
+            self.ns,
+            started.elapsed().as_secs_f64()
+        );
     }
 
     /// The application's pod (the Deployment has one).
