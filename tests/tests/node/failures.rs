@@ -25,6 +25,8 @@ const OUTAGE_RULE: [&str; 10] = [
 
 impl DatabaseOutage {
     fn start() -> Self {
+        // A rule left by a killed earlier run goes first.
+        while Self::delete() {}
         let ok = std::process::Command::new("iptables")
             .arg("-I")
             .args(OUTAGE_RULE)
@@ -35,12 +37,20 @@ impl DatabaseOutage {
     }
 }
 
-impl Drop for DatabaseOutage {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("iptables")
+impl DatabaseOutage {
+    fn delete() -> bool {
+        std::process::Command::new("iptables")
             .arg("-D")
             .args(OUTAGE_RULE)
-            .status();
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for DatabaseOutage {
+    fn drop(&mut self) {
+        Self::delete();
     }
 }
 
@@ -339,7 +349,7 @@ async fn the_sidecar_killed_inside_its_pod_is_restarted_and_the_application_keep
     );
     report.assert_promise(Duration::from_secs(300));
     assert!(
-        report.writes_unknown + report.reads_failed > 0 || took < Duration::from_millis(200),
+        report.writes_unknown + report.reads_failed > 0,
         "the kill went unnoticed: {}",
         report.summary()
     );

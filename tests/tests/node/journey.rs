@@ -2,9 +2,9 @@
 //! managed Redis, an opted-in application; the application writes and reads through
 //! `127.0.0.1:7480` inside its pod.
 
-use crate::{Shop, ShopOptions, container_status, node, serial};
+use crate::{Shop, ShopOptions, container_status, node, serial, wait_for};
 use redis::AsyncCommands;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
@@ -119,10 +119,20 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
         );
     }
 
-    // What `kubectl get wtc` shows.
-    let status = shop.cache_status(node).await;
+    // What `kubectl get wtc` shows (the operator follows the pod's status changes).
+    let status = wait_for(
+        Duration::from_secs(30),
+        "readySidecars 1 on the cache",
+        || {
+            let shop = &shop;
+            async move {
+                let status = shop.cache_status(node).await;
+                (status["readySidecars"] == 1).then_some(status)
+            }
+        },
+    )
+    .await;
     assert_eq!(status["injectedPods"], 1, "{status}");
-    assert_eq!(status["readySidecars"], 1, "{status}");
     let ready = |t: &str| {
         status["conditions"]
             .as_array()

@@ -35,6 +35,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The tags `scripts/images` gave the images, when they differ from the chart's defaults.
+fn tag_overrides() -> Vec<String> {
+    [
+        (
+            "WTC_IMAGE_TAG",
+            ["image.tag", "sidecarImage.tag"].as_slice(),
+        ),
+        ("WTC_REDIS_IMAGE_TAG", ["redisImage.tag"].as_slice()),
+    ]
+    .iter()
+    .filter_map(|(var, keys)| Some((std::env::var(var).ok()?, keys)))
+    .flat_map(|(tag, keys)| {
+        keys.iter()
+            .flat_map(move |k| ["--set".to_string(), format!("{k}={tag}")])
+    })
+    .collect()
+}
+
 /// One test at a time on the node.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -111,16 +129,6 @@ fn exports(stdout: &str) -> Vec<(String, String)> {
 impl Node {
     async fn start() -> Node {
         let root = repo_root();
-        let up = run(Command::new(root.join("scripts/k8s-node")).arg("up"))
-            .await
-            .unwrap_or_else(|e| panic!("the node did not start (see its logs):\n{e}"));
-        let env = exports(&up);
-        let get = |name: &str| {
-            env.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| panic!("scripts/k8s-node up printed no {name}"))
-        };
         let images_dir = std::env::var("WTC_IMAGES_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join("target/images"));
@@ -135,6 +143,16 @@ impl Node {
                 a.display()
             );
         }
+        let up = run(Command::new(root.join("scripts/k8s-node")).arg("up"))
+            .await
+            .unwrap_or_else(|e| panic!("the node did not start (see its logs):\n{e}"));
+        let env = exports(&up);
+        let get = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("scripts/k8s-node up printed no {name}"))
+        };
         run(Command::new(root.join("scripts/k8s-node"))
             .arg("load")
             .args(&archives))
@@ -190,6 +208,7 @@ impl Node {
             .arg(&chart)
             .args(["-n", "wtc-system", "--create-namespace"])
             .args(["--set", &format!("image.registry={LOCAL_REGISTRY}")])
+            .args(tag_overrides())
             .args(["--wait", "--timeout", "180s"]))
         .await;
         if let Err(e) = installed {
@@ -219,8 +238,9 @@ impl Node {
     /// Until a server-side dry run of an opted-in pod comes back with the sidecar: the webhook
     /// is reachable through its Service (the API server fails open until then).
     async fn wait_for_injection(&self) {
-        let ns = "wtc-probe";
-        let _ = self.try_kubectl(&["create", "namespace", ns]).await;
+        // A name of its own: an earlier run's namespace may still be terminating.
+        let ns = &format!("wtc-probe-{:x}", fastrand::u32(..));
+        self.kubectl(&["create", "namespace", ns]).await;
         let cache = format!(
             "apiVersion: wtc.dev/v1alpha1\nkind: WriteThroughCache\nmetadata: {{name: probe, namespace: {ns}}}\n\
              spec:\n  database: {{urlSecret: {{name: none, key: url}}}}\n  entities: [{{name: probe, table: probe}}]\n  \
