@@ -189,40 +189,22 @@ async fn the_managed_redis_pod_deleted_under_load() {
     let (workload, fault_done) =
         workload_through_the_app((2_000, 500), 4, Duration::from_secs(120));
 
-    let redis_pod = |node: &'static crate::Node, ns: String| async move {
-        let list = node
-            .json(&[
-                "-n",
-                &ns,
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=wtc-redis",
-            ])
-            .await;
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .map(|p| {
-                (
-                    p["metadata"]["name"].as_str().unwrap().to_string(),
-                    pod_ready(p),
-                )
-            })
+    let redis_pod = || async {
+        let p = shop
+            .live_pod(node, "app.kubernetes.io/name=wtc-redis")
+            .await?;
+        Some((p["metadata"]["name"].as_str()?.to_string(), pod_ready(&p)))
     };
     let fault = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (old, _) = redis_pod(node, shop.ns.clone()).await.expect("a Redis pod");
+        let (old, _) = redis_pod().await.expect("a Redis pod");
         let deleted = Instant::now();
         node.kubectl(&["-n", &shop.ns, "delete", "pod", &old, "--wait=false"])
             .await;
         let new = wait_for(Duration::from_secs(120), "a new Redis pod Ready", || {
-            let ns = shop.ns.clone();
             let old = old.clone();
             async move {
-                redis_pod(node, ns)
+                redis_pod()
                     .await
                     .filter(|(name, ready)| *name != old && *ready)
                     .map(|(name, _)| name)

@@ -477,15 +477,21 @@ impl Shop {
 
     /// The application's pod (the Deployment has one).
     pub async fn pod(&self, node: &Node) -> Value {
+        self.live_pod(node, "app=shop-app")
+            .await
+            .expect("the application's pod")
+    }
+
+    /// A pod of this namespace matching `selector` that is not being deleted.
+    pub async fn live_pod(&self, node: &Node, selector: &str) -> Option<Value> {
         let list = node
-            .json(&["-n", &self.ns, "get", "pods", "-l", "app=shop-app"])
+            .json(&["-n", &self.ns, "get", "pods", "-l", selector])
             .await;
-        let items = list["items"].as_array().unwrap();
-        items
+        list["items"]
+            .as_array()?
             .iter()
             .find(|p| p["metadata"]["deletionTimestamp"].is_null())
             .cloned()
-            .expect("the application's pod")
     }
 
     pub async fn pod_name(&self, node: &Node) -> String {
