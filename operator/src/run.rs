@@ -6,6 +6,7 @@ use crate::crd::WriteThroughCache;
 use crate::metrics::Metrics;
 use crate::resources::Images;
 use crate::webhook::{self, Endpoint, Webhook};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use kube::{Client, CustomResourceExt};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -13,109 +14,121 @@ use std::sync::Arc;
 use std::time::Duration;
 use warp::Filter;
 
-const USAGE: &str = "usage:
-  wtc-operator crdgen            print the CustomResourceDefinition (YAML)
-  wtc-operator [run] [options]   run the controller and the injection webhook
-options:
-  --namespace NS               watch only this namespace (default: all)
-  --operator-namespace NS      where the operator runs (default: $POD_NAMESPACE or wtc-system)
-  --metrics-addr ADDR          /metrics and /healthz (default 0.0.0.0:8080)
-  --webhook-addr ADDR          the webhook's HTTPS listener (default 0.0.0.0:8443)
-  --webhook-service NAME       Service in front of the webhook (default wtc-operator)
-  --webhook-url URL            reach the webhook at this https URL instead of a Service
-  --webhook-config NAME        MutatingWebhookConfiguration to keep applied (default wtc-operator)
-  --webhook-cert-secret NAME   Secret holding the webhook CA and certificate (default wtc-operator-webhook-tls)
-  --cert-manager NS/CERT       certificates come from cert-manager: read --tls-dir, annotate for CA injection
-  --tls-dir DIR                tls.crt and tls.key (with --cert-manager; default /tls)
-  --owner-cluster-role NAME    make the webhook configuration owned by this ClusterRole (the chart's)
-  --sidecar-image IMAGE        the sidecar injected where a cache pins none (default: $WTC_SIDECAR_IMAGE or this release's)
-  --redis-image IMAGE          managed Redis where a cache pins none (default: $WTC_REDIS_IMAGE or this release's)
-  --no-webhook                 run the controller only";
+/// `wtc-operator [run] [options]` or `wtc-operator crdgen`. `run`'s flags are on the top level
+/// too, so that `run` may be left out as before.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wtc-operator",
+    about = "Kubernetes operator for wtc: WriteThroughCache CRD, managed Redis, sidecar injection",
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Options,
+}
 
-#[derive(Debug, Clone)]
+// Parsed once at start: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller and the injection webhook (the default)
+    Run(Options),
+    /// Print the CustomResourceDefinition (YAML)
+    Crdgen,
+}
+
+impl Cli {
+    /// What to run with; `None` for `crdgen`.
+    fn run_options(self) -> Option<Options> {
+        match self.command {
+            None => Some(self.run),
+            Some(Command::Run(options)) => Some(options),
+            Some(Command::Crdgen) => None,
+        }
+    }
+}
+
+/// `run`'s flags (the chart passes `--flag=value`, the tests `--flag value`).
+#[derive(Debug, Clone, Args)]
 pub struct Options {
+    /// Watch only this namespace (default: all)
+    #[arg(long, value_name = "NS")]
     pub namespace: Option<String>,
+    /// Where the operator runs
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "POD_NAMESPACE",
+        default_value = "wtc-system"
+    )]
     pub operator_namespace: String,
+    /// /metrics and /healthz
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
+    /// The webhook's HTTPS listener
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
     pub webhook_addr: SocketAddr,
+    /// Service in front of the webhook
+    #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
     pub webhook_service: String,
+    /// Reach the webhook at this https URL instead of a Service
+    #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
+    /// MutatingWebhookConfiguration to keep applied
+    #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
     pub webhook_config: String,
+    /// Secret holding the webhook CA and certificate
+    #[arg(long, value_name = "NAME", default_value = "wtc-operator-webhook-tls")]
     pub webhook_cert_secret: String,
+    /// Certificates come from cert-manager: read --tls-dir, annotate for CA injection
+    #[arg(long, value_name = "NS/CERT")]
     pub cert_manager: Option<String>,
+    /// tls.crt and tls.key (with --cert-manager)
+    #[arg(long, value_name = "DIR", default_value = "/tls")]
     pub tls_dir: String,
+    /// Make the webhook configuration owned by this ClusterRole (the chart's)
+    #[arg(long, value_name = "NAME")]
     pub owner_cluster_role: Option<String>,
+    /// Run the controller only
+    #[arg(long = "no-webhook", action = ArgAction::SetFalse)]
     pub webhook: bool,
-    pub images: Images,
+    /// The sidecar injected where a cache pins none
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        env = "WTC_SIDECAR_IMAGE",
+        default_value_t = Images::default().sidecar
+    )]
+    pub sidecar_image: String,
+    /// Managed Redis where a cache pins none
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        env = "WTC_REDIS_IMAGE",
+        default_value_t = Images::default().redis
+    )]
+    pub redis_image: String,
 }
 
 impl Options {
+    /// `run`'s options from the arguments after the program name (`run` itself optional). A bad
+    /// argument is an `Err` with clap's message: no exit, so callers and tests decide.
     pub fn parse(args: &[String]) -> Result<Self, String> {
-        let mut o = Options {
-            namespace: None,
-            operator_namespace: std::env::var("POD_NAMESPACE")
-                .unwrap_or_else(|_| "wtc-system".into()),
-            metrics_addr: "0.0.0.0:8080".parse().unwrap(),
-            webhook_addr: "0.0.0.0:8443".parse().unwrap(),
-            webhook_service: "wtc-operator".into(),
-            webhook_url: None,
-            webhook_config: "wtc-operator".into(),
-            webhook_cert_secret: "wtc-operator-webhook-tls".into(),
-            cert_manager: None,
-            tls_dir: "/tls".into(),
-            owner_cluster_role: None,
-            webhook: true,
-            images: {
-                let default = Images::default();
-                Images {
-                    sidecar: std::env::var("WTC_SIDECAR_IMAGE").unwrap_or(default.sidecar),
-                    redis: std::env::var("WTC_REDIS_IMAGE").unwrap_or(default.redis),
-                }
-            },
-        };
-        // `--flag value` and `--flag=value` (the chart's form) alike.
-        let split: Vec<String> = args
-            .iter()
-            .flat_map(|a| match a.split_once('=') {
-                Some((flag, value)) if a.starts_with("--") => vec![flag.into(), value.into()],
-                _ => vec![a.clone()],
-            })
-            .collect();
-        let mut it = split.iter();
-        while let Some(a) = it.next() {
-            let mut value = || {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| format!("{a} needs a value"))
-            };
-            match a.as_str() {
-                "run" => {}
-                "--namespace" => o.namespace = Some(value()?),
-                "--operator-namespace" => o.operator_namespace = value()?,
-                "--metrics-addr" => {
-                    o.metrics_addr = value()?
-                        .parse()
-                        .map_err(|_| "--metrics-addr: not host:port")?
-                }
-                "--webhook-addr" => {
-                    o.webhook_addr = value()?
-                        .parse()
-                        .map_err(|_| "--webhook-addr: not host:port")?
-                }
-                "--webhook-service" => o.webhook_service = value()?,
-                "--webhook-url" => o.webhook_url = Some(value()?),
-                "--webhook-config" => o.webhook_config = value()?,
-                "--webhook-cert-secret" => o.webhook_cert_secret = value()?,
-                "--cert-manager" => o.cert_manager = Some(value()?),
-                "--tls-dir" => o.tls_dir = value()?,
-                "--owner-cluster-role" => o.owner_cluster_role = Some(value()?),
-                "--no-webhook" => o.webhook = false,
-                "--sidecar-image" => o.images.sidecar = value()?,
-                "--redis-image" => o.images.redis = value()?,
-                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-            }
+        let argv = std::iter::once("wtc-operator".to_string()).chain(args.iter().cloned());
+        Cli::try_parse_from(argv)
+            .map_err(|e| e.render().to_string())?
+            .run_options()
+            .ok_or_else(|| "crdgen does not run the operator".into())
+    }
+
+    pub fn images(&self) -> Images {
+        Images {
+            sidecar: self.sidecar_image.clone(),
+            redis: self.redis_image.clone(),
         }
-        Ok(o)
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -157,18 +170,18 @@ pub fn crd_yaml() -> String {
 }
 
 pub fn main_entry() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("crdgen") => {
+    let options = match Cli::try_parse().map(Cli::run_options) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
             print!("{}", crd_yaml());
             return ExitCode::SUCCESS;
         }
-        Some("--help" | "-h") => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
+        // `--help` (0, on stdout) or a bad argument (2, on stderr).
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
-        _ => {}
-    }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -176,13 +189,6 @@ pub fn main_entry() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let options = match Options::parse(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("wtc-operator: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,13 +223,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", options.metrics_addr))?;
     tokio::spawn(warp::serve(routes).incoming(listener).run());
     tracing::info!(namespace = ?options.namespace, "wtc-operator running");
-    crate::reconcile::run(
-        client,
-        metrics,
-        options.namespace.clone(),
-        options.images.clone(),
-    )
-    .await;
+    crate::reconcile::run(client, metrics, options.namespace.clone(), options.images()).await;
     Ok(())
 }
 
@@ -269,7 +269,7 @@ async fn start_webhook(
         client.clone(),
         metrics,
         native,
-        options.images.clone(),
+        options.images(),
         &certs,
     )?);
     let listener = Webhook::bind(options.webhook_addr)
@@ -353,7 +353,116 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.operator_namespace, "ops");
-        assert_eq!(o.images.sidecar, "r.example/wtc-dev/wtc-sidecar:1");
+        assert_eq!(o.images().sidecar, "r.example/wtc-dev/wtc-sidecar:1");
         assert_eq!(o.webhook_addr.port(), 9443);
+    }
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        Options::parse(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_flags_and_refusals() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(o.webhook_addr.to_string(), "0.0.0.0:8443");
+        assert_eq!(
+            (
+                o.webhook_service.as_str(),
+                o.webhook_config.as_str(),
+                o.webhook_cert_secret.as_str(),
+                o.tls_dir.as_str()
+            ),
+            (
+                "wtc-operator",
+                "wtc-operator",
+                "wtc-operator-webhook-tls",
+                "/tls"
+            )
+        );
+        assert!(o.webhook && o.namespace.is_none() && o.webhook_url.is_none());
+        assert!(o.cert_manager.is_none() && o.owner_cluster_role.is_none());
+        // `run` may come first or be left out; the chart's flags with either spelling.
+        let o = parse(&[
+            "run",
+            "--no-webhook",
+            "--namespace",
+            "shop",
+            "--cert-manager=ops/wtc-webhook",
+            "--owner-cluster-role",
+            "wtc",
+            "--redis-image=r.example/redis:7",
+        ])
+        .unwrap();
+        assert!(!o.webhook);
+        assert_eq!(o.namespace.as_deref(), Some("shop"));
+        assert_eq!(o.cert_manager.as_deref(), Some("ops/wtc-webhook"));
+        assert_eq!(o.owner_cluster_role.as_deref(), Some("wtc"));
+        assert_eq!(o.images().redis, "r.example/redis:7");
+
+        let e = parse(&["--bogus"]).unwrap_err();
+        assert!(e.contains("--bogus"), "{e}");
+        assert!(parse(&["--metrics-addr", "nowhere"]).is_err());
+        assert!(parse(&["--namespace"]).is_err());
+        assert!(parse(&["crdgen"]).is_err());
+        let help = Cli::try_parse_from(["wtc-operator", "--help"]).unwrap_err();
+        assert_eq!(help.exit_code(), 0);
+        let bad = Cli::try_parse_from(["wtc-operator", "run", "--bogus"]).unwrap_err();
+        assert_eq!(bad.exit_code(), 2);
+        assert!(matches!(
+            Cli::try_parse_from(["wtc-operator", "crdgen"])
+                .unwrap()
+                .command,
+            Some(Command::Crdgen)
+        ));
+    }
+
+    /// Marks the child process of `environment_sits_between_flags_and_defaults`.
+    const CHILD: &str = "WTC_OPERATOR_ENV_TEST_CHILD";
+
+    /// The environment is process-global (and setting it is `unsafe`, forbidden here): the
+    /// checks run in a child test process given its own environment.
+    #[test]
+    fn environment_sits_between_flags_and_defaults() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "run::tests::environment_child", "--ignored"])
+            .env(CHILD, "1")
+            .env("POD_NAMESPACE", "from-env")
+            .env("WTC_SIDECAR_IMAGE", "env.example/sidecar:1")
+            .env("WTC_REDIS_IMAGE", "env.example/redis:1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("1 passed"),
+            "the child test did not run: {stdout}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by environment_sits_between_flags_and_defaults with its environment"]
+    fn environment_child() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.operator_namespace, "from-env");
+        assert_eq!(
+            o.images(),
+            Images {
+                sidecar: "env.example/sidecar:1".into(),
+                redis: "env.example/redis:1".into()
+            }
+        );
+        let o = parse(&[
+            "--operator-namespace=ops",
+            "--sidecar-image",
+            "flag.example/sidecar:2",
+        ])
+        .unwrap();
+        assert_eq!(o.operator_namespace, "ops");
+        assert_eq!(o.images().sidecar, "flag.example/sidecar:2");
+        assert_eq!(o.images().redis, "env.example/redis:1");
     }
 }
