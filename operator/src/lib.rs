@@ -2,7 +2,9 @@
 //! configuration, and injects the sidecar into pods that opt in.
 //!
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
-//! patch), `sidecars` (what injected sidecars are doing, from pod statuses); then `reconcile` (apply + status), `webhook` and `certs` (the admission server), `run`.
+//! patch), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
+//! cache's conditions and events from what was applied and observed); then `reconcile` (apply,
+//! patch the status), `webhook` and `certs` (the admission server), `run` (command line, wiring).
 #![forbid(unsafe_code)]
 
 pub mod certs;
@@ -13,6 +15,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod run;
 pub mod sidecars;
+pub mod status;
 pub mod webhook;
 
 pub use run::main_entry;

@@ -1,18 +1,19 @@
 //! The controller: desired objects (from `resources`), applied server-side with one field manager,
 //! leftovers removed, then status. `error_policy` backs off; an invalid spec waits for a change.
 
-use crate::crd::{WriteThroughCache, WriteThroughCacheStatus};
+use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
 use crate::resources::{self, Desired, Images, InvalidSpec, PASSWORD_KEY};
 use crate::sidecars;
+use crate::status::{self, Applied, Observed, RedisHealth};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -92,7 +93,7 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
         Ok(d) => d,
         Err(InvalidSpec(msg)) => {
             // Nothing to retry until the spec changes: no hot loop.
-            update_status(cr, ctx, Health::Invalid(msg)).await?;
+            update_status(cr, ctx, Applied::Invalid(msg)).await?;
             return Ok(Action::await_change());
         }
     };
@@ -110,7 +111,7 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
             RedisHealth::External
         }
     };
-    update_status(cr, ctx, Health::Valid(redis_ready)).await?;
+    update_status(cr, ctx, Applied::Valid(redis_ready)).await?;
     // Watches on the owned objects bring changes; the periodic pass refreshes the pod count.
     Ok(Action::requeue(Duration::from_secs(60)))
 }
@@ -160,18 +161,6 @@ async fn remove_managed_redis(
     Ok(())
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum RedisHealth {
-    Available,
-    Unavailable(String),
-    External,
-}
-
-enum Health {
-    Invalid(String),
-    Valid(RedisHealth),
-}
-
 fn deployment_available(d: &Deployment) -> RedisHealth {
     let status = d.status.clone().unwrap_or_default();
     let current = status.observed_generation >= d.metadata.generation;
@@ -190,134 +179,34 @@ fn deployment_available(d: &Deployment) -> RedisHealth {
     }
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    old: &[Condition],
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    // lastTransitionTime moves only when the status does.
-    let since = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: since,
-    }
-}
-
-async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) -> Result<(), Error> {
+/// Gathers what the status depends on, has `status` compute it, patches it, then publishes the
+/// events for what changed.
+async fn update_status(
+    cr: &WriteThroughCache,
+    ctx: &Context,
+    applied: Applied,
+) -> Result<(), Error> {
     let ns = cr.namespace().ok_or(Error::NoNamespace)?;
-    let generation = cr.metadata.generation;
-    let old = cr.status.clone().unwrap_or_default();
-    let (valid, valid_msg, redis) = match &health {
-        Health::Invalid(msg) => (false, msg.clone(), None),
-        Health::Valid(r) => (
-            true,
-            "the spec renders a valid sidecar configuration".to_string(),
-            Some(r.clone()),
-        ),
-    };
-    let (redis_ok, redis_reason, redis_msg) = match &redis {
-        Some(RedisHealth::Available) => (
-            true,
-            "Available",
-            "the managed Redis is available".to_string(),
-        ),
-        Some(RedisHealth::External) => (
-            true,
-            "External",
-            "Redis is external; the sidecars connect to it".to_string(),
-        ),
-        Some(RedisHealth::Unavailable(m)) => (false, "Unavailable", m.clone()),
-        None => (
-            false,
-            "InvalidSpec",
-            "not reconciled: the spec is invalid".to_string(),
-        ),
-    };
-    let ready = valid && redis_ok;
-    let ready_reason = if ready {
-        "Ready"
-    } else if !valid {
-        "InvalidSpec"
-    } else {
-        "RedisUnavailable"
-    };
-    let ready_msg = if ready {
-        "the cache is ready".to_string()
-    } else if !valid {
-        valid_msg.clone()
-    } else {
-        redis_msg.clone()
-    };
-    let conditions = vec![
-        condition(
-            "Ready",
-            ready,
-            ready_reason,
-            ready_msg,
-            generation,
-            &old.conditions,
-        ),
-        condition(
-            "RedisReady",
-            redis_ok,
-            redis_reason,
-            redis_msg,
-            generation,
-            &old.conditions,
-        ),
-        condition(
-            "ConfigValid",
-            valid,
-            if valid { "Valid" } else { "InvalidSpec" },
-            valid_msg,
-            generation,
-            &old.conditions,
-        ),
-    ];
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let injected = pods
         .list(&ListParams::default().labels(&format!("{INJECTED_LABEL}={}", cr.name_any())))
         .await?
         .items;
-    let sidecars = sidecars::health(&injected);
-    let (sidecars_ok, sidecars_reason, sidecars_msg) = sidecars.condition();
-    let mut conditions = conditions;
-    conditions.push(condition(
-        "SidecarsReady",
-        sidecars_ok,
-        sidecars_reason,
-        sidecars_msg.clone(),
-        generation,
-        &old.conditions,
-    ));
-    let status = WriteThroughCacheStatus {
-        observed_generation: generation,
-        conditions,
-        redis_endpoint: resources::redis_endpoint(cr).or_else(|| Some("external".into())),
-        injected_pods: sidecars.injected,
-        ready_sidecars: sidecars.ready,
+    let observed = Observed {
+        generation: cr.metadata.generation,
+        applied,
+        sidecars: sidecars::health(&injected),
+        redis_endpoint: resources::redis_endpoint(cr),
     };
-    let was_ready = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let old = cr.status.as_ref();
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let new = status::desired(&observed, old_conditions, &now);
     let api: Api<WriteThroughCache> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = serde_json::json!({
         "apiVersion": "wtc.dev/v1alpha1",
         "kind": "WriteThroughCache",
-        "status": status,
+        "status": new,
     });
     match api
         .patch_status(
@@ -332,35 +221,17 @@ async fn update_status(cr: &WriteThroughCache, ctx: &Context, health: Health) ->
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
         Err(e) => return Err(e.into()),
     }
-    let sidecars_were_ok = !old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "SidecarsReady" && c.status == "False");
-    if sidecars_were_ok && !sidecars_ok {
-        publish(ctx, cr, EventType::Warning, sidecars_reason, sidecars_msg).await;
-    }
-    if was_ready != ready || cr.status.is_none() {
-        let (type_, reason) = if ready {
-            (EventType::Normal, "Ready")
-        } else {
-            (EventType::Warning, ready_reason)
-        };
-        publish(ctx, cr, type_, reason, status.conditions[0].message.clone()).await;
+    for notice in status::events(old, &new) {
+        publish(ctx, cr, notice).await;
     }
     Ok(())
 }
 
-async fn publish(
-    ctx: &Context,
-    cr: &WriteThroughCache,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
+async fn publish(ctx: &Context, cr: &WriteThroughCache, notice: status::Notice) {
     let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
+        type_: notice.type_,
+        reason: notice.reason,
+        note: Some(notice.note),
         action: "Reconcile".into(),
         secondary: None,
     };

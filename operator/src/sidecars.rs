@@ -3,6 +3,7 @@
 //! without a client in the tests.
 
 use crate::injection::SIDECAR_NAME;
+use crate::status::Reason;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::ResourceExt;
 
@@ -82,13 +83,13 @@ fn sidecar_status(pod: &Pod) -> Option<&ContainerStatus> {
 impl SidecarHealth {
     /// The `SidecarsReady` condition: false only while some sidecar cannot run, with the reason
     /// the kubelet gives, so `kubectl describe wtc` says what `kubectl describe pod` would.
-    pub fn condition(&self) -> (bool, &'static str, String) {
+    pub fn condition(&self) -> (bool, Reason, String) {
         if self.failing.is_empty() {
             let message = match self.injected {
                 0 => "no pod runs a sidecar of this cache".to_string(),
                 n => format!("{} of {n} injected pods have a ready sidecar", self.ready),
             };
-            return (true, "SidecarsRunning", message);
+            return (true, Reason::SidecarsRunning, message);
         }
         let named: Vec<String> = self
             .failing
@@ -109,7 +110,7 @@ impl SidecarHealth {
         if more > 0 {
             message.push_str(&format!(" (and {more} more)"));
         }
-        (false, "SidecarFailing", message)
+        (false, Reason::SidecarFailing, message)
     }
 }
 
@@ -155,7 +156,7 @@ mod tests {
         assert_eq!((h.injected, h.ready, h.failing.len()), (4, 1, 1));
         let (ok, reason, message) = h.condition();
         assert!(!ok);
-        assert_eq!(reason, "SidecarFailing");
+        assert_eq!(reason.as_str(), "SidecarFailing");
         assert_eq!(
             message,
             "1 of 4 injected pods cannot run their wtc-sidecar container: pod bad-image: \
@@ -197,7 +198,7 @@ mod tests {
             health(&[]).condition(),
             (
                 true,
-                "SidecarsRunning",
+                Reason::SidecarsRunning,
                 "no pod runs a sidecar of this cache".into()
             )
         );
