@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use wtc_sidecar::cache::CacheKey;
-use wtc_sidecar::sidecar::{CacheStatus, ReadOutcome, Sidecar, WriteOutcome};
+use wtc_sidecar::Sidecar;
+use wtc_sidecar::core::{
+    CacheKey, CacheStatus, CacheStore, Cached, EntityId, ReadOutcome, WriteOutcome,
+};
 
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +54,7 @@ pub enum Client {
 pub struct Plan {
     pub kind: Kind,
     pub entity: String,
-    pub idx: usize,
+    pub idx: EntityId,
     pub hot_keys: u64,
     pub write_keys: u64,
     /// Misses use cold keys `c{cold_base + i}` for `i` below `cold_count`.
@@ -98,7 +100,7 @@ pub async fn exec(client: &mut Client, plan: &Plan, i: u64) -> bool {
         Client::Noop => true,
         Client::RedisGet(sc) => {
             let ck = CacheKey::new(&plan.entity, &key);
-            matches!(sc.cache.get(&ck).await, Ok(Some(_)))
+            matches!(sc.cache().get(&ck, false).await, Ok((Cached::Entry(_), _)))
         }
         Client::InProcess(sc) => match plan.kind {
             Kind::Hit | Kind::Miss => matches!(
@@ -112,7 +114,7 @@ pub async fn exec(client: &mut Client, plan: &Plan, i: u64) -> bool {
                     return false;
                 };
                 matches!(
-                    sc.put(plan.idx, &key, &map, &raw, None).await,
+                    sc.put(plan.idx, &key, map, raw, None).await,
                     Ok(WriteOutcome::Committed { status, .. }) if status == want
                 )
             }

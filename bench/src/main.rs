@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use wtc_config::{Overrides, SidecarConfig};
-use wtc_sidecar::batch::{Batch, BatchWrite, WriteOp};
-use wtc_sidecar::sidecar::{CacheStatus, Sidecar};
+use wtc_sidecar::Sidecar;
+use wtc_sidecar::core::{Batch, CacheStatus, EntityId, Write, WriteOp};
 
 /// When set, this binary is the sidecar: `--sidecar embedded` runs the sidecar's own entry point
 /// in a child process of this binary (used by the test, which has no release build at hand).
@@ -363,7 +363,7 @@ async fn run(opts: Opts) -> Result<(), String> {
     );
     let config = SidecarConfig::parse(&toml, &Overrides::default())
         .map_err(|e| format!("the sidecar configuration: {e}"))?;
-    let inproc = Arc::new(Sidecar::new(config.clone())?);
+    let inproc = Arc::new(wtc_sidecar::sidecar(config.clone())?);
     let sidecar =
         ServerProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
     log(&format!(
@@ -606,7 +606,7 @@ impl Bench {
         Plan {
             kind,
             entity: self.entity.clone(),
-            idx: 0,
+            idx: EntityId::new(0),
             hot_keys: self.hot_keys,
             write_keys: self.write_keys,
             cold_base: self.cold_next,
@@ -644,7 +644,7 @@ impl Bench {
         while i < end {
             let mut pipe = redis::pipe();
             for k in i..(i + 1000).min(end) {
-                let ck = wtc_sidecar::cache::CacheKey::new(&self.entity, &format!("c{k}"));
+                let ck = wtc_sidecar::core::CacheKey::new(&self.entity, &format!("c{k}"));
                 pipe.cmd("DEL").arg(&ck.entry).arg(&ck.lease).ignore();
             }
             pipe.query_async::<()>(&mut self.redis)
@@ -764,7 +764,7 @@ impl Bench {
         for i in 0..self.hot_keys {
             let key = format!("h{i}");
             self.inproc
-                .read(0, &key)
+                .read(EntityId::new(0), &key)
                 .await
                 .map_err(|e| format!("warm-up read: {e}"))?;
         }
@@ -839,7 +839,7 @@ impl Bench {
         if opts.runs("herd") {
             // The sidecar's consistency sampler checks a share of the writes above against the
             // database after `grace_ms`: let it finish, or its queries would count as herd reads.
-            let sampler = &self.inproc.config.sampler;
+            let sampler = &self.inproc.config().sampler;
             if sampler.sample_rate > 0.0 {
                 let wait = 2 * (sampler.grace_ms + sampler.interval_ms);
                 log(&format!("waiting {wait} ms for the consistency sampler"));
@@ -942,7 +942,7 @@ impl Bench {
                             (Some(c), outcome)
                         }
                         None => {
-                            let outcome = match sc.read(0, &key).await {
+                            let outcome = match sc.read(EntityId::new(0), &key).await {
                                 Ok(o) if o.envelope.is_some() => {
                                     Some(o.status.as_str().to_string())
                                 }
@@ -1067,8 +1067,8 @@ impl Bench {
                     let Ok(body) = serde_json::from_str(&raw) else {
                         return false;
                     };
-                    writes.push(BatchWrite {
-                        idx: 0,
+                    writes.push(Write {
+                        entity: EntityId::new(0),
                         key: k.clone(),
                         op: WriteOp::Put { body, raw },
                         if_match: None,
@@ -1144,7 +1144,7 @@ impl Bench {
             pg_tls,
             pg_version,
             redis_version,
-            pool_size: self.inproc.config.database.pool_size,
+            pool_size: self.inproc.config().database.pool_size,
             date,
         }
     }

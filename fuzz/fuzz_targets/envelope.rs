@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
-use wtc_sidecar::envelope::Envelope;
+use wtc_sidecar::core::{Envelope, Version};
 
 /// The largest version the prefix match accepts back: 18 digits (`version_prefix`).
 const MAX_VERSION: i64 = 999_999_999_999_999_999;
@@ -54,8 +54,8 @@ fn check_accepted(input: &[u8], env: &Envelope) {
         .unwrap()
         .parse()
         .expect("prefix digits out of range");
-    assert_eq!(prefix, env.version, "prefix version != parsed version");
-    assert!(env.version >= 0);
+    assert_eq!(prefix, env.version.get(), "prefix version != parsed version");
+    assert!(env.version.get() >= 0);
 
     check_json(input);
     // The fields, each kept as its raw text (a data object is checked as JSON above).
@@ -162,8 +162,8 @@ fn round_trip(v: &[u8], data: &[u8], written_at: &[u8]) {
         .chars()
         .any(|c| c == '"' || c == '\\' || c.is_control());
 
-    let row = Envelope::row(version, data, written_at);
-    assert_eq!((row.version, row.deleted), (version, false));
+    let row = Envelope::row(Version::new(version), data, written_at);
+    assert_eq!((row.version.get(), row.deleted), (version, false));
     let parsed = Envelope::parse_stored(row.bytes.clone());
     if let Some(p) = &parsed {
         check_accepted(&row.bytes, p);
@@ -175,7 +175,7 @@ fn round_trip(v: &[u8], data: &[u8], written_at: &[u8]) {
                 String::from_utf8_lossy(&row.bytes)
             )
         });
-        assert_eq!((p.version, p.deleted), (version, false));
+        assert_eq!((p.version.get(), p.deleted), (version, false));
         let back: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(&p.bytes).unwrap();
         assert_eq!(back["data"].get(), data, "data changed");
         assert_eq!(
@@ -191,8 +191,8 @@ fn round_trip(v: &[u8], data: &[u8], written_at: &[u8]) {
         );
     }
 
-    let t = Envelope::tombstone(version, written_at);
-    assert_eq!((t.version, t.deleted), (version, true));
+    let t = Envelope::tombstone(Version::new(version), written_at);
+    assert_eq!((t.version.get(), t.deleted), (version, true));
     let parsed = Envelope::parse_stored(t.bytes.clone());
     if let Some(p) = &parsed {
         check_accepted(&t.bytes, p);
@@ -204,7 +204,7 @@ fn round_trip(v: &[u8], data: &[u8], written_at: &[u8]) {
                 String::from_utf8_lossy(&t.bytes)
             )
         });
-        assert_eq!((p.version, p.deleted), (version, true));
+        assert_eq!((p.version.get(), p.deleted), (version, true));
     } else if !version_ok {
         assert!(
             parsed.is_none(),

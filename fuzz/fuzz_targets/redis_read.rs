@@ -32,7 +32,7 @@ use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, Method, Request, StatusCode, header};
 use warp::reply::Response;
 use wtc_fuzz::*;
-use wtc_sidecar::envelope::Envelope;
+use wtc_sidecar::core::Envelope;
 
 const ENTITY: &str = "accounts";
 const PTTLS: [i64; 8] = [-1, -2, 0, 1, 20, 1_000, 300_000, i64::MAX];
@@ -124,7 +124,7 @@ fn single(
     let expected = Some(value)
         .filter(|v| !v.is_empty())
         .and_then(|v| Envelope::parse_stored(Bytes::copy_from_slice(v)))
-        .filter(|env| min_version.is_none_or(|m| env.version >= m));
+        .filter(|env| min_version.is_none_or(|m| env.version.get() >= m));
     let shown = || String::from_utf8_lossy(value).into_owned();
     // A value that is not an envelope is evicted (a newer-looking prefix would otherwise keep
     // every fill out); an envelope, even one below the minimum version, is left to the fill.
@@ -146,12 +146,12 @@ fn single(
                 shown()
             );
             assert_eq!(&body[..], value, "the served body is not the stored value");
-            check_hit_headers(&headers, env.version);
+            check_hit_headers(&headers, env.version.get());
         }
         Some(env) => {
             assert_eq!(status, StatusCode::NOT_FOUND, "a tombstone: {}", shown());
             assert_eq!(check_error(status, &headers, &body), "not_found");
-            check_hit_headers(&headers, env.version);
+            check_hit_headers(&headers, env.version.get());
         }
         None => {
             assert_eq!(

@@ -204,7 +204,7 @@ fn check_ok(p: &Parsed, headers: &HeaderMap, body: &[u8]) {
             assert_eq!(ct, Some(&b"text/plain; version=0.0.4; charset=utf-8"[..]));
             assert!(std::str::from_utf8(body).is_ok(), "metrics are not UTF-8");
         }
-        "/openapi.json" if get => assert_eq!(body, wtc_sidecar::api::OPENAPI.as_bytes()),
+        "/openapi.json" if get => assert_eq!(body, wtc_sidecar::http::OPENAPI.as_bytes()),
         "/v1/batch" if p.method == Method::POST => {
             let v = json();
             assert_eq!(

@@ -12,8 +12,7 @@ use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, Request, StatusCode, header};
 use warp::reply::Response;
 use wtc_config::{Overrides, SidecarConfig};
-use wtc_sidecar::api;
-use wtc_sidecar::sidecar::Sidecar;
+use wtc_sidecar::http::{self, App};
 
 /// A PostgreSQL that is not there: a Unix socket path that does not exist. Connecting fails at
 /// once (ENOENT), where a closed loopback port (`postgres://wtc@127.0.0.1:1/wtc`) makes the pool
@@ -106,20 +105,18 @@ table = "order_items"
 /// pool and the Redis client need one.
 pub fn sidecar_filter(config: SidecarConfig, token: Option<&str>) -> BoxedFilter<(Response,)> {
     let _guard = runtime().enter();
-    let sc = Sidecar::new(config)
-        .expect("the sidecar starts without its backends")
-        .with_api_token(token);
-    api::routes(Arc::new(sc)).boxed()
+    let sc = wtc_sidecar::sidecar(config).expect("the sidecar starts without its backends");
+    http::routes(Arc::new(App::new(Arc::new(sc), token))).boxed()
 }
 
 /// One request, as the sidecar's server (`server.rs`) handles it once hyper has parsed it: the
-/// target check (`api::check_target`), then the filter as a service (`warp::service`). Returns
+/// target check (`http::check_target`), then the filter as a service (`warp::service`). Returns
 /// the whole answer.
 pub async fn call(
     filter: &BoxedFilter<(Response,)>,
     req: Request<Full<Bytes>>,
 ) -> (StatusCode, HeaderMap, Bytes) {
-    let res = match api::check_target(req.uri()) {
+    let res = match http::check_target(req.uri()) {
         Some(refused) => refused,
         None => match warp::service(filter.clone()).call(req).await {
             Ok(r) => r,

@@ -1,27 +1,20 @@
 //! wtc-sidecar: a write-through cache on localhost. Writes commit to PostgreSQL first, then reach
 //! Redis through a versioned compare-and-swap; reads come from Redis and are fresh.
 //!
-//! Where things are: the envelope (`envelope`), the Redis scripts (`cache::scripts`), the write
-//! path (`write`), the read path (`read`), the repair queue (`repair`), the SQL (`db`), the HTTP
-//! API (`api`), process wiring (`run`).
+//! Where things are:
+//! - `core`: the protocol (docs/protocol.md), pure, generic over two ports: the read path
+//!   (`core/read.rs`, `core/bulk_read.rs`), the write path (`core/write.rs`), the repair queue,
+//!   the consistency sampler, the envelope.
+//! - `redis_cache`: the cache store on Redis; the CAS scripts are in `redis_cache/scripts.rs`.
+//! - `postgres`: the row store on PostgreSQL; the SQL is in `postgres/table.rs`.
+//! - `http`: the API (typed routes and commands, one error type) and the server.
+//! - `run`: process wiring.
 #![forbid(unsafe_code)]
 
-pub mod admission;
-pub mod api;
-pub mod auth;
-pub mod batch;
-pub mod cache;
-pub mod db;
-pub mod envelope;
-pub mod hooks;
-pub mod metrics;
-pub mod read;
-pub mod repair;
+pub mod core;
+pub mod http;
+pub mod postgres;
+pub mod redis_cache;
 pub mod run;
-pub mod sampler;
-pub mod server;
-pub mod sidecar;
-pub mod write;
-pub mod write_ratio;
 
-pub use run::main_entry;
+pub use run::{Sidecar, main_entry, main_with, sidecar};

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod history;
+pub mod hooks;
 pub mod proxy;
 
 use serde_json::Value;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use wtc_config::{CacheConfig, DatabaseConfig, Entity, Limits, RedisConfig, SidecarConfig};
 
-pub use wtc_sidecar::hooks::{FILL_BEFORE_STORE, WRITE_BEFORE_CACHE_STEP};
+pub use hooks::{FILL_BEFORE_STORE, WRITE_BEFORE_CACHE_STEP};
 
 /// The database the suites use: `WTC_DATABASE_URL` as printed by `scripts/local-services`.
 pub fn database_url() -> String {
@@ -278,7 +279,7 @@ pub fn signal(pid: u32, sig: &str) {
 
 /// The Redis key of an entry, as the sidecar names it.
 pub fn entry_key(entity: &str, key: &str) -> String {
-    wtc_sidecar::cache::CacheKey::new(entity, key).entry
+    wtc_sidecar::core::CacheKey::new(entity, key).entry
 }
 
 /// What most suites start from: a table of their own (named after `prefix`) on the shared

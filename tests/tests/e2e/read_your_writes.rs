@@ -82,7 +82,7 @@ async fn min_version_read_waiting_on_another_filler_never_takes_the_older_entry(
     let v2 = a.put("accounts", "k", json!({"n": 2})).await.version();
     s.redis.set(&entry_key("accounts", "k"), &first.raw).await;
     // Another sidecar's filler at work (its lease, as acquire_lease sets it).
-    let lease = wtc_sidecar::cache::CacheKey::new("accounts", "k").lease;
+    let lease = wtc_sidecar::core::CacheKey::new("accounts", "k").lease;
     s.redis.set(&lease, "someone-elses-fill").await;
 
     let r = get_min(&b, "k", &v2.to_string()).await;

@@ -12,7 +12,7 @@
 //! own new connections; deleting twice is harmless, and nobody records the epoch before the sweep
 //! is complete, so no connection ever serves a restored entry.
 
-use prometheus::IntCounter;
+use crate::core::metrics::EpochCounters;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, RedisResult};
 use std::sync::RwLock;
@@ -23,15 +23,6 @@ use std::time::Duration;
 /// entries and leases, so the sweep leaves it alone.
 pub const EPOCH_KEY: &str = "wtc:epoch";
 const SWEEP_PATTERN: &str = "wtc:{*";
-
-/// What the epoch check found on new connections (metrics).
-#[derive(Clone)]
-pub struct EpochCounters {
-    /// Restarts of Redis that needed a sweep (`wtc_redis_epoch_changes_total`).
-    pub changes: IntCounter,
-    /// Keys deleted by sweeps (`wtc_redis_epoch_swept_keys_total`).
-    pub swept_keys: IntCounter,
-}
 
 pub struct Link {
     client: Client,

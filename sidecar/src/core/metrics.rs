@@ -1,8 +1,8 @@
 //! Prometheus metrics (`wtc_` prefix, base units). Label handles for each entity are resolved once
 //! at startup so the hot path only bumps atomics.
 
-use crate::cache::link::EpochCounters;
-use crate::write_ratio::WriteRatio;
+use super::types::EntityId;
+use super::write_ratio::WriteRatio;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -23,6 +23,15 @@ pub struct EntityMetrics {
     pub write_precondition_failed: IntCounter,
     pub write_rejected: IntCounter,
     pub write_failed: IntCounter,
+}
+
+/// What the epoch check of new Redis connections found (`redis_cache::link`).
+#[derive(Clone)]
+pub struct EpochCounters {
+    /// Restarts of Redis that needed a sweep (`wtc_redis_epoch_changes_total`).
+    pub changes: IntCounter,
+    /// Keys deleted by sweeps (`wtc_redis_epoch_swept_keys_total`).
+    pub swept_keys: IntCounter,
 }
 
 pub struct Metrics {
@@ -248,6 +257,10 @@ impl Metrics {
             m.registry.register(c).unwrap();
         }
         m
+    }
+
+    pub fn entity(&self, id: EntityId) -> &EntityMetrics {
+        &self.entities[id.index()]
     }
 
     pub fn read_done(&self) {

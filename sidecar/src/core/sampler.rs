@@ -14,15 +14,27 @@
 //! - Confirmed inconsistencies are checked again on every pass until the cache matches (or drops
 //!   the key); `wtc_sampler_oldest_inconsistency_seconds` is the age of the oldest still seen.
 
-use crate::cache::CacheKey;
-use crate::envelope::Envelope;
-use crate::sidecar::Sidecar;
+use super::envelope::Envelope;
+use super::metrics::Metrics;
+use super::ports::{CacheKey, CacheStore, RowStore};
+use super::repair::RepairQueue;
+use super::types::{Cached, EntityId, Version};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use wtc_config::SamplerConfig;
+
+/// What one pass of the sampler works with.
+pub struct Ports<'a, C, R> {
+    pub cache: &'a C,
+    pub rows: &'a R,
+    pub repair: &'a RepairQueue,
+    pub metrics: &'a Metrics,
+    /// Entity names, by `EntityId`.
+    pub names: &'a [String],
+}
 
 /// Most keys waiting for their check; beyond it, sampled keys are dropped.
 const QUEUE_CAPACITY: usize = 4_096;
@@ -43,12 +55,12 @@ enum Kind {
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
     cached: Bytes,
-    db_version: Option<i64>,
+    db_version: Option<Version>,
 }
 
 #[derive(Debug)]
 struct Due {
-    idx: usize,
+    idx: EntityId,
     key: String,
     due: Instant,
     kind: Kind,
@@ -59,7 +71,7 @@ pub struct Sampler {
     grace: Duration,
     queue: Mutex<VecDeque<Due>>,
     /// Confirmed inconsistencies still seen: (entity, key) → first seen.
-    observed: Mutex<HashMap<(usize, String), Instant>>,
+    observed: Mutex<HashMap<(EntityId, String), Instant>>,
 }
 
 impl Sampler {
@@ -77,14 +89,14 @@ impl Sampler {
     }
 
     /// A write of `key` committed: maybe check it after the grace period.
-    pub fn record(&self, idx: usize, key: &str) {
+    pub fn record(&self, idx: EntityId, key: &str) {
         if self.rate <= 0.0 || (self.rate < 1.0 && fastrand::f64() >= self.rate) {
             return;
         }
         self.push(idx, key.to_string(), Kind::New);
     }
 
-    fn push(&self, idx: usize, key: String, kind: Kind) {
+    fn push(&self, idx: EntityId, key: String, kind: Kind) {
         let mut q = self.queue.lock().unwrap();
         if q.len() < QUEUE_CAPACITY {
             q.push_back(Due {
@@ -116,10 +128,10 @@ impl Sampler {
     }
 
     /// One pass: checks every key that is due.
-    pub async fn check_once(&self, sc: &Sidecar) {
+    pub async fn check_once<C: CacheStore, R: RowStore>(&self, sc: &Ports<'_, C, R>) {
         let now = Instant::now();
         let due = self.take_due(now);
-        let mut by_entity: HashMap<usize, Vec<Due>> = HashMap::new();
+        let mut by_entity: HashMap<EntityId, Vec<Due>> = HashMap::new();
         for d in due {
             by_entity.entry(d.idx).or_default().push(d);
         }
@@ -138,12 +150,17 @@ impl Sampler {
         sc.metrics.sampler_queued.set(queued as i64);
     }
 
-    async fn check_entity(&self, sc: &Sidecar, idx: usize, items: Vec<Due>) {
+    async fn check_entity<C: CacheStore, R: RowStore>(
+        &self,
+        sc: &Ports<'_, C, R>,
+        idx: EntityId,
+        items: Vec<Due>,
+    ) {
         if !sc.cache.is_up() {
             // Not checked this time; confirmed ones stay observed.
             return;
         }
-        let entity = sc.entity_name(idx);
+        let entity = &sc.names[idx.index()];
         let cks: Vec<CacheKey> = items
             .iter()
             .map(|d| CacheKey::new(entity, &d.key))
@@ -160,10 +177,9 @@ impl Sampler {
         let cached: Vec<Option<Envelope>> = cached
             .into_iter()
             .zip(&cks)
-            .map(|(bytes, ck)| {
-                bytes
-                    .filter(|_| !sc.repair.contains(ck))
-                    .and_then(|b| Envelope::parse_stored(Bytes::from(b)))
+            .map(|(c, ck)| match c {
+                Cached::Entry(env) if !sc.repair.contains(ck) => Some(env),
+                _ => None,
             })
             .collect();
         let to_read: Vec<&str> = items
@@ -174,10 +190,7 @@ impl Sampler {
             .collect();
         let mut rows: HashMap<String, Option<Envelope>> = HashMap::new();
         if !to_read.is_empty() {
-            let Ok(table) = sc.db.table(idx).await else {
-                return;
-            };
-            match sc.db.read_many(&table, &to_read).await {
+            match sc.rows.read_many(idx, &to_read).await {
                 Ok(r) => rows.extend(to_read.iter().map(|k| k.to_string()).zip(r)),
                 Err(_) => return,
             }
@@ -196,12 +209,12 @@ impl Sampler {
                     })
                 }
             };
-            self.judge(sc, d, differs);
+            self.judge(sc.metrics, sc.names, d, differs);
         }
     }
 
     /// `differs`: what was seen when the cache does not match the database.
-    fn judge(&self, sc: &Sidecar, d: Due, differs: Option<Seen>) {
+    fn judge(&self, metrics: &Metrics, names: &[String], d: Due, differs: Option<Seen>) {
         let id = (d.idx, d.key);
         match (d.kind, differs) {
             (Kind::Observed, None) => {
@@ -230,9 +243,9 @@ impl Sampler {
                 if observed.contains_key(&id) || observed.len() >= MAX_OBSERVED {
                     return;
                 }
-                sc.metrics.sampler_inconsistent.inc();
+                metrics.sampler_inconsistent.inc();
                 tracing::warn!(
-                    entity = sc.entity_name(id.0),
+                    entity = names[id.0.index()].as_str(),
                     key = %id.1,
                     "consistency sampler: the cache differs from the database"
                 );
@@ -256,36 +269,33 @@ fn data(bytes: &[u8]) -> Option<Value> {
     Some(v.get_mut("data")?.take())
 }
 
-impl Sidecar {
-    /// Runs the consistency sampler until the process ends (when `sampler.enabled`).
-    pub fn spawn_sampler(self: &Arc<Self>) {
-        if !self.config.sampler.enabled || self.config.sampler.sample_rate <= 0.0 {
-            return;
-        }
-        let sc = Arc::clone(self);
-        let every = Duration::from_millis(sc.config.sampler.interval_ms.max(10));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                sc.sampler.check_once(&sc).await;
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn consistency_rules() {
-        let row = Envelope::row(5, r#"{"id": "a", "n": 1.50}"#, "2026-01-01T00:00:00Z");
-        let same = Envelope::row(5, r#"{"n":1.5,"id":"a"}"#, "2026-01-01T00:00:01Z");
-        let other_data = Envelope::row(5, r#"{"id": "a", "n": 2}"#, "2026-01-01T00:00:00Z");
-        let older = Envelope::row(4, r#"{"id": "a", "n": 1.50}"#, "2026-01-01T00:00:00Z");
-        let tomb = Envelope::tombstone(6, "2026-01-01T00:00:00Z");
+        let row = Envelope::row(
+            Version::new(5),
+            r#"{"id": "a", "n": 1.50}"#,
+            "2026-01-01T00:00:00Z",
+        );
+        let same = Envelope::row(
+            Version::new(5),
+            r#"{"n":1.5,"id":"a"}"#,
+            "2026-01-01T00:00:01Z",
+        );
+        let other_data = Envelope::row(
+            Version::new(5),
+            r#"{"id": "a", "n": 2}"#,
+            "2026-01-01T00:00:00Z",
+        );
+        let older = Envelope::row(
+            Version::new(4),
+            r#"{"id": "a", "n": 1.50}"#,
+            "2026-01-01T00:00:00Z",
+        );
+        let tomb = Envelope::tombstone(Version::new(6), "2026-01-01T00:00:00Z");
         assert!(consistent(&same, Some(&row)));
         assert!(!consistent(&other_data, Some(&row)));
         assert!(!consistent(&older, Some(&row)));
@@ -304,7 +314,7 @@ mod tests {
             ..Default::default()
         });
         for i in 0..QUEUE_CAPACITY + 10 {
-            s.record(0, &i.to_string());
+            s.record(EntityId::new(0), &i.to_string());
         }
         assert_eq!(s.queue.lock().unwrap().len(), QUEUE_CAPACITY);
         assert!(s.take_due(Instant::now()).is_empty());
@@ -315,7 +325,7 @@ mod tests {
             sample_rate: 1.0,
             ..Default::default()
         });
-        off.record(0, "a");
+        off.record(EntityId::new(0), "a");
         assert!(off.queue.lock().unwrap().is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! decoding JSON. A hit hands the stored bytes to the response as they are; they are validated
 //! (not re-encoded) so that a corrupt or foreign value is treated as a miss, never served.
 
+use super::types::Version;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -13,7 +14,7 @@ use serde_json::value::RawValue;
 /// A row or tombstone as the database returned it, ready to be cached and answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
-    pub version: i64,
+    pub version: Version,
     pub deleted: bool,
     /// The exact bytes stored in Redis and sent to the client.
     pub bytes: Bytes,
@@ -22,7 +23,7 @@ pub struct Envelope {
 impl Envelope {
     /// `data` must be a JSON object as text (PostgreSQL's `to_jsonb(row)::text`); `written_at` an
     /// RFC 3339 timestamp from the database clock.
-    pub fn row(version: i64, data: &str, written_at: &str) -> Self {
+    pub fn row(version: Version, data: &str, written_at: &str) -> Self {
         let mut s = String::with_capacity(data.len() + written_at.len() + 48);
         s.push_str("{\"v\":");
         s.push_str(&version.to_string());
@@ -38,7 +39,7 @@ impl Envelope {
         }
     }
 
-    pub fn tombstone(version: i64, written_at: &str) -> Self {
+    pub fn tombstone(version: Version, written_at: &str) -> Self {
         let s = format!("{{\"v\":{version},\"deleted\":true,\"written_at\":\"{written_at}\"}}");
         Self {
             version,
@@ -74,7 +75,7 @@ impl Envelope {
             (None, true) => {}
             _ => return None,
         }
-        let (version, deleted) = (stored.v, stored.deleted);
+        let (version, deleted) = (Version::new(stored.v), stored.deleted);
         Some(Self {
             version,
             deleted,
@@ -139,7 +140,11 @@ mod tests {
 
     #[test]
     fn row_envelope_has_the_seed_format() {
-        let e = Envelope::row(14, r#"{"id": "a", "n": 1}"#, "2026-04-17T10:00:00.000000Z");
+        let e = Envelope::row(
+            Version::new(14),
+            r#"{"id": "a", "n": 1}"#,
+            "2026-04-17T10:00:00.000000Z",
+        );
         let v: serde_json::Value = serde_json::from_slice(&e.bytes).unwrap();
         assert_eq!(v["v"], 14);
         assert_eq!(v["data"]["n"], 1);
@@ -150,14 +155,14 @@ mod tests {
 
     #[test]
     fn tombstone_round_trips() {
-        let t = Envelope::tombstone(15, "2026-04-17T10:00:00Z");
+        let t = Envelope::tombstone(Version::new(15), "2026-04-17T10:00:00Z");
         assert_eq!(
             &t.bytes[..],
             br#"{"v":15,"deleted":true,"written_at":"2026-04-17T10:00:00Z"}"#
         );
         let back = Envelope::parse_stored(t.bytes.clone()).unwrap();
         assert!(back.deleted);
-        assert_eq!(back.version, 15);
+        assert_eq!(back.version, Version::new(15));
     }
 
     #[test]

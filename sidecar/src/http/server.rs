@@ -6,8 +6,8 @@
 //! 1166), killing the connection without an answer. Such a request gets `400 invalid_target`
 //! before warp sees it. Found by the `request` fuzz target (docs/fuzzing.md).
 
-use crate::api;
-use crate::sidecar::Sidecar;
+use super::App;
+use crate::core::ports::{CacheStore, RowStore};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,8 +19,12 @@ use tokio::net::TcpListener;
 use tower_service::Service;
 
 /// Serves until `shutdown` resolves, then lets open requests finish (idle connections close).
-pub async fn serve(listener: TcpListener, sc: Arc<Sidecar>, shutdown: impl Future<Output = ()>) {
-    let routes = warp::service(api::routes(sc));
+pub async fn serve<C: CacheStore, R: RowStore>(
+    listener: TcpListener,
+    app: Arc<App<C, R>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let routes = warp::service(super::routes(app));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -42,7 +46,7 @@ pub async fn serve(listener: TcpListener, sc: Arc<Sidecar>, shutdown: impl Futur
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let mut routes = routes.clone();
             async move {
-                if let Some(refused) = api::check_target(req.uri()) {
+                if let Some(refused) = super::check_target(req.uri()) {
                     return Ok::<_, Infallible>(refused);
                 }
                 routes.call(req).await

@@ -11,6 +11,9 @@
 //! write's cache step deletes the lease, so a filler or an older writer that read or committed
 //! before it can no longer install its value, even if the entry was evicted in between.
 
+use crate::core::ports::{CacheError, FillOutcome, StoreOutcome};
+use redis::Value;
+
 /// Cache step of a committed write (row or tombstone).
 /// ARGV: version, envelope, ttl_ms, intent token ("" when the write holds no intent).
 /// Returns "stored", "stale" (a newer version is cached) or "skipped" (empty slot, intent lost).
@@ -64,51 +67,55 @@ end
 return 0
 "#;
 
-/// The protocol with its two guards removed, for proving that the history checker catches what
-/// they prevent. Only in builds with `test-hooks`, and only when the sidecar is started with
-/// `WTC_TEST_WEAKEN=plain-set` (see `Scripts::for_this_build`).
-#[cfg(feature = "test-hooks")]
-pub mod weakened {
-    /// STORE as a plain `SET`: no version comparison, so a late older write overwrites a newer one.
-    pub const STORE: &str = r#"
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[2])
-return 'stored'
-"#;
-
-    /// FILL without the lease or the version check: a slow filler installs what it read, however
-    /// old (the seed's "set on miss").
-    pub const FILL: &str = r#"
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 'stored'
-"#;
+/// What a `STORE` answered.
+pub(super) fn store_outcome(reply: &Value) -> Result<StoreOutcome, CacheError> {
+    match text(reply) {
+        Some("stored") => Ok(StoreOutcome::Stored),
+        Some("stale") => Ok(StoreOutcome::Stale),
+        Some("skipped") => Ok(StoreOutcome::Skipped),
+        _ => Err(CacheError::Protocol(format!("STORE answered {reply:?}"))),
+    }
 }
 
-/// The script texts this sidecar runs: the protocol's, or (test builds, on request) the weakened.
-#[derive(Debug, Clone, Copy)]
-pub struct Scripts {
-    pub store: &'static str,
-    pub fill: &'static str,
-    pub release: &'static str,
+/// What a `FILL` answered.
+pub(super) fn fill_outcome(reply: &Value) -> Result<FillOutcome, CacheError> {
+    match text(reply) {
+        Some("stored") => Ok(FillOutcome::Stored),
+        Some("lease_lost") => Ok(FillOutcome::LeaseLost),
+        Some("stale") => Ok(FillOutcome::Stale),
+        _ => Err(CacheError::Protocol(format!("FILL answered {reply:?}"))),
+    }
 }
 
-impl Scripts {
-    pub const PROTOCOL: Scripts = Scripts {
-        store: STORE,
-        fill: FILL,
-        release: RELEASE,
-    };
+/// A script's text reply.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
 
-    pub fn for_this_build() -> Scripts {
-        #[cfg(feature = "test-hooks")]
-        if std::env::var("WTC_TEST_WEAKEN").as_deref() == Ok("plain-set") {
-            tracing::warn!("WTC_TEST_WEAKEN=plain-set: CAS and fill leases are OFF (test build)");
-            return Scripts {
-                store: weakened::STORE,
-                fill: weakened::FILL,
-                release: RELEASE,
-            };
-        }
-        Self::PROTOCOL
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_replies_decode_once_for_every_path() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            store_outcome(&bulk("stored")).unwrap(),
+            StoreOutcome::Stored
+        );
+        assert_eq!(
+            store_outcome(&Value::SimpleString("skipped".into())).unwrap(),
+            StoreOutcome::Skipped
+        );
+        assert_eq!(
+            fill_outcome(&bulk("lease_lost")).unwrap(),
+            FillOutcome::LeaseLost
+        );
+        assert!(store_outcome(&bulk("lease_lost")).is_err());
+        assert!(fill_outcome(&Value::Int(1)).is_err());
     }
 }

@@ -6,8 +6,8 @@
 //! version until then, or until its TTL ends: that bound is the stale window (P3), measured in
 //! `wtc_stale_window_seconds`.
 
-use crate::cache::{Cache, CacheKey};
-use crate::metrics::Metrics;
+use super::metrics::Metrics;
+use super::ports::{CacheKey, CacheStore};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,11 +43,11 @@ impl RepairQueue {
     }
 
     /// One pass: evict every pending key; stop at the first failure (Redis is still away).
-    pub async fn drain_once(&self, cache: &Cache, metrics: &Metrics) {
+    pub async fn drain_once(&self, cache: &impl CacheStore, metrics: &Metrics) {
         let batch: Vec<(CacheKey, Instant)> =
             self.pending.lock().unwrap().values().cloned().collect();
         for (key, since) in batch {
-            if cache.evict(&key).await.is_err() {
+            if cache.repair_evict(&key).await.is_err() {
                 metrics.redis_errors.inc();
                 break;
             }

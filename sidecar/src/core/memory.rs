@@ -1,0 +1,647 @@
+//! In-memory stores with the semantics of the Redis scripts and of the SQL statements, and the
+//! protocol's races of docs/protocol.md made to happen deterministically through the ports: no
+//! PostgreSQL, no Redis, no process. (The end-to-end suites run the same races on the real
+//! stores.) Gates stop a cache step or a fill of one key until the test lets it go.
+//!
+//! `MemoryCache::weakened` drops the two guards (version comparison and fill lease) as the
+//! end-to-end suites' weakened build does: the tests below show the races then break the promise,
+//! so they can fail.
+
+use super::envelope::Envelope;
+use super::metrics::Metrics;
+use super::ports::{
+    CacheError, CacheKey, CacheStore, CommitFailure, FillOutcome, LeaseEnd, LeaseToken,
+    PrepareError, RowStore, StoreCall, StoreOutcome,
+};
+use super::protocol::Protocol;
+use super::types::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use wtc_config::{Overrides, SidecarConfig};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Point {
+    /// A filler read the database and is about to `FILL`.
+    Fill,
+    /// A write committed and is about to `STORE`.
+    Store,
+}
+
+struct Gate {
+    point: Point,
+    entry: String,
+    reached: Option<oneshot::Sender<()>>,
+    go: Option<oneshot::Receiver<()>>,
+}
+
+/// A held request: `reached` resolves when it stops; `release` lets it go on.
+struct Held {
+    reached: oneshot::Receiver<()>,
+    go: oneshot::Sender<()>,
+}
+
+impl Held {
+    async fn reached(&mut self) {
+        tokio::time::timeout(Duration::from_secs(5), &mut self.reached)
+            .await
+            .expect("the request reached the gate")
+            .expect("gate alive");
+    }
+
+    fn release(self) {
+        let _ = self.go.send(());
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct MemoryCache {
+    entries: Mutex<HashMap<String, Vec<u8>>>,
+    leases: Mutex<HashMap<String, String>>,
+    gates: Mutex<Vec<Gate>>,
+    /// Every call fails (Redis away) while set.
+    failing: AtomicBool,
+    /// STORE and FILL as plain SETs (no CAS, no lease).
+    weakened: bool,
+}
+
+/// The version prefix the scripts read (`{"v":N,`); `None` when it does not parse.
+fn prefix_version(bytes: &[u8]) -> Option<i64> {
+    let rest = bytes.strip_prefix(b"{\"v\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+impl MemoryCache {
+    fn weakened() -> Self {
+        Self {
+            weakened: true,
+            ..Self::default()
+        }
+    }
+
+    fn gate(&self, point: Point, entity: &str, key: &str) -> Held {
+        let (reached_tx, reached) = oneshot::channel();
+        let (go, go_rx) = oneshot::channel();
+        self.gates.lock().unwrap().push(Gate {
+            point,
+            entry: CacheKey::new(entity, key).entry,
+            reached: Some(reached_tx),
+            go: Some(go_rx),
+        });
+        Held { reached, go }
+    }
+
+    async fn pass(&self, point: Point, key: &CacheKey) {
+        let go = {
+            let mut gates = self.gates.lock().unwrap();
+            let Some(i) = gates
+                .iter()
+                .position(|g| g.point == point && g.entry == key.entry)
+            else {
+                return;
+            };
+            let mut g = gates.remove(i);
+            if let Some(r) = g.reached.take() {
+                let _ = r.send(());
+            }
+            g.go.take()
+        };
+        if let Some(go) = go {
+            let _ = go.await;
+        }
+    }
+
+    fn check(&self) -> Result<(), CacheError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(CacheError::Failed("the test cut the cache off".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn version_of(&self, entity: &str, key: &str) -> Option<i64> {
+        let entry = CacheKey::new(entity, key).entry;
+        self.entries
+            .lock()
+            .unwrap()
+            .get(&entry)
+            .and_then(|b| prefix_version(b))
+    }
+
+    fn put_entry(&self, entity: &str, key: &str, bytes: &[u8]) {
+        let entry = CacheKey::new(entity, key).entry;
+        self.entries.lock().unwrap().insert(entry, bytes.to_vec());
+    }
+
+    fn remove(&self, key: &CacheKey) {
+        self.entries.lock().unwrap().remove(&key.entry);
+        self.leases.lock().unwrap().remove(&key.lease);
+    }
+
+    /// The `STORE` script.
+    fn store_one(&self, s: &StoreCall<'_>) -> StoreOutcome {
+        let mut entries = self.entries.lock().unwrap();
+        let mut leases = self.leases.lock().unwrap();
+        let new = s.envelope.version.get();
+        let outcome = if self.weakened {
+            entries.insert(s.key.entry.clone(), s.envelope.bytes.to_vec());
+            StoreOutcome::Stored
+        } else {
+            match entries.get(&s.key.entry) {
+                Some(cur) if prefix_version(cur).is_none_or(|v| v < new) => {
+                    entries.insert(s.key.entry.clone(), s.envelope.bytes.to_vec());
+                    StoreOutcome::Stored
+                }
+                Some(_) => StoreOutcome::Stale,
+                None if s
+                    .intent
+                    .is_some_and(|t| leases.get(&s.key.lease).map(String::as_str) == Some(t.as_str())) =>
+                {
+                    entries.insert(s.key.entry.clone(), s.envelope.bytes.to_vec());
+                    StoreOutcome::Stored
+                }
+                None => StoreOutcome::Skipped,
+            }
+        };
+        leases.remove(&s.key.lease);
+        outcome
+    }
+
+    /// The `FILL` and `RELEASE` scripts.
+    fn end_one(&self, e: &LeaseEnd<'_>) -> Option<FillOutcome> {
+        let mut entries = self.entries.lock().unwrap();
+        let mut leases = self.leases.lock().unwrap();
+        match e {
+            LeaseEnd::Fill {
+                key,
+                envelope,
+                token,
+                ..
+            } => {
+                if self.weakened {
+                    entries.insert(key.entry.clone(), envelope.bytes.to_vec());
+                    return Some(FillOutcome::Stored);
+                }
+                if leases.get(&key.lease).map(String::as_str) != Some(token.as_str()) {
+                    return Some(FillOutcome::LeaseLost);
+                }
+                leases.remove(&key.lease);
+                if entries
+                    .get(&key.entry)
+                    .and_then(|c| prefix_version(c))
+                    .is_some_and(|v| v > envelope.version.get())
+                {
+                    return Some(FillOutcome::Stale);
+                }
+                entries.insert(key.entry.clone(), envelope.bytes.to_vec());
+                Some(FillOutcome::Stored)
+            }
+            LeaseEnd::Release { key, token } => {
+                if leases.get(&key.lease).map(String::as_str) == Some(token.as_str()) {
+                    leases.remove(&key.lease);
+                }
+                None
+            }
+        }
+    }
+}
+
+impl CacheStore for MemoryCache {
+    fn is_up(&self) -> bool {
+        !self.failing.load(Ordering::SeqCst)
+    }
+
+    async fn get(&self, key: &CacheKey, with_ttl: bool) -> Result<(Cached, Option<i64>), CacheError> {
+        self.check()?;
+        let v = self.entries.lock().unwrap().get(&key.entry).cloned();
+        Ok((Cached::from_stored(v), with_ttl.then_some(60_000)))
+    }
+
+    async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
+        self.check()?;
+        let entries = self.entries.lock().unwrap();
+        Ok(keys
+            .iter()
+            .map(|k| Cached::from_stored(entries.get(&k.entry).cloned()))
+            .collect())
+    }
+
+    async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
+        self.check()?;
+        let v = self.entries.lock().unwrap().get(&key.entry).cloned();
+        let held = self.leases.lock().unwrap().contains_key(&key.lease);
+        Ok((Cached::from_stored(v), held))
+    }
+
+    async fn acquire_leases(
+        &self,
+        leases: &[(&CacheKey, &LeaseToken)],
+        _ttl: Duration,
+    ) -> Result<Vec<(bool, Cached)>, CacheError> {
+        self.check()?;
+        let mut out = Vec::new();
+        for (key, token) in leases {
+            let won = {
+                let mut l = self.leases.lock().unwrap();
+                if l.contains_key(&key.lease) {
+                    false
+                } else {
+                    l.insert(key.lease.clone(), token.as_str().to_string());
+                    true
+                }
+            };
+            let v = self.entries.lock().unwrap().get(&key.entry).cloned();
+            out.push((won, Cached::from_stored(v)));
+        }
+        Ok(out)
+    }
+
+    async fn write_intents(
+        &self,
+        intents: &[(&CacheKey, &LeaseToken)],
+        _ttl: Duration,
+    ) -> Result<(), CacheError> {
+        self.check()?;
+        let mut l = self.leases.lock().unwrap();
+        for (key, token) in intents {
+            l.insert(key.lease.clone(), token.as_str().to_string());
+        }
+        Ok(())
+    }
+
+    async fn store(
+        &self,
+        stores: &[StoreCall<'_>],
+        evict: &[&CacheKey],
+    ) -> Result<Vec<StoreOutcome>, CacheError> {
+        for s in stores {
+            self.pass(Point::Store, s.key).await;
+        }
+        self.check()?;
+        let out = stores.iter().map(|s| self.store_one(s)).collect();
+        for k in evict {
+            self.remove(k);
+        }
+        Ok(out)
+    }
+
+    async fn end_leases(&self, ends: &[LeaseEnd<'_>]) -> Result<Vec<Option<FillOutcome>>, CacheError> {
+        for e in ends {
+            if let LeaseEnd::Fill { key, .. } = e {
+                self.pass(Point::Fill, key).await;
+            }
+        }
+        self.check()?;
+        Ok(ends.iter().map(|e| self.end_one(e)).collect())
+    }
+
+    async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
+        self.check()?;
+        for k in keys {
+            self.remove(k);
+        }
+        Ok(())
+    }
+
+    async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
+        self.check()?;
+        self.remove(key);
+        Ok(())
+    }
+}
+
+/// Rows of one table per entity, versions from one sequence, writes all-or-none.
+#[derive(Default)]
+pub(crate) struct MemoryRows {
+    rows: Mutex<HashMap<(EntityId, String), (Version, String)>>,
+    sequence: AtomicI64,
+    reads: AtomicUsize,
+}
+
+impl MemoryRows {
+    fn row(&self, entity: EntityId, key: &str) -> Option<Envelope> {
+        self.rows
+            .lock()
+            .unwrap()
+            .get(&(entity, key.to_string()))
+            .map(|(v, data)| Envelope::row(*v, data, "2026-11-29T00:00:00Z"))
+    }
+}
+
+impl RowStore for MemoryRows {
+    type Prepared = ();
+
+    async fn prepare(&self, _write: &Write) -> Result<(), PrepareError> {
+        Ok(())
+    }
+
+    async fn read(&self, entity: EntityId, key: &str) -> Result<Option<Envelope>, DbError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        // A database read takes a moment: concurrent readers of one key overlap.
+        tokio::task::yield_now().await;
+        Ok(self.row(entity, key))
+    }
+
+    async fn read_many(
+        &self,
+        entity: EntityId,
+        keys: &[&str],
+    ) -> Result<Vec<Option<Envelope>>, DbError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(keys.iter().map(|k| self.row(entity, k)).collect())
+    }
+
+    async fn commit(&self, writes: &[(&Write, &())]) -> Result<Vec<Committed>, CommitFailure> {
+        let mut rows = self.rows.lock().unwrap();
+        for (index, (w, _)) in writes.iter().enumerate() {
+            let current = rows.get(&(w.entity, w.key.clone())).map(|(v, _)| *v);
+            if let Some(expected) = w.if_match
+                && current != Some(expected)
+            {
+                return Err(CommitFailure::Precondition { index, current });
+            }
+            if matches!(w.op, WriteOp::Delete) && current.is_none() {
+                return Err(CommitFailure::NotFound { index });
+            }
+        }
+        let mut out = Vec::new();
+        for (w, _) in writes {
+            let version = Version::new(self.sequence.fetch_add(1, Ordering::SeqCst) + 1);
+            let id = (w.entity, w.key.clone());
+            out.push(match &w.op {
+                WriteOp::Put { raw, .. } => {
+                    let created = rows.insert(id, (version, raw.clone())).is_none();
+                    Committed {
+                        envelope: Envelope::row(version, raw, "2026-11-29T00:00:00Z"),
+                        created,
+                    }
+                }
+                WriteOp::Delete => {
+                    rows.remove(&id);
+                    Committed {
+                        envelope: Envelope::tombstone(version, "2026-11-29T00:00:00Z"),
+                        created: false,
+                    }
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+type Mem = Protocol<MemoryCache, MemoryRows>;
+
+fn protocol_with(cache: MemoryCache) -> Arc<Mem> {
+    let config = SidecarConfig::parse(
+        "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
+         [redis]\nurl = \"redis://127.0.0.1:1\"\n\
+         [cache]\nlease_wait_ms = 50\nearly_expiration_beta = 0.0\n\
+         [cache.retry]\nretries = 0\n\
+         [[entities]]\nname = \"accounts\"\ntable = \"accounts\"\n",
+        &Overrides::default(),
+    )
+    .expect("config");
+    Arc::new(Protocol::new(
+        config,
+        cache,
+        MemoryRows::default(),
+        Metrics::new(&["accounts"]),
+    ))
+}
+
+fn protocol() -> Arc<Mem> {
+    protocol_with(MemoryCache::default())
+}
+
+const A: EntityId = EntityId::new(0);
+
+async fn put(p: &Mem, key: &str, n: i64) -> (Version, CacheStatus) {
+    let raw = format!("{{\"n\":{n}}}");
+    let body = serde_json::from_str(&raw).unwrap();
+    match p.put(A, key, body, raw, None).await.unwrap() {
+        WriteOutcome::Committed {
+            envelope, status, ..
+        } => (envelope.version, status),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn evict(p: &Mem, key: &str) {
+    p.cache.remove(&CacheKey::new("accounts", key));
+}
+
+/// A reader read v1 under its lease; a write of v2 is acknowledged `ok`; the key is evicted; the
+/// reader's fill comes last. Returns the version the cache then holds.
+async fn slow_filler_race(p: Arc<Mem>) -> Option<i64> {
+    let (v1, _) = put(&p, "k", 1).await;
+    evict(&p, "k");
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let reader = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    held.reached().await;
+    let (v2, status) = put(&p, "k", 2).await;
+    assert_eq!(status, CacheStatus::Ok);
+    evict(&p, "k");
+    held.release();
+    let seen = reader.await.unwrap();
+    assert_eq!(seen.envelope.unwrap().version, v1, "it began before the write");
+    assert!(v2 > v1);
+    p.cache.version_of("accounts", "k")
+}
+
+#[tokio::test]
+async fn a_slow_filler_cannot_install_a_row_older_than_an_acknowledged_write() {
+    let p = protocol();
+    assert_eq!(slow_filler_race(Arc::clone(&p)).await, None, "the old fill was refused");
+    assert_eq!(p.metrics.entity(A).fill_lost_lease.get(), 1);
+    let after = p.read(A, "k").await.unwrap();
+    assert_eq!(after.envelope.unwrap().version, Version::new(2));
+}
+
+#[tokio::test]
+async fn without_the_lease_the_slow_filler_race_serves_a_stale_row() {
+    // The same race against the weakened store: the test above can fail.
+    let p = protocol_with(MemoryCache::weakened());
+    assert_eq!(slow_filler_race(p).await, Some(1), "v1 is back in the cache");
+}
+
+/// Write A committed v1 and stalls before its cache step; write B commits v2 and is acknowledged;
+/// then `between` runs; then A's cache step. Returns A's status and what the cache holds.
+async fn late_writer_race(p: Arc<Mem>, evict_between: bool) -> (CacheStatus, Option<i64>) {
+    put(&p, "k", 0).await;
+    let mut held = p.cache.gate(Point::Store, "accounts", "k");
+    let a = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { put(&p, "k", 1).await }
+    });
+    held.reached().await;
+    let (v_b, status) = put(&p, "k", 2).await;
+    assert_eq!(status, CacheStatus::Ok);
+    assert_eq!(p.cache.version_of("accounts", "k"), Some(v_b.get()));
+    if evict_between {
+        evict(&p, "k");
+    }
+    held.release();
+    let (v_a, a_status) = a.await.unwrap();
+    assert!(v_a < v_b);
+    (a_status, p.cache.version_of("accounts", "k"))
+}
+
+#[tokio::test]
+async fn a_late_cache_step_after_a_newer_write_changes_nothing() {
+    let p = protocol();
+    let (status, cached) = late_writer_race(Arc::clone(&p), false).await;
+    assert_eq!(status, CacheStatus::Ok, "stale is a clean outcome");
+    assert_eq!(cached, Some(3));
+    let p = protocol_with(MemoryCache::weakened());
+    assert_eq!(late_writer_race(p, false).await.1, Some(2), "weakened: v_a overwrote v_b");
+}
+
+#[tokio::test]
+async fn a_late_cache_step_into_an_evicted_slot_is_skipped() {
+    // The empty-slot rule: B's intent and cache step took A's lease away.
+    let p = protocol();
+    let (_, cached) = late_writer_race(Arc::clone(&p), true).await;
+    assert_eq!(cached, None);
+    assert_eq!(p.read(A, "k").await.unwrap().envelope.unwrap().version, Version::new(3));
+}
+
+#[tokio::test]
+async fn concurrent_misses_read_the_database_once() {
+    let p = protocol();
+    put(&p, "k", 1).await;
+    evict(&p, "k");
+    let reads_before = p.rows.reads.load(Ordering::SeqCst);
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let first = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    held.reached().await;
+    // The flight is sealed: these readers wait on the lease, then find the fill.
+    let others: Vec<_> = (0..8)
+        .map(|_| {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move { p.read(A, "k").await.unwrap() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    held.release();
+    first.await.unwrap();
+    for o in others {
+        let out = o.await.unwrap();
+        assert_eq!(out.status, CacheStatus::Hit, "the fill was waited for");
+    }
+    assert_eq!(p.rows.reads.load(Ordering::SeqCst) - reads_before, 1, "P4");
+    assert_eq!(p.metrics.entity(A).fill_waited.get(), 8);
+}
+
+#[tokio::test]
+async fn a_minimum_version_passes_an_older_cached_row() {
+    let p = protocol();
+    let (v1, _) = put(&p, "k", 1).await;
+    // A newer row the cache does not know about (a repairing write, or another writer).
+    let v2 = Version::new(v1.get() + 10);
+    p.rows
+        .rows
+        .lock()
+        .unwrap()
+        .insert((A, "k".into()), (v2, "{\"n\":2}".into()));
+    let hit = p.read(A, "k").await.unwrap();
+    assert_eq!((hit.status, hit.envelope.unwrap().version), (CacheStatus::Hit, v1));
+    let fresh = p.read_at_least(A, "k", Some(v2)).await.unwrap();
+    assert_eq!(fresh.envelope.unwrap().version, v2);
+    assert_eq!(p.cache.version_of("accounts", "k"), Some(v2.get()), "the fill replaced v1");
+}
+
+#[tokio::test]
+async fn a_corrupt_entry_is_never_served_and_is_replaced() {
+    let p = protocol();
+    put(&p, "k", 1).await;
+    p.cache.put_entry("accounts", "k", b"{\"v\":99999,\"oops\":1}");
+    let out = p.read(A, "k").await.unwrap();
+    assert_eq!(out.status, CacheStatus::Miss);
+    assert_eq!(out.envelope.unwrap().version, Version::new(1));
+    assert_eq!(p.metrics.corrupt_entries.get(), 1);
+    assert_eq!(p.cache.version_of("accounts", "k"), Some(1), "filled after the eviction");
+}
+
+#[tokio::test]
+async fn a_failed_cache_step_repairs_and_reads_bypass_until_repaired() {
+    let p = protocol();
+    put(&p, "k", 1).await;
+    p.cache.failing.store(true, Ordering::SeqCst);
+    let (v2, status) = put(&p, "k", 2).await;
+    assert_eq!(status, CacheStatus::Repairing);
+    assert_eq!(p.repairs_pending(), 1);
+    p.cache.failing.store(false, Ordering::SeqCst);
+    // The old entry is still in the cache; this sidecar does not serve it.
+    assert_eq!(p.cache.version_of("accounts", "k"), Some(1));
+    let out = p.read(A, "k").await.unwrap();
+    assert_eq!((out.status, out.envelope.unwrap().version), (CacheStatus::Bypass, v2));
+    p.repair_once().await;
+    assert_eq!(p.repairs_pending(), 0);
+    assert_eq!(p.cache.version_of("accounts", "k"), None, "evicted");
+    assert_eq!(p.read(A, "k").await.unwrap().status, CacheStatus::Miss);
+}
+
+#[tokio::test]
+async fn a_refused_batch_commits_nothing_and_gives_its_intents_back() {
+    let p = protocol();
+    let (v1, _) = put(&p, "a", 1).await;
+    let write = |key: &str, if_match: Option<Version>| Write {
+        entity: A,
+        key: key.into(),
+        op: WriteOp::Put {
+            body: serde_json::Map::new(),
+            raw: "{}".into(),
+        },
+        if_match,
+    };
+    let batch = Batch {
+        writes: vec![write("b", None), write("a", Some(Version::new(v1.get() + 1)))],
+        invalidate: vec![],
+    };
+    match p.write_batch(&batch).await {
+        Err(BatchError::PreconditionFailed { index: 1, current }) => assert_eq!(current, Some(v1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(p.rows.row(A, "b").is_none(), "nothing committed");
+    assert!(p.cache.leases.lock().unwrap().is_empty(), "intents given back");
+    let dup = Batch {
+        writes: vec![write("x", None), write("x", None)],
+        invalidate: vec![],
+    };
+    assert!(matches!(
+        p.write_batch(&dup).await,
+        Err(BatchError::DuplicateKey { first: 0, index: 1 })
+    ));
+}
+
+#[tokio::test]
+async fn a_bulk_read_serves_hits_and_fills_misses_under_leases() {
+    let p = protocol();
+    put(&p, "a", 1).await;
+    put(&p, "b", 2).await;
+    evict(&p, "b");
+    let keys: Vec<String> = ["a", "b", "nope", "a"].iter().map(|s| s.to_string()).collect();
+    let out = p.read_many(A, &keys).await.unwrap();
+    let statuses: Vec<_> = out.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Miss, CacheStatus::Hit]
+    );
+    assert!(out[2].envelope.is_none());
+    assert_eq!(p.cache.version_of("accounts", "b"), Some(2), "filled");
+    assert!(p.cache.leases.lock().unwrap().is_empty(), "no lease left behind");
+    assert_eq!(CacheStatus::summary(&out), CacheStatus::Miss);
+}

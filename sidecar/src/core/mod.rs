@@ -1,0 +1,31 @@
+//! The protocol core: what docs/protocol.md promises, written once, against two ports
+//! (`ports::CacheStore`, `ports::RowStore`). No HTTP, Redis or SQL in here: the adapters are
+//! `redis_cache`, `postgres` and `http`.
+//!
+//! - `types`, `envelope`: the vocabulary (entity, version, what the cache holds, outcomes).
+//! - `read` (with single-flight in `flights`), `bulk_read`: the read path.
+//! - `write`: the write path, single writes and batches.
+//! - `repair`: the repair queue. `sampler`: the consistency sampler. `metrics`, `write_ratio`.
+//! - `protocol`: the state they share, and the background loops.
+
+pub mod bulk_read;
+pub mod envelope;
+mod flights;
+pub mod metrics;
+pub mod ports;
+pub mod protocol;
+pub mod read;
+pub mod repair;
+pub mod sampler;
+pub mod types;
+pub mod write;
+pub mod write_ratio;
+
+#[cfg(test)]
+mod memory;
+
+pub use envelope::Envelope;
+pub use metrics::Metrics;
+pub use ports::{CacheKey, CacheStore, RowStore};
+pub use protocol::{Background, Protocol};
+pub use types::*;

@@ -1,0 +1,177 @@
+//! The protocol's state: one `Protocol` (like a controller's `Context`), generic over its two
+//! ports, the cache store and the row store. The read path is in `read.rs` and `bulk_read.rs`,
+//! the write path in `write.rs`; none of them knows HTTP, Redis or SQL.
+
+use super::flights::Flights;
+use super::metrics::Metrics;
+use super::ports::{CacheStore, RowStore};
+use super::repair::RepairQueue;
+use super::sampler::{self, Sampler};
+use super::types::EntityId;
+use super::write_ratio::{self, WriteRatio};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wtc_config::SidecarConfig;
+
+pub struct Protocol<C, R> {
+    config: SidecarConfig,
+    /// Entity names, by `EntityId`.
+    names: Vec<String>,
+    entity_index: HashMap<String, EntityId>,
+    pub(crate) cache: C,
+    pub(crate) rows: R,
+    pub(crate) repair: RepairQueue,
+    pub(crate) metrics: Metrics,
+    pub(crate) flights: Flights,
+    pub(crate) sampler: Sampler,
+}
+
+impl<C: CacheStore, R: RowStore> Protocol<C, R> {
+    pub fn new(config: SidecarConfig, cache: C, rows: R, mut metrics: Metrics) -> Self {
+        metrics.write_ratio = WriteRatio::new(config.sampler.write_ratio_window_seconds);
+        let names: Vec<String> = config.entities.iter().map(|e| e.name.clone()).collect();
+        let entity_index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), EntityId::new(i)))
+            .collect();
+        Self {
+            names,
+            entity_index,
+            cache,
+            rows,
+            repair: RepairQueue::default(),
+            metrics,
+            flights: Flights::default(),
+            sampler: Sampler::new(&config.sampler),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &SidecarConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn cache(&self) -> &C {
+        &self.cache
+    }
+
+    pub fn rows(&self) -> &R {
+        &self.rows
+    }
+
+    pub fn entity(&self, name: &str) -> Option<EntityId> {
+        self.entity_index.get(name).copied()
+    }
+
+    pub fn entity_name(&self, id: EntityId) -> &str {
+        &self.names[id.index()]
+    }
+
+    /// Keys waiting in the repair queue.
+    pub fn repairs_pending(&self) -> usize {
+        self.repair.len()
+    }
+
+    /// One pass of the repair queue (the loop's, and the last one at shutdown).
+    pub async fn repair_once(&self) {
+        if !self.repair.is_empty() {
+            self.repair.drain_once(&self.cache, &self.metrics).await;
+        }
+    }
+
+    /// Starts the background loops: the repair queue, the consistency sampler, the write-ratio
+    /// watch. They run until `Background::stop`.
+    pub fn start_background(self: &Arc<Self>) -> Background {
+        let bg = Background {
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        let every = Duration::from_millis(self.config.cache.repair_interval_ms.max(10));
+        let p = Arc::clone(self);
+        bg.every(every, move || {
+            let p = Arc::clone(&p);
+            async move { p.repair_once().await }
+        });
+        let s = &self.config.sampler;
+        if s.enabled && s.sample_rate > 0.0 {
+            let every = Duration::from_millis(s.interval_ms.max(10));
+            let p = Arc::clone(self);
+            bg.every(every, move || {
+                let p = Arc::clone(&p);
+                async move {
+                    let ports = sampler::Ports {
+                        cache: &p.cache,
+                        rows: &p.rows,
+                        repair: &p.repair,
+                        metrics: &p.metrics,
+                        names: &p.names,
+                    };
+                    p.sampler.check_once(&ports).await
+                }
+            });
+        }
+        let p = Arc::clone(self);
+        bg.every(Duration::from_secs(1), move || {
+            let p = Arc::clone(&p);
+            async move { p.watch_write_ratio() }
+        });
+        bg
+    }
+
+    /// Warns (at most once a minute) while the write ratio has stayed above
+    /// `write_ratio::WARN_ABOVE` for a whole window.
+    fn watch_write_ratio(&self) {
+        let w = &self.metrics.write_ratio;
+        if let Some(ratio) = w.tick(self.metrics.second()) {
+            tracing::warn!(
+                write_ratio = format!("{ratio:.2}"),
+                window_seconds = w.window_seconds(),
+                "writes have been over {:.0}% of all operations for the whole window: \
+                 write-behind may serve this workload better than write-through",
+                write_ratio::WARN_ABOVE * 100.0
+            );
+        }
+    }
+}
+
+/// The protocol's background loops, owned: `stop` ends them and waits until they have.
+pub struct Background {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Background {
+    fn every<F, Fut>(&self, period: Duration, mut pass: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                // A pass is not cut in the middle: a repair's eviction completes.
+                pass().await;
+            }
+        });
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}

@@ -1,0 +1,594 @@
+//! The row store on PostgreSQL: one statement per write (one transaction for a batch), versions
+//! from a per-table sequence. The tables and their statements are in `table`.
+//!
+//! Every statement that assigns a version first takes a transaction-scoped advisory lock on
+//! (table, key). `nextval` is evaluated under that lock, so for one key the versions increase in
+//! commit order, across update, delete and re-insert. Without it, an INSERT evaluates its
+//! `nextval` before it meets a concurrent DELETE of the same key and can commit a version below
+//! the delete's tombstone.
+
+mod table;
+
+use crate::core::envelope::Envelope;
+use crate::core::ports::{CommitFailure, PrepareError, RowStore};
+use crate::core::types::{Committed, DbError, EntityId, Version, Write, WriteOp};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use table::{Table, lock_key};
+use tokio::sync::OnceCell;
+use wtc_config::{DatabaseConfig, Entity};
+
+pub use table::{quote_ident, quote_literal, sequence_name};
+
+/// `written_at` in RFC 3339, UTC, from the database clock.
+const NOW_RFC3339: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
+
+/// The protocol's view of a database error; no SQL and no values reach its message.
+pub(crate) fn db_error(e: sqlx::Error, key_only: bool) -> DbError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let message = db.message().to_string();
+            match code.get(..2) {
+                Some("22") if key_only => DbError::BadKey(format!("invalid key: {message}")),
+                Some("22") | Some("23") => DbError::Rejected(message),
+                Some("08") | Some("53") | Some("57") | Some("40") => DbError::Unavailable,
+                _ if code == "42703" => DbError::Rejected(message),
+                _ => {
+                    tracing::error!(sqlstate = %code, "database error");
+                    DbError::Internal
+                }
+            }
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => {
+            tracing::debug!(error = %e, "database unavailable");
+            DbError::Unavailable
+        }
+        other => {
+            tracing::error!(error = %other, "database client error");
+            DbError::Internal
+        }
+    }
+}
+
+/// What `prepare` learned about a write: its table, and the columns a put sets (table order).
+pub struct Prepared {
+    table: Arc<Table>,
+    columns: Vec<String>,
+}
+
+/// One write of a batch (`Database::write_batch`).
+struct BatchStatement<'a> {
+    table: &'a Table,
+    key: &'a str,
+    op: BatchOp<'a>,
+    if_match: Option<Version>,
+}
+
+enum BatchOp<'a> {
+    /// `body`: the JSON object's text; `columns`: what `Table::check_body` accepted.
+    Put {
+        body: &'a str,
+        columns: Vec<&'a str>,
+    },
+    Delete,
+}
+
+/// Outcome of a conditional statement that matched no row.
+#[derive(Debug, Clone, PartialEq)]
+enum Precondition {
+    /// The row exists at another version (or does not exist: `None`).
+    Failed { current: Option<Version> },
+}
+
+/// A statement failed (`index`: which), or the transaction itself (`None`).
+fn failed(index: Option<usize>, error: DbError) -> CommitFailure {
+    CommitFailure::Db {
+        index,
+        error,
+        maybe_committed: false,
+    }
+}
+
+pub struct Database {
+    pool: PgPool,
+    timeout: Duration,
+    tables: Vec<OnceCell<Arc<Table>>>,
+    entities: Vec<Entity>,
+}
+
+impl Database {
+    /// Builds the pool without connecting: the sidecar starts, and answers 503, when PostgreSQL
+    /// is not up yet.
+    pub fn new(config: &DatabaseConfig, entities: &[Entity]) -> Result<Self, String> {
+        let options = PgConnectOptions::from_str(&config.url)
+            .map_err(|_| "database.url is not a valid PostgreSQL URL".to_string())?
+            .options([("statement_timeout", config.statement_timeout_ms.to_string())])
+            .application_name("wtc-sidecar");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size)
+            // A ping before every acquire costs a round trip per request; a broken connection
+            // surfaces as an error on use instead, and the pool replaces it.
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_millis(
+                config.statement_timeout_ms.min(2_000),
+            ))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            timeout: Duration::from_millis(config.statement_timeout_ms + 500),
+            tables: entities.iter().map(|_| OnceCell::new()).collect(),
+            entities: entities.to_vec(),
+        })
+    }
+
+    /// The table of `entity`, introspected on first use (the application may create or migrate
+    /// it after the sidecar started). Failures are not remembered.
+    async fn table(&self, entity: EntityId) -> Result<Arc<Table>, DbError> {
+        let cell = &self.tables[entity.index()];
+        if let Some(t) = cell.get() {
+            return Ok(Arc::clone(t));
+        }
+        // Boxed: the introspection's state is large and needed once; every caller's future
+        // would otherwise carry it.
+        Box::pin(cell.get_or_try_init(|| async {
+            let t = Table::load(&self.pool, &self.entities[entity.index()]).await?;
+            Ok::<_, DbError>(Arc::new(t))
+        }))
+        .await
+        .cloned()
+    }
+
+    /// Runs one database call within the statement timeout (plus a margin: the server's
+    /// `statement_timeout` normally answers first; this catches a connection that went silent).
+    async fn within<T>(
+        &self,
+        call: impl Future<Output = Result<T, sqlx::Error>>,
+        key_only: bool,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r.map_err(|e| db_error(e, key_only)),
+            Err(_) => Err(DbError::Unavailable),
+        }
+    }
+
+    async fn fetch_optional(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        key_only: bool,
+    ) -> Result<Option<PgRow>, DbError> {
+        self.within(q.fetch_optional(&self.pool), key_only).await
+    }
+
+    /// Upserts the fields of `body` (an object whose columns `check_body` accepted).
+    /// `if_match`: only update the row when it is at that version.
+    async fn upsert(
+        &self,
+        table: &Table,
+        key: &str,
+        body: &str,
+        columns: &[&str],
+        if_match: Option<Version>,
+    ) -> Result<Result<Committed, Precondition>, DbError> {
+        table.check_key(key)?;
+        let lock = lock_key(&table.name, key);
+        let row = match if_match {
+            None => {
+                let sql = table.upsert_sql(columns);
+                let q = sqlx::query(AssertSqlSafe(sql))
+                    .bind(body)
+                    .bind(key)
+                    .bind(lock);
+                self.fetch_optional(q, false).await?
+            }
+            Some(expected) => {
+                let sql = table.update_sql(columns);
+                let q = sqlx::query(AssertSqlSafe(sql))
+                    .bind(body)
+                    .bind(key)
+                    .bind(lock)
+                    .bind(expected.get());
+                self.fetch_optional(q, false).await?
+            }
+        };
+        match row {
+            Some(r) => Ok(Ok(put_committed(&r)?)),
+            None => Ok(Err(Precondition::Failed {
+                current: self.current_version(table, key).await?,
+            })),
+        }
+    }
+
+    /// Deletes the row; the returned tombstone carries a fresh version from the sequence.
+    /// `Ok(None)` when there was no row (and no precondition was given).
+    async fn delete(
+        &self,
+        table: &Table,
+        key: &str,
+        if_match: Option<Version>,
+    ) -> Result<Result<Option<Envelope>, Precondition>, DbError> {
+        table.check_key(key)?;
+        let lock = lock_key(&table.name, key);
+        let q = match if_match {
+            None => sqlx::query(AssertSqlSafe(table.delete_sql.clone()))
+                .bind(key)
+                .bind(lock),
+            Some(v) => sqlx::query(AssertSqlSafe(table.delete_if_match_sql.clone()))
+                .bind(key)
+                .bind(lock)
+                .bind(v.get()),
+        };
+        match self.fetch_optional(q, true).await? {
+            Some(r) => Ok(Ok(Some(tombstone(&r)?))),
+            None if if_match.is_some() => Ok(Err(Precondition::Failed {
+                current: self.current_version(table, key).await?,
+            })),
+            None => Ok(Ok(None)),
+        }
+    }
+
+    /// One write, one statement, no transaction around it: any failure of the statement may be
+    /// a commit whose answer was lost (outcome unknown).
+    async fn commit_one(&self, s: &BatchStatement<'_>) -> Result<Committed, CommitFailure> {
+        let unknown = |error: DbError| CommitFailure::Db {
+            index: Some(0),
+            maybe_committed: error.outcome_unknown(),
+            error,
+        };
+        let precondition =
+            |Precondition::Failed { current }| CommitFailure::Precondition { index: 0, current };
+        match &s.op {
+            BatchOp::Put { body, columns } => {
+                let r = Box::pin(self.upsert(s.table, s.key, body, columns, s.if_match)).await;
+                r.map_err(unknown)?.map_err(precondition)
+            }
+            BatchOp::Delete => {
+                let r = Box::pin(self.delete(s.table, s.key, s.if_match)).await;
+                match r.map_err(unknown)?.map_err(precondition)? {
+                    Some(envelope) => Ok(Committed {
+                        envelope,
+                        created: false,
+                    }),
+                    None => Err(CommitFailure::NotFound { index: 0 }),
+                }
+            }
+        }
+    }
+
+    /// Runs the writes of a batch in one transaction: all commit or none does. The statements run
+    /// in the order of their advisory lock ids (not the order given), so that concurrent batches
+    /// take their locks in one global order and cannot deadlock. The answer is in the order given.
+    async fn write_batch(
+        &self,
+        items: &[BatchStatement<'_>],
+    ) -> Result<Vec<Committed>, CommitFailure> {
+        match Box::pin(self.write_batch_in(items, true)).await {
+            // A set statement the database refused does not say which of its rows it refused:
+            // the batch (rolled back) runs again one statement per item, to name it.
+            Err(CommitFailure::Db {
+                index: None,
+                error: DbError::Rejected(_) | DbError::BadKey(_),
+                maybe_committed: false,
+            }) => Box::pin(self.write_batch_in(items, false)).await,
+            other => other,
+        }
+    }
+
+    /// `grouped`: consecutive puts without If-Match to one table with the same columns run as one
+    /// set statement (one round trip instead of one per item).
+    async fn write_batch_in(
+        &self,
+        items: &[BatchStatement<'_>],
+        grouped: bool,
+    ) -> Result<Vec<Committed>, CommitFailure> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut order: Vec<(i64, usize)> = items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (lock_key(&s.table.name, s.key), i))
+            .collect();
+        order.sort_unstable();
+        let mut tx = self
+            .within(self.pool.begin(), false)
+            .await
+            .map_err(|e| failed(None, e))?;
+        let mut out: Vec<Option<Committed>> = vec![None; items.len()];
+        let mut next = 0;
+        while next < order.len() {
+            let run = if grouped {
+                plain_put_run(items, &order[next..])
+            } else {
+                1
+            };
+            if run >= 2 {
+                let group = &order[next..next + run];
+                next += run;
+                for (n, committed) in self.upsert_group(&mut tx, items, group).await? {
+                    out[group[n].1] = Some(committed);
+                }
+                continue;
+            }
+            let (lock, i) = order[next];
+            next += 1;
+            let s = &items[i];
+            s.table.check_key(s.key).map_err(|e| failed(Some(i), e))?;
+            let (q, key_only) = match &s.op {
+                BatchOp::Put { body, columns } => {
+                    let q = match s.if_match {
+                        None => sqlx::query(AssertSqlSafe(s.table.upsert_sql(columns)))
+                            .bind(*body)
+                            .bind(s.key)
+                            .bind(lock),
+                        Some(v) => sqlx::query(AssertSqlSafe(s.table.update_sql(columns)))
+                            .bind(*body)
+                            .bind(s.key)
+                            .bind(lock)
+                            .bind(v.get()),
+                    };
+                    (q, false)
+                }
+                BatchOp::Delete => {
+                    let q = match s.if_match {
+                        None => sqlx::query(AssertSqlSafe(s.table.delete_sql.clone()))
+                            .bind(s.key)
+                            .bind(lock),
+                        Some(v) => sqlx::query(AssertSqlSafe(s.table.delete_if_match_sql.clone()))
+                            .bind(s.key)
+                            .bind(lock)
+                            .bind(v.get()),
+                    };
+                    (q, true)
+                }
+            };
+            let row = self
+                .within(q.fetch_optional(&mut *tx), key_only)
+                .await
+                .map_err(|e| failed(Some(i), e))?;
+            let committed = match (row, &s.op) {
+                (Some(r), BatchOp::Put { .. }) => {
+                    put_committed(&r).map_err(|e| failed(Some(i), e))?
+                }
+                (Some(r), BatchOp::Delete) => Committed {
+                    envelope: tombstone(&r).map_err(|e| failed(Some(i), e))?,
+                    created: false,
+                },
+                (None, _) if s.if_match.is_some() => {
+                    let q = sqlx::query(AssertSqlSafe(s.table.version_sql.clone())).bind(s.key);
+                    let current = self
+                        .within(q.fetch_optional(&mut *tx), true)
+                        .await
+                        .map_err(|e| failed(Some(i), e))?
+                        .and_then(|r| r.try_get::<i64, _>(0).ok())
+                        .map(Version::new);
+                    return Err(CommitFailure::Precondition { index: i, current });
+                }
+                (None, _) => return Err(CommitFailure::NotFound { index: i }),
+            };
+            out[i] = Some(committed);
+        }
+        // Only a failure here may have committed nonetheless; every one before rolled back.
+        self.within(tx.commit(), false)
+            .await
+            .map_err(|error| CommitFailure::Db {
+                index: None,
+                maybe_committed: error.outcome_unknown(),
+                error,
+            })?;
+        out.into_iter()
+            .map(|c| c.ok_or_else(|| failed(None, DbError::Internal)))
+            .collect()
+    }
+
+    async fn current_version(&self, table: &Table, key: &str) -> Result<Option<Version>, DbError> {
+        let q = sqlx::query(AssertSqlSafe(table.version_sql.clone())).bind(key);
+        let row = self.fetch_optional(q, true).await?;
+        row.map(|r| {
+            r.try_get::<i64, _>("v")
+                .map(Version::new)
+                .map_err(|_| DbError::Internal)
+        })
+        .transpose()
+    }
+
+    /// One set statement for a run of plain puts (`plain_put_run`); returns each row's position
+    /// in `group` with what it committed.
+    async fn upsert_group(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        items: &[BatchStatement<'_>],
+        group: &[(i64, usize)],
+    ) -> Result<Vec<(usize, Committed)>, CommitFailure> {
+        let first = &items[group[0].1];
+        let BatchOp::Put { columns, .. } = &first.op else {
+            return Err(failed(None, DbError::Internal));
+        };
+        let mut bodies = Vec::with_capacity(group.len());
+        let mut keys = Vec::with_capacity(group.len());
+        let mut locks = Vec::with_capacity(group.len());
+        for &(lock, i) in group {
+            let s = &items[i];
+            s.table.check_key(s.key).map_err(|e| failed(Some(i), e))?;
+            let BatchOp::Put { body, .. } = &s.op else {
+                return Err(failed(None, DbError::Internal));
+            };
+            bodies.push(*body);
+            keys.push(s.key);
+            locks.push(lock);
+        }
+        let q = sqlx::query(AssertSqlSafe(first.table.upsert_many_sql(columns)))
+            .bind(bodies)
+            .bind(keys)
+            .bind(locks);
+        let rows = match tokio::time::timeout(self.timeout, q.fetch_all(&mut **tx)).await {
+            Ok(r) => r.map_err(|e| {
+                // Two keys that name one row (`7` and `07` of an integer key) cannot be one set
+                // statement; one statement per item can run them.
+                let same_row = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("21000"));
+                failed(
+                    None,
+                    if same_row {
+                        DbError::Rejected("two keys of the batch name one row".into())
+                    } else {
+                        db_error(e, false)
+                    },
+                )
+            })?,
+            Err(_) => return Err(failed(None, DbError::Unavailable)),
+        };
+        if rows.len() != group.len() {
+            return Err(failed(None, DbError::Internal));
+        }
+        rows.iter()
+            .map(|r| {
+                let ordinal: i64 = r
+                    .try_get("o")
+                    .map_err(|_| failed(None, DbError::Internal))?;
+                let n = usize::try_from(ordinal - 1)
+                    .ok()
+                    .filter(|n| *n < group.len())
+                    .ok_or_else(|| failed(None, DbError::Internal))?;
+                let committed = put_committed(r).map_err(|e| failed(None, e))?;
+                Ok((n, committed))
+            })
+            .collect()
+    }
+}
+
+impl RowStore for Database {
+    type Prepared = Prepared;
+
+    async fn prepare(&self, write: &Write) -> Result<Prepared, PrepareError> {
+        let table = self.table(write.entity).await?;
+        // Before any lease or intent is taken for it.
+        table.check_key(&write.key)?;
+        let columns = match &write.op {
+            WriteOp::Put { body, .. } => table
+                .check_body(body, &write.key)?
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            WriteOp::Delete => vec![],
+        };
+        Ok(Prepared { table, columns })
+    }
+
+    async fn read(&self, entity: EntityId, key: &str) -> Result<Option<Envelope>, DbError> {
+        let table = self.table(entity).await?;
+        table.check_key(key)?;
+        let q = sqlx::query(AssertSqlSafe(table.read_sql.clone())).bind(key);
+        let row = self.fetch_optional(q, true).await?;
+        row.map(|r| row_envelope(&r)).transpose()
+    }
+
+    async fn read_many(
+        &self,
+        entity: EntityId,
+        keys: &[&str],
+    ) -> Result<Vec<Option<Envelope>>, DbError> {
+        let table = self.table(entity).await?;
+        for key in keys {
+            table.check_key(key)?;
+        }
+        let q = sqlx::query(AssertSqlSafe(table.read_many_sql.clone())).bind(keys);
+        let rows = self.within(q.fetch_all(&self.pool), true).await?;
+        let mut out = vec![None; keys.len()];
+        for r in &rows {
+            let i: i64 = r.try_get("i").map_err(|_| DbError::Internal)?;
+            let slot = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or(DbError::Internal)?;
+            *slot = Some(row_envelope(r)?);
+        }
+        Ok(out)
+    }
+
+    async fn commit(
+        &self,
+        writes: &[(&Write, &Prepared)],
+    ) -> Result<Vec<Committed>, CommitFailure> {
+        let items: Vec<BatchStatement<'_>> = writes
+            .iter()
+            .map(|(w, p)| BatchStatement {
+                table: &p.table,
+                key: &w.key,
+                op: match &w.op {
+                    WriteOp::Put { raw, .. } => BatchOp::Put {
+                        body: raw,
+                        columns: p.columns.iter().map(String::as_str).collect(),
+                    },
+                    WriteOp::Delete => BatchOp::Delete,
+                },
+                if_match: w.if_match,
+            })
+            .collect();
+        match &items[..] {
+            [one] => self.commit_one(one).await.map(|c| vec![c]),
+            _ => self.write_batch(&items).await,
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let q = sqlx::query("SELECT 1").fetch_one(&self.pool);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), q).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// A row as the statements return it: columns `d` (the row as JSON text), `v` (its version),
+/// `a` (written at).
+fn row_envelope(r: &PgRow) -> Result<Envelope, DbError> {
+    let data: String = r.try_get("d").map_err(|_| DbError::Internal)?;
+    let version: i64 = r.try_get("v").map_err(|_| DbError::Internal)?;
+    let at: String = r.try_get("a").map_err(|_| DbError::Internal)?;
+    Ok(Envelope::row(Version::new(version), &data, &at))
+}
+
+/// What a put returned: the row, and `created` (no row was there before).
+fn put_committed(r: &PgRow) -> Result<Committed, DbError> {
+    Ok(Committed {
+        envelope: row_envelope(r)?,
+        created: r.try_get("created").map_err(|_| DbError::Internal)?,
+    })
+}
+
+/// What a delete returned: the tombstone's version `v` and its time `a`.
+fn tombstone(r: &PgRow) -> Result<Envelope, DbError> {
+    let version: i64 = r.try_get("v").map_err(|_| DbError::Internal)?;
+    let at: String = r.try_get("a").map_err(|_| DbError::Internal)?;
+    Ok(Envelope::tombstone(Version::new(version), &at))
+}
+
+/// How many of `order`'s first statements are puts without If-Match to one table with the same
+/// columns (at least 1 when `order` is not empty: the first counts itself).
+fn plain_put_run(items: &[BatchStatement<'_>], order: &[(i64, usize)]) -> usize {
+    let plain = |i: usize| match &items[i].op {
+        BatchOp::Put { columns, .. } if items[i].if_match.is_none() => Some(columns),
+        _ => None,
+    };
+    let Some(&(_, first)) = order.first() else {
+        return 0;
+    };
+    let Some(columns) = plain(first) else {
+        return 1;
+    };
+    order
+        .iter()
+        .take_while(|(_, i)| {
+            std::ptr::eq(items[*i].table, items[first].table) && plain(*i) == Some(columns)
+        })
+        .count()
+}

@@ -1,0 +1,401 @@
+//! The cache store on Redis: entries and leases, the scripts (`scripts`), the connection and its
+//! epoch check (`link`), and a short "Redis is down" window so that reads go straight to the
+//! database instead of waiting on timeouts.
+//!
+//! A call naming several keys is ONE pipelined round trip. Script calls in a pipeline are
+//! `EVALSHA`, which does not fall back to `EVAL` on `NOSCRIPT`; so such a pipeline starts with
+//! `SCRIPT LOAD` of the script (Redis runs a connection's commands in order, so the script is
+//! there when the `EVALSHA`s run; loading a loaded script only hashes it again). A call with one
+//! script call uses `Script::invoke_async` (EVALSHA, EVAL on NOSCRIPT), which sends no script
+//! text on the hot path.
+
+pub mod link;
+pub mod scripts;
+
+use crate::core::metrics::EpochCounters;
+use crate::core::ports::{
+    CacheError, CacheKey, CacheStore, FillOutcome, LeaseEnd, LeaseToken, StoreCall, StoreOutcome,
+};
+use crate::core::types::Cached;
+use link::Link;
+use redis::aio::MultiplexedConnection;
+use redis::{Pipeline, Script, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use wtc_config::RedisConfig;
+
+/// A connection handed to one call, with the generation that identifies it to `Link`.
+struct Conn {
+    c: MultiplexedConnection,
+    generation: u64,
+}
+
+pub struct RedisStore {
+    link: Link,
+    store: Script,
+    fill: Script,
+    release: Script,
+    started: Instant,
+    down_until_ms: AtomicU64,
+    down_backoff: Duration,
+}
+
+impl RedisStore {
+    /// Creates the client without connecting: the sidecar starts (and answers from the database)
+    /// even when Redis is not up yet. A broken connection is replaced on the next call after the
+    /// down window (`link`).
+    pub fn new(
+        config: &RedisConfig,
+        down_backoff: Duration,
+        epoch: EpochCounters,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        Ok(Self {
+            link: Link::new(
+                client,
+                Duration::from_millis(config.connect_timeout_ms),
+                Duration::from_millis(config.response_timeout_ms),
+                epoch,
+            ),
+            store: Script::new(scripts::STORE),
+            fill: Script::new(scripts::FILL),
+            release: Script::new(scripts::RELEASE),
+            started: Instant::now(),
+            down_until_ms: AtomicU64::new(0),
+            down_backoff,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn conn(&self) -> Result<Conn, CacheError> {
+        if !self.is_up() {
+            return Err(CacheError::Down);
+        }
+        self.connect().await
+    }
+
+    /// The connection, even inside the down window (the repair loop probes with it).
+    async fn connect(&self) -> Result<Conn, CacheError> {
+        match self.link.get().await {
+            Ok(Some((c, generation))) => Ok(Conn { c, generation }),
+            Ok(None) => Err(CacheError::Down),
+            Err(e) => {
+                self.open_down_window();
+                Err(CacheError::Failed(e.to_string()))
+            }
+        }
+    }
+
+    fn open_down_window(&self) {
+        let until = self.now_ms() + self.down_backoff.as_millis() as u64;
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Records a failed call on `generation`: a connection that broke or timed out is replaced
+    /// (the replacement passes the epoch check), and the down window opens. Server replies that
+    /// are errors (a script bug, a wrong type) do not mean Redis is unreachable.
+    fn note<T>(&self, generation: u64, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
+        r.map_err(|e| {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_unrecoverable_error()
+            {
+                self.link.drop_connection(generation);
+                self.open_down_window();
+            }
+            CacheError::Failed(e.to_string())
+        })
+    }
+
+    /// Runs `pipe` on a connection, through `note`.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        c: &mut Conn,
+        pipe: &Pipeline,
+    ) -> Result<T, CacheError> {
+        let r = pipe.query_async(&mut c.c).await;
+        self.note(c.generation, r)
+    }
+}
+
+/// `SET lease token [NX] PX ttl`: a reader's fill lease (`NX`: only into an empty lease) or a
+/// writer's intent (unconditional: it revokes the reader's).
+fn set_lease(pipe: &mut Pipeline, key: &CacheKey, token: &LeaseToken, ttl: Duration, nx: bool) {
+    let cmd = pipe.cmd("SET").arg(&key.lease).arg(token.as_str());
+    if nx {
+        cmd.arg("NX");
+    }
+    cmd.arg("PX").arg(ttl.as_millis() as u64);
+}
+
+fn load(pipe: &mut Pipeline, script: &str) {
+    pipe.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+}
+
+/// Appends `EVALSHA` of `script` with `keys`; the caller adds the arguments.
+fn evalsha<'p>(pipe: &'p mut Pipeline, script: &Script, keys: &[&str]) -> &'p mut Pipeline {
+    let p = pipe.cmd("EVALSHA").arg(script.get_hash()).arg(keys.len());
+    for k in keys {
+        p.arg(*k);
+    }
+    p
+}
+
+fn bytes(v: Value) -> Result<Option<Vec<u8>>, CacheError> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::BulkString(b) => Ok(Some(b)),
+        other => Err(CacheError::Protocol(format!("{other:?}"))),
+    }
+}
+
+impl CacheStore for RedisStore {
+    fn is_up(&self) -> bool {
+        self.now_ms() >= self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    async fn get(
+        &self,
+        key: &CacheKey,
+        with_ttl: bool,
+    ) -> Result<(Cached, Option<i64>), CacheError> {
+        let mut c = self.conn().await?;
+        if with_ttl {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(&key.entry).cmd("PTTL").arg(&key.entry);
+            let (v, pttl): (Option<Vec<u8>>, i64) = self.query(&mut c, &pipe).await?;
+            Ok((Cached::from_stored(v), Some(pttl)))
+        } else {
+            let r = redis::cmd("GET")
+                .arg(&key.entry)
+                .query_async(&mut c.c)
+                .await;
+            let v: Option<Vec<u8>> = self.note(c.generation, r)?;
+            Ok((Cached::from_stored(v), None))
+        }
+    }
+
+    async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(&k.entry);
+        }
+        let r = cmd.query_async(&mut c.c).await;
+        let values: Vec<Option<Vec<u8>>> = self.note(c.generation, r)?;
+        Ok(values.into_iter().map(Cached::from_stored).collect())
+    }
+
+    async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(&key.entry)
+            .cmd("EXISTS")
+            .arg(&key.lease);
+        let (v, held): (Option<Vec<u8>>, bool) = self.query(&mut c, &pipe).await?;
+        Ok((Cached::from_stored(v), held))
+    }
+
+    async fn acquire_leases(
+        &self,
+        leases: &[(&CacheKey, &LeaseToken)],
+        ttl: Duration,
+    ) -> Result<Vec<(bool, Cached)>, CacheError> {
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for (key, token) in leases {
+            set_lease(&mut pipe, key, token, ttl, true);
+            pipe.cmd("GET").arg(&key.entry);
+        }
+        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        let mut out = Vec::with_capacity(leases.len());
+        let mut it = replies.into_iter();
+        while let (Some(won), Some(entry)) = (it.next(), it.next()) {
+            out.push((
+                !matches!(won, Value::Nil),
+                Cached::from_stored(bytes(entry)?),
+            ));
+        }
+        if out.len() != leases.len() {
+            return Err(CacheError::Protocol("short pipeline reply".into()));
+        }
+        Ok(out)
+    }
+
+    async fn write_intents(
+        &self,
+        intents: &[(&CacheKey, &LeaseToken)],
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for (key, token) in intents {
+            set_lease(&mut pipe, key, token, ttl, false);
+            pipe.ignore();
+        }
+        self.query::<()>(&mut c, &pipe).await
+    }
+
+    async fn store(
+        &self,
+        stores: &[StoreCall<'_>],
+        evict: &[&CacheKey],
+    ) -> Result<Vec<StoreOutcome>, CacheError> {
+        let mut c = self.conn().await?;
+        if let ([s], []) = (stores, evict) {
+            let r = self
+                .store
+                .key(&s.key.entry)
+                .key(&s.key.lease)
+                .arg(s.envelope.version.get())
+                .arg(&s.envelope.bytes[..])
+                .arg(s.ttl.as_millis() as u64)
+                .arg(s.intent.map_or("", LeaseToken::as_str))
+                .invoke_async::<Value>(&mut c.c)
+                .await;
+            let reply = self.note(c.generation, r)?;
+            return Ok(vec![scripts::store_outcome(&reply)?]);
+        }
+        let mut pipe = redis::pipe();
+        if !stores.is_empty() {
+            load(&mut pipe, scripts::STORE);
+        }
+        for s in stores {
+            evalsha(&mut pipe, &self.store, &[&s.key.entry, &s.key.lease])
+                .arg(s.envelope.version.get())
+                .arg(&s.envelope.bytes[..])
+                .arg(s.ttl.as_millis() as u64)
+                .arg(s.intent.map_or("", LeaseToken::as_str));
+        }
+        for key in evict {
+            pipe.cmd("DEL").arg(&key.entry).arg(&key.lease).ignore();
+        }
+        if pipe.is_empty() {
+            return Ok(vec![]);
+        }
+        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        replies.iter().map(scripts::store_outcome).collect()
+    }
+
+    async fn end_leases(
+        &self,
+        ends: &[LeaseEnd<'_>],
+    ) -> Result<Vec<Option<FillOutcome>>, CacheError> {
+        if ends.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut c = self.conn().await?;
+        if let [end] = ends {
+            let r = match end {
+                LeaseEnd::Fill {
+                    key,
+                    envelope,
+                    ttl,
+                    token,
+                } => {
+                    self.fill
+                        .key(&key.entry)
+                        .key(&key.lease)
+                        .arg(envelope.version.get())
+                        .arg(&envelope.bytes[..])
+                        .arg(ttl.as_millis() as u64)
+                        .arg(token.as_str())
+                        .invoke_async::<Value>(&mut c.c)
+                        .await
+                }
+                LeaseEnd::Release { key, token } => {
+                    self.release
+                        .key(&key.lease)
+                        .arg(token.as_str())
+                        .invoke_async::<Value>(&mut c.c)
+                        .await
+                }
+            };
+            let reply = self.note(c.generation, r)?;
+            return Ok(vec![match end {
+                LeaseEnd::Fill { .. } => Some(scripts::fill_outcome(&reply)?),
+                LeaseEnd::Release { .. } => None,
+            }]);
+        }
+        let mut pipe = redis::pipe();
+        if ends.iter().any(|e| matches!(e, LeaseEnd::Fill { .. })) {
+            load(&mut pipe, scripts::FILL);
+        }
+        load(&mut pipe, scripts::RELEASE);
+        for e in ends {
+            match e {
+                LeaseEnd::Fill {
+                    key,
+                    envelope,
+                    ttl,
+                    token,
+                } => {
+                    evalsha(&mut pipe, &self.fill, &[&key.entry, &key.lease])
+                        .arg(envelope.version.get())
+                        .arg(&envelope.bytes[..])
+                        .arg(ttl.as_millis() as u64)
+                        .arg(token.as_str());
+                }
+                LeaseEnd::Release { key, token } => {
+                    evalsha(&mut pipe, &self.release, &[&key.lease]).arg(token.as_str());
+                }
+            }
+        }
+        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        ends.iter()
+            .zip(&replies)
+            .map(|(e, r)| match e {
+                LeaseEnd::Release { .. } => Ok(None),
+                LeaseEnd::Fill { .. } => scripts::fill_outcome(r).map(Some),
+            })
+            .collect()
+    }
+
+    async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd("DEL");
+        for k in keys {
+            cmd.arg(&k.entry).arg(&k.lease);
+        }
+        let r = cmd.query_async::<()>(&mut c.c).await;
+        self.note(c.generation, r)
+    }
+
+    async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
+        let mut c = self.connect().await?;
+        let r = redis::cmd("DEL")
+            .arg(&key.entry)
+            .arg(&key.lease)
+            .query_async::<()>(&mut c.c)
+            .await;
+        self.note(c.generation, r)?;
+        // Redis answered again: close the down window.
+        self.down_until_ms.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_and_lease_share_a_hash_tag() {
+        let k = CacheKey::new("accounts", "a}b");
+        assert_eq!(k.entry, "wtc:{accounts:a}b}");
+        assert_eq!(k.lease, "wtc:{accounts:a}b}:lease");
+        // Redis hashes the text between the first '{' and the next '}': the same for both.
+        let tag = |s: &str| {
+            let open = s.find('{').unwrap();
+            let close = open + s[open..].find('}').unwrap();
+            s[open + 1..close].to_string()
+        };
+        assert_eq!(tag(&k.entry), tag(&k.lease));
+    }
+}
