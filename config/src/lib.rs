@@ -144,8 +144,17 @@ pub struct Entity {
 fn default_listen() -> String {
     DEFAULT_LISTEN.to_string()
 }
+/// Defaults the operator's CRD shares (one place for each).
+pub mod defaults {
+    pub const POOL_SIZE: u32 = 8;
+    pub const KEY_COLUMN: &str = "id";
+    pub const VERSION_COLUMN: &str = "version";
+    pub const TTL_SECONDS: u64 = 300;
+    pub const LISTEN_PORT: u16 = 7480;
+}
+
 fn default_pool_size() -> u32 {
-    8
+    defaults::POOL_SIZE
 }
 fn default_statement_timeout_ms() -> u64 {
     5_000
@@ -157,13 +166,13 @@ fn default_redis_response_timeout_ms() -> u64 {
     250
 }
 fn default_key_column() -> String {
-    "id".to_string()
+    defaults::KEY_COLUMN.to_string()
 }
 fn default_version_column() -> String {
-    "version".to_string()
+    defaults::VERSION_COLUMN.to_string()
 }
 fn default_ttl_seconds() -> u64 {
-    300
+    defaults::TTL_SECONDS
 }
 
 impl Default for CacheConfig {
@@ -546,5 +555,13 @@ mod tests {
                 "{err:?} should mention {expected:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod defaults_tests {
+    #[test]
+    fn the_default_listen_address_uses_the_default_port() {
+        assert!(super::DEFAULT_LISTEN.ends_with(&format!(":{}", super::defaults::LISTEN_PORT)));
     }
 }

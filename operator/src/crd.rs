@@ -215,17 +215,19 @@ pub struct WriteThroughCacheStatus {
     pub ready_sidecars: i32,
 }
 
+// The sidecar's defaults come from its configuration type, so a cache that leaves a field out
+// gets exactly what the sidecar would.
 fn default_pool_size() -> u32 {
-    8
+    wtc_config::defaults::POOL_SIZE
 }
 fn default_key_column() -> String {
-    "id".into()
+    wtc_config::defaults::KEY_COLUMN.into()
 }
 fn default_version_column() -> String {
-    "version".into()
+    wtc_config::defaults::VERSION_COLUMN.into()
 }
 fn default_ttl_seconds() -> u64 {
-    300
+    wtc_config::defaults::TTL_SECONDS
 }
 fn default_one() -> i32 {
     1
@@ -234,17 +236,17 @@ fn default_maxmemory() -> String {
     "256mb".into()
 }
 fn default_port() -> u16 {
-    7480
+    wtc_config::defaults::LISTEN_PORT
 }
 fn default_retries() -> u32 {
-    3
+    wtc_config::RetryBudget::default().retries
 }
 fn default_base_delay_ms() -> u64 {
-    5
+    wtc_config::RetryBudget::default().base_delay_ms
 }
 fn default_max_delay_ms() -> u64 {
-    50
+    wtc_config::RetryBudget::default().max_delay_ms
 }
 fn default_beta() -> f64 {
-    1.0
+    wtc_config::CacheConfig::default().early_expiration_beta
 }

@@ -156,9 +156,9 @@ impl MemoryCache {
                     StoreOutcome::Stored
                 }
                 Some(_) => StoreOutcome::Stale,
-                None if s
-                    .intent
-                    .is_some_and(|t| leases.get(&s.key.lease).map(String::as_str) == Some(t.as_str())) =>
+                None if s.intent.is_some_and(|t| {
+                    leases.get(&s.key.lease).map(String::as_str) == Some(t.as_str())
+                }) =>
                 {
                     entries.insert(s.key.entry.clone(), s.envelope.bytes.to_vec());
                     StoreOutcome::Stored
@@ -214,7 +214,11 @@ impl CacheStore for MemoryCache {
         !self.failing.load(Ordering::SeqCst)
     }
 
-    async fn get(&self, key: &CacheKey, with_ttl: bool) -> Result<(Cached, Option<i64>), CacheError> {
+    async fn get(
+        &self,
+        key: &CacheKey,
+        with_ttl: bool,
+    ) -> Result<(Cached, Option<i64>), CacheError> {
         self.check()?;
         let v = self.entries.lock().unwrap().get(&key.entry).cloned();
         Ok((Cached::from_stored(v), with_ttl.then_some(60_000)))
@@ -288,7 +292,10 @@ impl CacheStore for MemoryCache {
         Ok(out)
     }
 
-    async fn end_leases(&self, ends: &[LeaseEnd<'_>]) -> Result<Vec<Option<FillOutcome>>, CacheError> {
+    async fn end_leases(
+        &self,
+        ends: &[LeaseEnd<'_>],
+    ) -> Result<Vec<Option<FillOutcome>>, CacheError> {
         for e in ends {
             if let LeaseEnd::Fill { key, .. } = e {
                 self.pass(Point::Fill, key).await;
@@ -453,7 +460,11 @@ async fn slow_filler_race(p: Arc<Mem>) -> Option<i64> {
     evict(&p, "k");
     held.release();
     let seen = reader.await.unwrap();
-    assert_eq!(seen.envelope.unwrap().version, v1, "it began before the write");
+    assert_eq!(
+        seen.envelope.unwrap().version,
+        v1,
+        "it began before the write"
+    );
     assert!(v2 > v1);
     p.cache.version_of("accounts", "k")
 }
@@ -461,7 +472,11 @@ async fn slow_filler_race(p: Arc<Mem>) -> Option<i64> {
 #[tokio::test]
 async fn a_slow_filler_cannot_install_a_row_older_than_an_acknowledged_write() {
     let p = protocol();
-    assert_eq!(slow_filler_race(Arc::clone(&p)).await, None, "the old fill was refused");
+    assert_eq!(
+        slow_filler_race(Arc::clone(&p)).await,
+        None,
+        "the old fill was refused"
+    );
     assert_eq!(p.metrics.entity(A).fill_lost_lease.get(), 1);
     let after = p.read(A, "k").await.unwrap();
     assert_eq!(after.envelope.unwrap().version, Version::new(2));
@@ -471,7 +486,11 @@ async fn a_slow_filler_cannot_install_a_row_older_than_an_acknowledged_write() {
 async fn without_the_lease_the_slow_filler_race_serves_a_stale_row() {
     // The same race against the weakened store: the test above can fail.
     let p = protocol_with(MemoryCache::weakened());
-    assert_eq!(slow_filler_race(p).await, Some(1), "v1 is back in the cache");
+    assert_eq!(
+        slow_filler_race(p).await,
+        Some(1),
+        "v1 is back in the cache"
+    );
 }
 
 /// Write A committed v1 and stalls before its cache step; write B commits v2 and is acknowledged;
@@ -503,7 +522,11 @@ async fn a_late_cache_step_after_a_newer_write_changes_nothing() {
     assert_eq!(status, CacheStatus::Ok, "stale is a clean outcome");
     assert_eq!(cached, Some(3));
     let p = protocol_with(MemoryCache::weakened());
-    assert_eq!(late_writer_race(p, false).await.1, Some(2), "weakened: v_a overwrote v_b");
+    assert_eq!(
+        late_writer_race(p, false).await.1,
+        Some(2),
+        "weakened: v_a overwrote v_b"
+    );
 }
 
 #[tokio::test]
@@ -512,7 +535,10 @@ async fn a_late_cache_step_into_an_evicted_slot_is_skipped() {
     let p = protocol();
     let (_, cached) = late_writer_race(Arc::clone(&p), true).await;
     assert_eq!(cached, None);
-    assert_eq!(p.read(A, "k").await.unwrap().envelope.unwrap().version, Version::new(3));
+    assert_eq!(
+        p.read(A, "k").await.unwrap().envelope.unwrap().version,
+        Version::new(3)
+    );
 }
 
 #[tokio::test]
@@ -557,22 +583,34 @@ async fn a_minimum_version_passes_an_older_cached_row() {
         .unwrap()
         .insert((A, "k".into()), (v2, "{\"n\":2}".into()));
     let hit = p.read(A, "k").await.unwrap();
-    assert_eq!((hit.status, hit.envelope.unwrap().version), (CacheStatus::Hit, v1));
+    assert_eq!(
+        (hit.status, hit.envelope.unwrap().version),
+        (CacheStatus::Hit, v1)
+    );
     let fresh = p.read_at_least(A, "k", Some(v2)).await.unwrap();
     assert_eq!(fresh.envelope.unwrap().version, v2);
-    assert_eq!(p.cache.version_of("accounts", "k"), Some(v2.get()), "the fill replaced v1");
+    assert_eq!(
+        p.cache.version_of("accounts", "k"),
+        Some(v2.get()),
+        "the fill replaced v1"
+    );
 }
 
 #[tokio::test]
 async fn a_corrupt_entry_is_never_served_and_is_replaced() {
     let p = protocol();
     put(&p, "k", 1).await;
-    p.cache.put_entry("accounts", "k", b"{\"v\":99999,\"oops\":1}");
+    p.cache
+        .put_entry("accounts", "k", b"{\"v\":99999,\"oops\":1}");
     let out = p.read(A, "k").await.unwrap();
     assert_eq!(out.status, CacheStatus::Miss);
     assert_eq!(out.envelope.unwrap().version, Version::new(1));
     assert_eq!(p.metrics.corrupt_entries.get(), 1);
-    assert_eq!(p.cache.version_of("accounts", "k"), Some(1), "filled after the eviction");
+    assert_eq!(
+        p.cache.version_of("accounts", "k"),
+        Some(1),
+        "filled after the eviction"
+    );
 }
 
 #[tokio::test]
@@ -587,7 +625,10 @@ async fn a_failed_cache_step_repairs_and_reads_bypass_until_repaired() {
     // The old entry is still in the cache; this sidecar does not serve it.
     assert_eq!(p.cache.version_of("accounts", "k"), Some(1));
     let out = p.read(A, "k").await.unwrap();
-    assert_eq!((out.status, out.envelope.unwrap().version), (CacheStatus::Bypass, v2));
+    assert_eq!(
+        (out.status, out.envelope.unwrap().version),
+        (CacheStatus::Bypass, v2)
+    );
     p.repair_once().await;
     assert_eq!(p.repairs_pending(), 0);
     assert_eq!(p.cache.version_of("accounts", "k"), None, "evicted");
@@ -608,7 +649,10 @@ async fn a_refused_batch_commits_nothing_and_gives_its_intents_back() {
         if_match,
     };
     let batch = Batch {
-        writes: vec![write("b", None), write("a", Some(Version::new(v1.get() + 1)))],
+        writes: vec![
+            write("b", None),
+            write("a", Some(Version::new(v1.get() + 1))),
+        ],
         invalidate: vec![],
     };
     match p.write_batch(&batch).await {
@@ -616,7 +660,10 @@ async fn a_refused_batch_commits_nothing_and_gives_its_intents_back() {
         other => panic!("{other:?}"),
     }
     assert!(p.rows.row(A, "b").is_none(), "nothing committed");
-    assert!(p.cache.leases.lock().unwrap().is_empty(), "intents given back");
+    assert!(
+        p.cache.leases.lock().unwrap().is_empty(),
+        "intents given back"
+    );
     let dup = Batch {
         writes: vec![write("x", None), write("x", None)],
         invalidate: vec![],
@@ -633,15 +680,26 @@ async fn a_bulk_read_serves_hits_and_fills_misses_under_leases() {
     put(&p, "a", 1).await;
     put(&p, "b", 2).await;
     evict(&p, "b");
-    let keys: Vec<String> = ["a", "b", "nope", "a"].iter().map(|s| s.to_string()).collect();
+    let keys: Vec<String> = ["a", "b", "nope", "a"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let out = p.read_many(A, &keys).await.unwrap();
     let statuses: Vec<_> = out.iter().map(|o| o.status).collect();
     assert_eq!(
         statuses,
-        [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Miss, CacheStatus::Hit]
+        [
+            CacheStatus::Hit,
+            CacheStatus::Miss,
+            CacheStatus::Miss,
+            CacheStatus::Hit
+        ]
     );
     assert!(out[2].envelope.is_none());
     assert_eq!(p.cache.version_of("accounts", "b"), Some(2), "filled");
-    assert!(p.cache.leases.lock().unwrap().is_empty(), "no lease left behind");
+    assert!(
+        p.cache.leases.lock().unwrap().is_empty(),
+        "no lease left behind"
+    );
     assert_eq!(CacheStatus::summary(&out), CacheStatus::Miss);
 }
