@@ -363,7 +363,7 @@ async fn run(opts: Opts) -> Result<(), String> {
     );
     let config = SidecarConfig::parse(&toml, &Overrides::default())
         .map_err(|e| format!("the sidecar configuration: {e}"))?;
-    let inproc = Arc::new(wtc_sidecar::sidecar(config.clone())?);
+    let inproc = Arc::new(wtc_sidecar::sidecar(config.clone()).map_err(|e| e.to_string())?);
     let sidecar =
         ServerProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &config).await?;
     log(&format!(

@@ -15,6 +15,6 @@ pub mod core;
 pub mod http;
 pub mod postgres;
 pub mod redis_cache;
-pub mod run;
+mod run;
 
-pub use run::{Sidecar, main_entry, main_with, sidecar};
+pub use run::{Sidecar, StartError, main_entry, main_with, sidecar};

@@ -1,9 +1,9 @@
 //! Process wiring: arguments, configuration, the two stores, the protocol and its background
 //! loops, the server on loopback, and graceful shutdown.
 
-use crate::core::metrics::Metrics;
+use crate::core::Metrics;
+use crate::core::Protocol;
 use crate::core::ports::CacheStore;
-use crate::core::protocol::Protocol;
 use crate::http::{App, Extension};
 use crate::postgres::Database;
 use crate::redis_cache::RedisStore;
@@ -16,6 +16,34 @@ use wtc_config::{Overrides, SidecarConfig};
 
 /// The sidecar as it ships: the protocol on Redis and PostgreSQL.
 pub type Sidecar = Protocol<RedisStore, Database>;
+
+/// Why the sidecar cannot start. Never carries a URL or a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database.url is not a valid PostgreSQL URL")]
+    DatabaseUrl,
+    #[error("redis.url is not a valid Redis URL")]
+    RedisUrl,
+    #[error("no configuration file given (--config PATH or WTC_CONFIG=PATH; --help for more)")]
+    NoConfig,
+    #[error("cannot read configuration {path}: {source}")]
+    ReadConfig {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Config {
+        path: String,
+        source: wtc_config::ConfigError,
+    },
+    #[error(transparent)]
+    Token(wtc_config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,8 +64,9 @@ struct Args {
 }
 
 /// The stores and metrics of a configuration (nothing connects yet).
-pub fn stores(config: &SidecarConfig) -> Result<(RedisStore, Database, Metrics), String> {
-    let rows = Database::new(&config.database, &config.entities)?;
+pub fn stores(config: &SidecarConfig) -> Result<(RedisStore, Database, Metrics), StartError> {
+    let rows =
+        Database::new(&config.database, &config.entities).map_err(|_| StartError::DatabaseUrl)?;
     let names: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
     let metrics = Metrics::new(&names);
     let cache = RedisStore::new(
@@ -45,12 +74,12 @@ pub fn stores(config: &SidecarConfig) -> Result<(RedisStore, Database, Metrics),
         Duration::from_millis(config.cache.redis_down_backoff_ms),
         metrics.redis_epoch.clone(),
     )
-    .map_err(|_| "redis.url is not a valid Redis URL".to_string())?;
+    .map_err(|_| StartError::RedisUrl)?;
     Ok((cache, rows, metrics))
 }
 
 /// The shipped sidecar for a configuration, in process (the benchmark's baseline uses it).
-pub fn sidecar(config: SidecarConfig) -> Result<Sidecar, String> {
+pub fn sidecar(config: SidecarConfig) -> Result<Sidecar, StartError> {
     let (cache, rows, metrics) = stores(&config)?;
     Ok(Protocol::new(config, cache, rows, metrics))
 }
@@ -153,11 +182,11 @@ async fn serve<C: CacheStore>(
     config: SidecarConfig,
     wrap: impl FnOnce(RedisStore, &SidecarConfig) -> C,
     extension: Option<Arc<dyn Extension>>,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let listen = config.listen.clone();
     let token = config
         .api_token(std::env::var("WTC_API_TOKEN").ok())
-        .map_err(|e| e.to_string())?;
+        .map_err(StartError::Token)?;
     let (cache, rows, metrics) = stores(&config)?;
     let cache = wrap(cache, &config);
     let protocol = Arc::new(Protocol::new(config, cache, rows, metrics));
@@ -174,8 +203,14 @@ async fn serve<C: CacheStore>(
     let background = protocol.start_background();
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Listen {
+            addr: listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: listen.clone(),
+        source,
+    })?;
     tracing::info!(
         %addr,
         entities = protocol.config().entities.len(),

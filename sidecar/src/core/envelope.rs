@@ -6,7 +6,7 @@
 //! decoding JSON. A hit hands the stored bytes to the response as they are; they are validated
 //! (not re-encoded) so that a corrupt or foreign value is treated as a miss, never served.
 
-use super::types::Version;
+use super::ids::Version;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -8,24 +8,26 @@
 //! - `repair`: the repair queue. `sampler`: the consistency sampler. `metrics`, `write_ratio`.
 //! - `protocol`: the state they share, and the background loops.
 
-pub mod bulk_read;
+mod bulk_read;
 pub mod envelope;
 mod flights;
-pub mod metrics;
+mod ids;
+mod metrics;
 pub mod ports;
-pub mod protocol;
-pub mod read;
-pub mod repair;
-pub mod sampler;
+mod protocol;
+mod read;
+mod repair;
+mod sampler;
 pub mod types;
-pub mod write;
-pub mod write_ratio;
+mod write;
+mod write_ratio;
 
 #[cfg(test)]
 mod memory;
 
 pub use envelope::Envelope;
-pub use metrics::Metrics;
+pub use metrics::{EntityMetrics, EpochCounters, Metrics};
 pub use ports::{CacheKey, CacheStore, RowStore};
 pub use protocol::{Background, Protocol};
 pub use types::*;
+pub use write_ratio::WriteRatio;

@@ -2,7 +2,7 @@
 //! for a slot at most `limits.max_queue_wait_ms`, and at most `max_in_flight` requests wait, so
 //! an overload costs bounded memory and is answered `503 overloaded` within milliseconds.
 
-use crate::core::metrics::Metrics;
+use crate::core::Metrics;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

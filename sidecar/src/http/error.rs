@@ -2,7 +2,7 @@
 //! renders itself as `{"error": {"code": "...", "message": "..."}}` (plus `item` for an item of a
 //! batch or bulk read). Nothing a client sends can produce a 500, and no SQL reaches a message.
 
-use super::response::{json, set_cache_status, set_etag};
+use super::reply::{json, set_cache_status, set_etag};
 use crate::core::types::{BatchError, CacheStatus, DbError, Version, WriteError};
 use serde::Serialize;
 use warp::http::{HeaderValue, StatusCode, header};

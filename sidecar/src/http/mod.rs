@@ -2,19 +2,20 @@
 //! typed command (`request::command`), applied to the protocol, and answered (`response`); every
 //! refusal is an `error::ApiError`. No protocol logic here.
 
-pub mod admission;
-pub mod auth;
-pub mod error;
-pub mod request;
-pub mod response;
-pub mod server;
+mod admission;
+mod auth;
+mod error;
+mod reply;
+mod request;
+mod response;
+pub(crate) mod server;
 
+use crate::core::Protocol;
 use crate::core::ports::{CacheStore, RowStore};
-use crate::core::protocol::Protocol;
 use admission::Admission;
 use auth::ApiToken;
 use bytes::{Buf, Bytes};
-use error::ApiError;
+
 use futures_util::Stream;
 use request::{Command, Route};
 use serde_json::json;
@@ -28,8 +29,9 @@ use warp::http::{HeaderMap, Method, StatusCode};
 use warp::path::FullPath;
 use warp::reply::Response;
 
+pub use error::{ApiError, Code};
+pub use reply::CACHE_HEADER;
 pub use request::{BULK_GET, MIN_VERSION_HEADER};
-pub use response::CACHE_HEADER;
 
 /// The OpenAPI 3 document of this API, served at `GET /openapi.json`.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -144,13 +146,13 @@ where
     }
     if let Some(route) = request::health_route(&method, path) {
         return Ok(match route? {
-            Route::Health => response::json(StatusCode::OK, &json!({"status": "ok"})),
+            Route::Health => reply::json(StatusCode::OK, &json!({"status": "ok"})),
             Route::Ready => Box::pin(ready(p)).await?,
-            Route::Metrics => response::text(
+            Route::Metrics => reply::text(
                 p.metrics().render(),
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
-            _ => response::text(OPENAPI, "application/json"),
+            _ => reply::text(OPENAPI, "application/json"),
         });
     }
     if let Some(ext) = &app.extension
@@ -159,7 +161,7 @@ where
         let body = request::read_body(headers, body, 64 * 1024).await?;
         let (status, answer) = ext.handle(method.as_str(), path, body).await;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Ok(response::json(status, &answer));
+        return Ok(reply::json(status, &answer));
     }
     let limits = &p.config().limits;
     // Load shedding: the slot is held until the answer (a write's: until its task ends).
@@ -240,7 +242,7 @@ where
 /// `/readyz`: ready only when the database answers (Redis being away degrades, not stops).
 async fn ready<C: CacheStore, R: RowStore>(p: &Protocol<C, R>) -> Result<Response, ApiError> {
     if p.rows().ping().await {
-        Ok(response::json(
+        Ok(reply::json(
             StatusCode::OK,
             &json!({"status": "ready", "redis": p.cache().is_up()}),
         ))

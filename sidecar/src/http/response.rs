@@ -2,43 +2,13 @@
 //! the bytes the cache holds (validated when read back, never re-encoded).
 
 use super::error::ApiError;
+use super::reply::{json, set_cache_status, set_etag};
 use crate::core::envelope::Envelope;
-use crate::core::types::{BatchOutcome, CacheStatus, ReadOutcome, Version, WriteOutcome};
+use crate::core::types::{BatchOutcome, CacheStatus, ReadOutcome, WriteOutcome};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
-
-pub const CACHE_HEADER: &str = "x-wtc-cache";
-
-pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    let text = serde_json::to_string(body).unwrap_or_else(|_| "{}".into());
-    let mut r = Response::new(text.into());
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-pub fn text(body: impl Into<String>, content_type: &'static str) -> Response {
-    let mut r = Response::new(body.into().into());
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-pub fn set_etag(r: &mut Response, version: Version) {
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        r.headers_mut().insert(header::ETAG, v);
-    }
-}
-
-pub fn set_cache_status(r: &mut Response, status: CacheStatus) {
-    r.headers_mut()
-        .insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
-}
 
 fn envelope(code: StatusCode, env: &Envelope, status: CacheStatus) -> Response {
     let mut r = Response::new(env.bytes.clone().into());

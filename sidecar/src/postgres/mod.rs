@@ -109,9 +109,8 @@ pub struct Database {
 impl Database {
     /// Builds the pool without connecting: the sidecar starts, and answers 503, when PostgreSQL
     /// is not up yet.
-    pub fn new(config: &DatabaseConfig, entities: &[Entity]) -> Result<Self, String> {
-        let options = PgConnectOptions::from_str(&config.url)
-            .map_err(|_| "database.url is not a valid PostgreSQL URL".to_string())?
+    pub fn new(config: &DatabaseConfig, entities: &[Entity]) -> Result<Self, sqlx::Error> {
+        let options = PgConnectOptions::from_str(&config.url)?
             .options([("statement_timeout", config.statement_timeout_ms.to_string())])
             .application_name("wtc-sidecar");
         let pool = PgPoolOptions::new()

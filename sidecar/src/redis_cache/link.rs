@@ -12,7 +12,7 @@
 //! own new connections; deleting twice is harmless, and nobody records the epoch before the sweep
 //! is complete, so no connection ever serves a restored entry.
 
-use crate::core::metrics::EpochCounters;
+use crate::core::EpochCounters;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, RedisResult};
 use std::sync::RwLock;

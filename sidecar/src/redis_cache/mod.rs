@@ -9,10 +9,12 @@
 //! script call uses `Script::invoke_async` (EVALSHA, EVAL on NOSCRIPT), which sends no script
 //! text on the hot path.
 
-pub mod link;
-pub mod scripts;
+mod link;
+mod scripts;
 
-use crate::core::metrics::EpochCounters;
+pub use link::EPOCH_KEY;
+
+use crate::core::EpochCounters;
 use crate::core::ports::{
     CacheError, CacheKey, CacheStore, FillOutcome, LeaseEnd, LeaseToken, StoreCall, StoreOutcome,
 };
