@@ -703,3 +703,36 @@ async fn a_bulk_read_serves_hits_and_fills_misses_under_leases() {
     );
     assert_eq!(CacheStatus::summary(&out), CacheStatus::Miss);
 }
+
+#[tokio::test]
+async fn a_reader_after_an_acknowledged_write_does_not_share_an_older_flight() {
+    // R1's flight read v1 and stalls before its fill; a write of v2 is acknowledged; the entry is
+    // evicted; R2 misses. R1's flight is sealed (it looked before R2 arrived), so R2 starts its
+    // own and sees v2, not R1's v1.
+    let p = protocol();
+    let (v1, _) = put(&p, "k", 1).await;
+    evict(&p, "k");
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let r1 = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    held.reached().await;
+    let (v2, status) = put(&p, "k", 2).await;
+    assert_eq!(status, CacheStatus::Ok);
+    evict(&p, "k");
+    let r2 = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    // R2 has either finished on its own flight, or (wrongly) joined R1's and waits for it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    held.release();
+    assert_eq!(r1.await.unwrap().envelope.unwrap().version, v1);
+    let r2 = r2.await.unwrap();
+    assert_eq!(
+        r2.envelope.unwrap().version,
+        v2,
+        "P2: no older version after the ack"
+    );
+}
