@@ -223,6 +223,7 @@ async fn serve<C: CacheStore>(
     // Connections are closed; let writes whose clients hung up finish their cache step.
     app.writes_in_flight.close();
     app.writes_in_flight.wait().await;
+    protocol.finish_refreshes().await;
     background.stop().await;
     // One last repair pass: keys left in the queue could be served stale by other sidecars.
     protocol.repair_once().await;

@@ -27,6 +27,8 @@ pub struct Protocol<C, R> {
     pub(crate) metrics: Metrics,
     pub(crate) flights: Flights,
     pub(crate) sampler: Sampler,
+    /// Early refreshes, spawned by hits: owned, so that shutdown waits for them.
+    pub(crate) refreshes: TaskTracker,
 }
 
 impl<C: CacheStore, R: RowStore> Protocol<C, R> {
@@ -47,6 +49,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             metrics,
             flights: Flights::default(),
             sampler: Sampler::new(&config.sampler),
+            refreshes: TaskTracker::new(),
             config,
         }
     }
@@ -78,6 +81,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     /// Keys waiting in the repair queue.
     pub fn repairs_pending(&self) -> usize {
         self.repair.len()
+    }
+
+    /// Waits for the early refreshes in flight; no new one starts after this.
+    pub async fn finish_refreshes(&self) {
+        self.refreshes.close();
+        self.refreshes.wait().await;
     }
 
     /// One pass of the repair queue (the loop's, and the last one at shutdown).

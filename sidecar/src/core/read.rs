@@ -320,12 +320,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     }
 
     fn spawn_refresh(self: &Arc<Self>, entity: EntityId, key: &str, ck: &CacheKey) {
-        if self.flights.in_flight(&ck.entry) {
+        if self.flights.in_flight(&ck.entry) || self.refreshes.is_closed() {
             return;
         }
         let p = Arc::clone(self);
         let (key, ck) = (key.to_string(), ck.clone());
-        tokio::spawn(async move {
+        self.refreshes.spawn(async move {
             let flight = p.flights.join_or_start(&ck.entry);
             let _ = flight
                 .result

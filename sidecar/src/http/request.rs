@@ -237,8 +237,7 @@ pub fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
 
 /// One version as an ETag: `"N"`, `N` or `W/"N"` (the header's and the batch field's form).
 fn parse_version(text: &str) -> Option<Version> {
-    let s = text.trim();
-    let s = s.strip_prefix("W/").unwrap_or(s);
+    let s = text.strip_prefix("W/").unwrap_or(text);
     let s = s
         .strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
@@ -266,7 +265,7 @@ fn version_header(headers: &HeaderMap, name: &str, label: &str) -> Result<Option
         return Err(format!("give one {label} header with one version"));
     }
     let s = v.to_str().map_err(|_| format!("{label} is not ASCII"))?;
-    parse_version(s).map(Some).ok_or_else(|| {
+    parse_version(s.trim()).map(Some).ok_or_else(|| {
         format!(
             "{label} must be a version such as \"12\", not {:?}",
             unquoted(s)

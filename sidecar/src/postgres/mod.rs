@@ -7,11 +7,13 @@
 //! `nextval` before it meets a concurrent DELETE of the same key and can commit a version below
 //! the delete's tombstone.
 
+mod error;
 mod table;
 
 use crate::core::envelope::Envelope;
 use crate::core::ports::{CommitFailure, PrepareError, RowStore};
 use crate::core::types::{Committed, DbError, EntityId, Version, Write, WriteOp};
+use error::db_error;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use std::future::Future;
@@ -23,42 +25,6 @@ use tokio::sync::OnceCell;
 use wtc_config::{DatabaseConfig, Entity};
 
 pub use table::{quote_ident, quote_literal, sequence_name};
-
-/// `written_at` in RFC 3339, UTC, from the database clock.
-const NOW_RFC3339: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
-
-/// The protocol's view of a database error; no SQL and no values reach its message.
-pub(crate) fn db_error(e: sqlx::Error, key_only: bool) -> DbError {
-    match &e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            let message = db.message().to_string();
-            match code.get(..2) {
-                Some("22") if key_only => DbError::BadKey(format!("invalid key: {message}")),
-                Some("22") | Some("23") => DbError::Rejected(message),
-                Some("08") | Some("53") | Some("57") | Some("40") => DbError::Unavailable,
-                _ if code == "42703" => DbError::Rejected(message),
-                _ => {
-                    tracing::error!(sqlstate = %code, "database error");
-                    DbError::Internal
-                }
-            }
-        }
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => {
-            tracing::debug!(error = %e, "database unavailable");
-            DbError::Unavailable
-        }
-        other => {
-            tracing::error!(error = %other, "database client error");
-            DbError::Internal
-        }
-    }
-}
 
 /// What `prepare` learned about a write: its table, and the columns a put sets (table order).
 pub struct Prepared {
@@ -88,6 +54,13 @@ enum BatchOp<'a> {
 enum Precondition {
     /// The row exists at another version (or does not exist: `None`).
     Failed { current: Option<Version> },
+}
+
+/// Where a batch's transaction failed: only a failure at COMMIT may have committed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stage {
+    Statements,
+    Commit,
 }
 
 /// A statement failed (`index`: which), or the transaction itself (`None`).
@@ -272,13 +245,19 @@ impl Database {
     ) -> Result<Vec<Committed>, CommitFailure> {
         match Box::pin(self.write_batch_in(items, true)).await {
             // A set statement the database refused does not say which of its rows it refused:
-            // the batch (rolled back) runs again one statement per item, to name it.
-            Err(CommitFailure::Db {
-                index: None,
-                error: DbError::Rejected(_) | DbError::BadKey(_),
-                maybe_committed: false,
-            }) => Box::pin(self.write_batch_in(items, false)).await,
-            other => other,
+            // the batch (rolled back) runs again one statement per item, to name it. Not a
+            // refusal at COMMIT (a deferred constraint): that one names no statement either way.
+            Err((
+                CommitFailure::Db {
+                    index: None,
+                    error: DbError::Rejected(_) | DbError::BadKey(_),
+                    maybe_committed: false,
+                },
+                Stage::Statements,
+            )) => Box::pin(self.write_batch_in(items, false))
+                .await
+                .map_err(|(f, _)| f),
+            other => other.map_err(|(f, _)| f),
         }
     }
 
@@ -288,10 +267,27 @@ impl Database {
         &self,
         items: &[BatchStatement<'_>],
         grouped: bool,
-    ) -> Result<Vec<Committed>, CommitFailure> {
-        if items.is_empty() {
-            return Ok(vec![]);
-        }
+    ) -> Result<Vec<Committed>, (CommitFailure, Stage)> {
+        let out = self.run_statements(items, grouped).await;
+        let (tx, out) = out.map_err(|f| (f, Stage::Statements))?;
+        // Only a failure here may have committed nonetheless; every one before rolled back.
+        self.within(tx.commit(), false).await.map_err(|error| {
+            let failure = CommitFailure::Db {
+                index: None,
+                maybe_committed: error.outcome_unknown(),
+                error,
+            };
+            (failure, Stage::Commit)
+        })?;
+        Ok(out)
+    }
+
+    /// The statements of a batch in one transaction, left open for `write_batch_in` to commit.
+    async fn run_statements(
+        &self,
+        items: &[BatchStatement<'_>],
+        grouped: bool,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<Committed>), CommitFailure> {
         let mut order: Vec<(i64, usize)> = items
             .iter()
             .enumerate()
@@ -376,17 +372,11 @@ impl Database {
             };
             out[i] = Some(committed);
         }
-        // Only a failure here may have committed nonetheless; every one before rolled back.
-        self.within(tx.commit(), false)
-            .await
-            .map_err(|error| CommitFailure::Db {
-                index: None,
-                maybe_committed: error.outcome_unknown(),
-                error,
-            })?;
-        out.into_iter()
+        let out = out
+            .into_iter()
             .map(|c| c.ok_or_else(|| failed(None, DbError::Internal)))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((tx, out))
     }
 
     async fn current_version(&self, table: &Table, key: &str) -> Result<Option<Version>, DbError> {
@@ -469,8 +459,8 @@ impl RowStore for Database {
 
     async fn prepare(&self, write: &Write) -> Result<Prepared, PrepareError> {
         let table = self.table(write.entity).await?;
-        // Before any lease or intent is taken for it.
-        table.check_key(&write.key)?;
+        // The key's type is checked by the statement (`check_key`), after the body: a bad key
+        // answers with the item it is in.
         let columns = match &write.op {
             WriteOp::Put { body, .. } => table
                 .check_body(body, &write.key)?
@@ -533,6 +523,7 @@ impl RowStore for Database {
             })
             .collect();
         match &items[..] {
+            [] => Ok(vec![]),
             [one] => self.commit_one(one).await.map(|c| vec![c]),
             _ => self.write_batch(&items).await,
         }

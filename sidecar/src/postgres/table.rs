@@ -2,7 +2,7 @@
 //! Table and column names come only from configuration and the catalog, and are always quoted as
 //! identifiers; keys and values are always bound parameters.
 
-use super::{NOW_RFC3339, db_error};
+use super::error::db_error;
 use crate::core::types::{BodyError, DbError};
 use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
@@ -10,6 +10,9 @@ use sqlx::{AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::sync::Arc;
 use wtc_config::Entity;
+
+/// `written_at` in RFC 3339, UTC, from the database clock.
+const NOW_RFC3339: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
 
 /// Advisory lock id for (table, key): FNV-1a, stable across processes and machines.
 pub(super) fn lock_key(table: &str, key: &str) -> i64 {

@@ -324,7 +324,52 @@ async fn integer_keys_are_checked_before_the_database() {
         let r = sc.put("items", bad, json!({})).await;
         assert_eq!(r.status, 400, "{}", r.raw);
     }
-    assert_eq!(sc.get("items", "42").await.status, 200);
+    // The body is checked before the key: an unknown column answers 422 whatever the key.
+    let r = sc.put("items", "abc", json!({"nope": 1})).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (422, "invalid_body"),
+        "{}",
+        r.raw
+    );
+    // In a batch, the bad key is named by its item, and nothing is written.
+    let r = sc
+        .send(
+            sc.http
+                .post(format!("{}/v1/batch", sc.base))
+                .json(&json!({"writes": [
+                    {"entity": "items", "key": "42", "op": "put", "data": {"label": "y"}},
+                    {"entity": "items", "key": "abc", "op": "delete"}
+                ]})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "invalid_key"),
+        "{}",
+        r.raw
+    );
+    assert_eq!(r.body["error"]["item"], 1, "{}", r.raw);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("nothing was written"),
+        "{}",
+        r.raw
+    );
+    let after = sc.get("items", "42").await;
+    assert_eq!(
+        (after.status, &after.body["data"]["label"]),
+        (200, &json!("x"))
+    );
+    assert!(
+        sc.metrics()
+            .await
+            .contains("wtc_writes_total{entity=\"items\",outcome=\"rejected\"} 4"),
+        "{}",
+        sc.metrics().await
+    );
 }
 
 #[tokio::test]
