@@ -265,7 +265,11 @@ pub struct Stop {
 
 /// Writers and readers on a few hot keys through several sidecars, keys evicted at random.
 pub struct Workload {
+    /// The keys, in their canonical spelling (what the audit trigger records).
     pub keys: Vec<String>,
+    /// Per key, the spellings requests use (each op picks one at random): every spelling names
+    /// the same row, so the promise must hold across them.
+    pub spellings: Vec<Vec<String>>,
     pub writers: usize,
     pub readers: usize,
     /// Pause between two evictions (random within the range); `None`: no evictions.
@@ -284,14 +288,35 @@ pub struct RunStats {
 
 impl Workload {
     pub fn new(keys: usize, stop: Stop) -> Self {
+        let keys: Vec<String> = (0..keys).map(|i| format!("h{i}")).collect();
         Self {
-            keys: (0..keys).map(|i| format!("h{i}")).collect(),
+            spellings: keys.iter().map(|k| vec![k.clone()]).collect(),
+            keys,
             writers: 4,
             readers: 6,
             evict_every: Some((Duration::from_micros(500), Duration::from_millis(3))),
             stop,
             until_also: None,
         }
+    }
+
+    /// The same workload on integer keys (`1`, `2`, ...; an `audited_int_table`), each request
+    /// spelling its key one of several ways PostgreSQL reads as the same integer.
+    pub fn with_integer_spellings(mut self) -> Self {
+        self.keys = (1..=self.keys.len()).map(|i| i.to_string()).collect();
+        self.spellings = self
+            .keys
+            .iter()
+            .map(|k| {
+                vec![
+                    k.clone(),
+                    format!("0{k}"),
+                    format!("+{k}"),
+                    format!("00{k}"),
+                ]
+            })
+            .collect();
+        self
     }
 
     /// Runs against `sidecars` (entity `accounts`; sidecars or an application in front of one)
@@ -318,25 +343,28 @@ impl Workload {
             }
         };
         let keys = Arc::new(self.keys.clone());
+        let spellings = Arc::new(self.spellings.clone());
         let mut tasks = vec![];
         for worker in 0..self.writers + self.readers {
             let writer = worker < self.writers;
-            let (sidecars, keys, history) = (sidecars.to_vec(), keys.clone(), history.clone());
+            let (sidecars, spellings, history) =
+                (sidecars.to_vec(), spellings.clone(), history.clone());
             let (counts, done) = (Arc::clone(&counts), done.clone());
             tasks.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while !done() {
                     n += 1;
                     let sc = &sidecars[fastrand::usize(..sidecars.len())];
-                    let k = fastrand::usize(..keys.len());
+                    let k = fastrand::usize(..spellings.len());
+                    let spelled = &spellings[k][fastrand::usize(..spellings[k].len())];
                     let start = Instant::now();
                     let outcome = if writer {
                         // Fits the `integer` column of the test tables.
                         let body =
                             json!({"n": (worker as u64 % 20) * 100_000_000 + n % 100_000_000});
-                        write_outcome(sc.as_ref(), &keys[k], body).await
+                        write_outcome(sc.as_ref(), spelled, body).await
                     } else {
-                        read_outcome(sc.as_ref(), &keys[k]).await
+                        read_outcome(sc.as_ref(), spelled).await
                     };
                     let end = Instant::now();
                     if writer {
@@ -446,6 +474,21 @@ async fn read_outcome(sc: &impl Target, key: &str) -> Outcome {
 pub async fn audited_table(pool: &PgPool, prefix: &str) -> (String, Audit) {
     let table = unique(prefix);
     crate::create_table(pool, &table).await;
+    let audit = Audit::install(pool, &table).await;
+    (table, audit)
+}
+
+/// `audited_table` with an integer key (`id bigint`): several spellings name one row.
+pub async fn audited_int_table(pool: &PgPool, prefix: &str) -> (String, Audit) {
+    let table = unique(prefix);
+    let sql = format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, owner text, balance numeric NOT NULL DEFAULT 0, \
+         n integer, version bigint NOT NULL DEFAULT 0)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await
+        .unwrap();
     let audit = Audit::install(pool, &table).await;
     (table, audit)
 }

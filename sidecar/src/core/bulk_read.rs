@@ -5,30 +5,53 @@
 //! read from the database without filling. The steps are those of `read.rs`.
 
 use super::envelope::Envelope;
-use super::ports::{CacheKey, CacheStore, LeaseEnd, LeaseToken, RowStore};
+use super::ports::{CacheKey, CacheStore, KeyForm, LeaseEnd, LeaseToken, RowStore};
 use super::protocol::Protocol;
 use super::read::Lookup;
-use super::types::{CacheStatus, DbError, EntityId, ReadOutcome};
+use super::types::{BatchError, CacheStatus, DbError, EntityId, ReadOutcome};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 impl<C: CacheStore, R: RowStore> Protocol<C, R> {
-    /// Reads many keys of `entity`; the answer is in the order of `keys` (a key given twice is
-    /// looked up once and answered twice).
+    /// Reads many keys of `entity`; the answer is in the order of `keys` (a row named twice, in
+    /// whatever spellings, is looked up once and answered twice). A key that is no key of the
+    /// column's type is `BatchError::Db` with its position.
     pub async fn read_many(
         &self,
         entity: EntityId,
         keys: &[String],
-    ) -> Result<Vec<ReadOutcome>, DbError> {
+    ) -> Result<Vec<ReadOutcome>, BatchError> {
         let m = self.metrics.entity(entity);
+        let mut forms = Vec::with_capacity(keys.len());
+        for (index, k) in keys.iter().enumerate() {
+            self.metrics.read_done();
+            match self.rows.canonical_key(entity, k).await {
+                Ok(form) => forms.push(form),
+                Err(error) => {
+                    return Err(BatchError::Db {
+                        index: Some(index),
+                        error,
+                    });
+                }
+            }
+        }
+        // Unique rows, by canonical key; `unchecked`: keys whose canonical spelling is not known
+        // yet, which are looked up as given but never filled (`read::read_unchecked`).
         let mut unique: Vec<&str> = Vec::new();
+        let mut unchecked: HashSet<usize> = HashSet::new();
         let mut position: HashMap<&str, usize> = HashMap::new();
-        let slots: Vec<usize> = keys
+        let slots: Vec<usize> = forms
             .iter()
-            .map(|k| {
-                self.metrics.read_done();
-                *position.entry(k.as_str()).or_insert_with(|| {
+            .map(|form| {
+                let (k, checked) = match form {
+                    KeyForm::Canonical(k) => (k.as_ref(), true),
+                    KeyForm::Unchecked(k) => (*k, false),
+                };
+                *position.entry(k).or_insert_with(|| {
                     unique.push(k);
+                    if !checked {
+                        unchecked.insert(unique.len() - 1);
+                    }
                     unique.len() - 1
                 })
             })
@@ -80,6 +103,14 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                 }
             }
         }
+        // A miss of an unchecked key is read without a lease, and not filled.
+        misses.retain(|i| {
+            let checked = !unchecked.contains(i);
+            if !checked {
+                bypass.push(*i);
+            }
+            checked
+        });
         m.bypass.inc_by(bypass.len() as u64);
         // The leases, before the database read.
         let tokens: Vec<LeaseToken> = misses.iter().map(|_| LeaseToken::new()).collect();
@@ -139,7 +170,10 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                         })
                         .collect();
                     self.bulk_end_leases(entity, &ends).await;
-                    return Err(e);
+                    return Err(BatchError::Db {
+                        index: None,
+                        error: e,
+                    });
                 }
             }
         }
@@ -173,7 +207,8 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         let out: Vec<ReadOutcome> = out
             .into_iter()
             .map(|o| o.ok_or(DbError::Internal))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(|error| BatchError::Db { index: None, error })?;
         Ok(slots.into_iter().map(|s| out[s].clone()).collect())
     }
 

@@ -10,7 +10,7 @@
 use super::envelope::Envelope;
 use super::metrics::Metrics;
 use super::ports::{
-    CacheError, CacheKey, CacheStore, CommitFailure, FillOutcome, LeaseEnd, LeaseToken,
+    CacheError, CacheKey, CacheStore, CommitFailure, FillOutcome, KeyForm, LeaseEnd, LeaseToken,
     PrepareError, RowStore, StoreCall, StoreOutcome,
 };
 use super::protocol::Protocol;
@@ -320,12 +320,14 @@ impl CacheStore for MemoryCache {
     }
 }
 
-/// Rows of one table per entity, versions from one sequence, writes all-or-none.
+/// Rows of one table per entity, versions from one sequence, writes all-or-none. Keys are
+/// integers (`042` and `42` are one row) when `integer_keys` is set, else text.
 #[derive(Default)]
 pub(crate) struct MemoryRows {
     rows: Mutex<HashMap<(EntityId, String), (Version, String)>>,
     sequence: AtomicI64,
     reads: AtomicUsize,
+    integer_keys: bool,
 }
 
 impl MemoryRows {
@@ -339,10 +341,24 @@ impl MemoryRows {
 }
 
 impl RowStore for MemoryRows {
-    type Prepared = ();
+    type Prepared = String;
 
-    async fn prepare(&self, _write: &Write) -> Result<(), PrepareError> {
-        Ok(())
+    async fn canonical_key<'a>(
+        &'a self,
+        _entity: EntityId,
+        key: &'a str,
+    ) -> Result<KeyForm<'a>, DbError> {
+        if !self.integer_keys {
+            return Ok(KeyForm::Canonical(key.into()));
+        }
+        match key.trim().parse::<i64>() {
+            Ok(n) => Ok(KeyForm::Canonical(n.to_string().into())),
+            Err(_) => Err(DbError::BadKey(format!("key {key:?} is not an integer"))),
+        }
+    }
+
+    async fn prepare(&self, _write: &Write, key: &str) -> Result<String, PrepareError> {
+        Ok(key.to_string())
     }
 
     async fn read(&self, entity: EntityId, key: &str) -> Result<Option<Envelope>, DbError> {
@@ -361,10 +377,10 @@ impl RowStore for MemoryRows {
         Ok(keys.iter().map(|k| self.row(entity, k)).collect())
     }
 
-    async fn commit(&self, writes: &[(&Write, &())]) -> Result<Vec<Committed>, CommitFailure> {
+    async fn commit(&self, writes: &[(&Write, &String)]) -> Result<Vec<Committed>, CommitFailure> {
         let mut rows = self.rows.lock().unwrap();
-        for (index, (w, _)) in writes.iter().enumerate() {
-            let current = rows.get(&(w.entity, w.key.clone())).map(|(v, _)| *v);
+        for (index, (w, key)) in writes.iter().enumerate() {
+            let current = rows.get(&(w.entity, key.to_string())).map(|(v, _)| *v);
             if let Some(expected) = w.if_match
                 && current != Some(expected)
             {
@@ -375,9 +391,9 @@ impl RowStore for MemoryRows {
             }
         }
         let mut out = Vec::new();
-        for (w, _) in writes {
+        for (w, key) in writes {
             let version = Version::new(self.sequence.fetch_add(1, Ordering::SeqCst) + 1);
-            let id = (w.entity, w.key.clone());
+            let id = (w.entity, key.to_string());
             out.push(match &w.op {
                 WriteOp::Put { raw, .. } => {
                     let created = rows.insert(id, (version, raw.clone())).is_none();
@@ -406,6 +422,10 @@ impl RowStore for MemoryRows {
 type Mem = Protocol<MemoryCache, MemoryRows>;
 
 fn protocol_with(cache: MemoryCache) -> Arc<Mem> {
+    protocol_of(cache, MemoryRows::default())
+}
+
+fn protocol_of(cache: MemoryCache, rows: MemoryRows) -> Arc<Mem> {
     let config = SidecarConfig::parse(
         "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
          [redis]\nurl = \"redis://127.0.0.1:1\"\n\
@@ -418,7 +438,7 @@ fn protocol_with(cache: MemoryCache) -> Arc<Mem> {
     Arc::new(Protocol::new(
         config,
         cache,
-        MemoryRows::default(),
+        rows,
         Metrics::new(&["accounts"]),
     ))
 }
@@ -734,5 +754,55 @@ async fn a_reader_after_an_acknowledged_write_does_not_share_an_older_flight() {
         r2.envelope.unwrap().version,
         v2,
         "P2: no older version after the ack"
+    );
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_key_names_one_cache_entry() {
+    let rows = MemoryRows {
+        integer_keys: true,
+        ..MemoryRows::default()
+    };
+    let p = protocol_of(MemoryCache::default(), rows);
+    let (v1, _) = put(&p, "42", 1).await;
+    let hit = p.read(A, "042").await.unwrap();
+    assert_eq!(
+        (hit.status, hit.envelope.unwrap().version),
+        (CacheStatus::Hit, v1)
+    );
+    let (v2, status) = put(&p, "+42", 2).await;
+    assert_eq!(status, CacheStatus::Ok);
+    for spelling in ["42", "042", " 42"] {
+        let out = p.read(A, spelling).await.unwrap();
+        assert_eq!(
+            out.envelope.unwrap().version,
+            v2,
+            "{spelling:?} read an older row"
+        );
+    }
+    assert_eq!(p.cache.entries.lock().unwrap().len(), 1, "one entry");
+    let out = p
+        .read_many(A, &["42".into(), "0042".into(), "7".into()])
+        .await
+        .unwrap();
+    assert_eq!(out[1].envelope.as_ref().unwrap().version, v2);
+    let write = |key: &str| Write {
+        entity: A,
+        key: key.into(),
+        op: WriteOp::Delete,
+        if_match: None,
+    };
+    let batch = Batch {
+        writes: vec![write("7"), write("007")],
+        invalidate: vec![],
+    };
+    assert!(matches!(
+        p.write_batch(&batch).await,
+        Err(BatchError::DuplicateKey { first: 0, index: 1 })
+    ));
+    assert!(matches!(p.read(A, "4x2").await, Err(DbError::BadKey(_))));
+    assert!(
+        p.cache.leases.lock().unwrap().is_empty(),
+        "a bad key touches no lease"
     );
 }

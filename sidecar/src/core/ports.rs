@@ -7,6 +7,7 @@
 
 use super::envelope::Envelope;
 use super::types::{BodyError, Cached, Committed, DbError, EntityId, Version, Write};
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::Duration;
 
@@ -198,14 +199,33 @@ pub enum PrepareError {
     Body(#[from] BodyError),
 }
 
+/// A key as the row store spells it: one row, one spelling (docs/protocol.md "Keys").
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyForm<'a> {
+    /// The key column type's canonical text: it names the cache entry, the lock, the batch slot.
+    Canonical(Cow<'a, str>),
+    /// The key type is not known yet (the table was never reached): the key may be looked up in
+    /// the cache as given, where every entry has its canonical name, but never fills an entry.
+    Unchecked(&'a str),
+}
+
 pub trait RowStore: Send + Sync + 'static {
-    /// What `prepare` learned about a write (its table, the columns it sets).
+    /// What `prepare` learned about a write (its table, the columns it sets, its key).
     type Prepared: Send + Sync;
 
-    /// Checks a write against its table before anything else happens for it.
+    /// The canonical spelling of `key`; `DbError::BadKey` when it is no key of the column's type.
+    fn canonical_key<'a>(
+        &'a self,
+        entity: EntityId,
+        key: &'a str,
+    ) -> impl Future<Output = Result<KeyForm<'a>, DbError>> + Send;
+
+    /// Checks a write against its table before anything else happens for it; `key` is the
+    /// canonical spelling of its key, which the statement uses.
     fn prepare(
         &self,
         write: &Write,
+        key: &str,
     ) -> impl Future<Output = Result<Self::Prepared, PrepareError>> + Send;
 
     /// The row of `key` (`None`: no row).
@@ -222,7 +242,8 @@ pub trait RowStore: Send + Sync + 'static {
         keys: &[&str],
     ) -> impl Future<Output = Result<Vec<Option<Envelope>>, DbError>> + Send;
 
-    /// Commits the writes: all or none, each with a new version. Answers in the order given.
+    /// Commits the writes (keys: their prepared, canonical ones): all or none, each with a new
+    /// version. Answers in the order given.
     fn commit(
         &self,
         writes: &[(&Write, &Self::Prepared)],

@@ -6,7 +6,7 @@
 use super::envelope::Envelope;
 use super::flights::{Flight, FlightResult};
 use super::metrics::EntityMetrics;
-use super::ports::{CacheKey, CacheStore, FillOutcome, LeaseEnd, LeaseToken, RowStore};
+use super::ports::{CacheKey, CacheStore, FillOutcome, KeyForm, LeaseEnd, LeaseToken, RowStore};
 use super::protocol::Protocol;
 use super::types::{CacheStatus, Cached, DbError, EntityId, ReadOutcome, Version};
 use std::sync::Arc;
@@ -77,6 +77,11 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     ) -> Result<ReadOutcome, DbError> {
         self.metrics.read_done();
         let m = self.metrics.entity(entity);
+        let key = match self.rows.canonical_key(entity, key).await? {
+            KeyForm::Canonical(k) => k,
+            KeyForm::Unchecked(k) => return Box::pin(self.read_unchecked(entity, k)).await,
+        };
+        let key = key.as_ref();
         let ck = CacheKey::new(self.entity_name(entity), key);
         if self.bypasses(&ck) {
             m.bypass.inc();
@@ -107,6 +112,26 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         // Boxed: the database and fill states are large, and a hit should not carry them in its
         // future, which every request moves around (docs/benchmarks.md).
         Box::pin(self.read_miss(entity, key, ck, min_version)).await
+    }
+
+    /// A key whose canonical spelling is not known yet (the table was never reached): a cached
+    /// entry of that name is served (every entry is named canonically, so it is this row's), and
+    /// nothing is filled, since the spelling may not be the row's one name.
+    async fn read_unchecked(&self, entity: EntityId, key: &str) -> Result<ReadOutcome, DbError> {
+        let m = self.metrics.entity(entity);
+        let ck = CacheKey::new(self.entity_name(entity), key);
+        if !self.bypasses(&ck) {
+            match self.cache.get(&ck, false).await {
+                Ok((Cached::Entry(env), _)) => {
+                    m.hit.inc();
+                    return Ok(ReadOutcome::hit(env));
+                }
+                Ok(_) => {}
+                Err(_) => self.metrics.redis_errors.inc(),
+            }
+        }
+        m.bypass.inc();
+        self.read_db(entity, key, CacheStatus::Bypass).await
     }
 
     /// Values that are not envelopes: counted and evicted before any lease is taken.

@@ -14,12 +14,12 @@
 
 use super::envelope::Envelope;
 use super::ports::{
-    CacheKey, CacheStore, CommitFailure, LeaseToken, PrepareError, RowStore, StoreCall,
+    CacheKey, CacheStore, CommitFailure, KeyForm, LeaseToken, PrepareError, RowStore, StoreCall,
 };
 use super::protocol::Protocol;
 use super::types::{
-    Batch, BatchError, BatchOutcome, CacheStatus, EntityId, Version, Write, WriteError, WriteOp,
-    WriteOutcome,
+    Batch, BatchError, BatchOutcome, CacheStatus, DbError, EntityId, Version, Write, WriteError,
+    WriteOp, WriteOutcome,
 };
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -78,7 +78,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                 mut results,
                 status,
             }) => {
-                let c = results.pop().ok_or(super::types::DbError::Internal)?;
+                let c = results.pop().ok_or(DbError::Internal)?;
                 Ok(WriteOutcome::Committed {
                     envelope: c.envelope,
                     created: c.created,
@@ -91,9 +91,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             }
             Err(BatchError::Body { error, .. }) => Err(WriteError::Body(error)),
             Err(BatchError::Db { error, .. }) => Err(WriteError::Db(error)),
-            Err(BatchError::DuplicateKey { .. }) => {
-                Err(WriteError::Db(super::types::DbError::Internal))
-            }
+            Err(BatchError::DuplicateKey { .. }) => Err(WriteError::Db(DbError::Internal)),
         }
     }
 
@@ -103,17 +101,57 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     }
 
     async fn write(&self, batch: &Batch, trips: Trips) -> Result<BatchOutcome, BatchError> {
-        let mut seen: HashMap<(EntityId, &str), usize> = HashMap::new();
-        for (i, w) in batch.writes.iter().enumerate() {
+        // One row, one spelling: every key in its canonical form before it names anything.
+        let mut canonical: Vec<String> = Vec::with_capacity(batch.writes.len());
+        for (index, w) in batch.writes.iter().enumerate() {
             self.metrics.write_done();
-            if let Some(first) = seen.insert((w.entity, &w.key), i) {
+            match self.rows.canonical_key(w.entity, &w.key).await {
+                Ok(KeyForm::Canonical(k)) => canonical.push(k.into_owned()),
+                // The table was never reached: neither is the database now.
+                Ok(KeyForm::Unchecked(_)) => {
+                    return Err(BatchError::Db {
+                        index: None,
+                        error: DbError::Unavailable,
+                    });
+                }
+                Err(error) => {
+                    if matches!(error, DbError::BadKey(_)) {
+                        self.metrics.entity(w.entity).write_rejected.inc();
+                    }
+                    return Err(BatchError::Db {
+                        index: Some(index),
+                        error,
+                    });
+                }
+            }
+        }
+        let mut seen: HashMap<(EntityId, &str), usize> = HashMap::new();
+        for (i, (w, key)) in batch.writes.iter().zip(&canonical).enumerate() {
+            if let Some(first) = seen.insert((w.entity, key), i) {
                 self.metrics.entity(w.entity).write_rejected.inc();
                 return Err(BatchError::DuplicateKey { first, index: i });
             }
         }
+        let mut invalidate: Vec<CacheKey> = Vec::with_capacity(batch.invalidate.len());
+        for (i, (entity, key)) in batch.invalidate.iter().enumerate() {
+            let key = match self.rows.canonical_key(*entity, key).await {
+                Ok(KeyForm::Canonical(k)) => k,
+                // Its table was never reached: the name as given (entries are named canonically,
+                // so this evicts the row's entry if the spelling is the canonical one).
+                Ok(KeyForm::Unchecked(k)) => k.into(),
+                Err(DbError::BadKey(m)) => {
+                    return Err(BatchError::Db {
+                        index: None,
+                        error: DbError::BadKey(format!("invalidate item {i}: {m}")),
+                    });
+                }
+                Err(error) => return Err(BatchError::Db { index: None, error }),
+            };
+            invalidate.push(CacheKey::new(self.entity_name(*entity), &key));
+        }
         let mut prepared = Vec::with_capacity(batch.writes.len());
-        for (index, w) in batch.writes.iter().enumerate() {
-            match self.rows.prepare(w).await {
+        for (index, (w, key)) in batch.writes.iter().zip(&canonical).enumerate() {
+            match self.rows.prepare(w, key).await {
                 Ok(p) => prepared.push(p),
                 Err(PrepareError::Body(error)) => {
                     self.metrics.entity(w.entity).write_rejected.inc();
@@ -127,7 +165,8 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         let keys: Vec<CacheKey> = batch
             .writes
             .iter()
-            .map(|w| CacheKey::new(self.entity_name(w.entity), &w.key))
+            .zip(&canonical)
+            .map(|(w, key)| CacheKey::new(self.entity_name(w.entity), key))
             .collect();
         let intents = self.take_intents(&keys, trips).await;
 
@@ -146,11 +185,6 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             }
         };
 
-        let invalidate: Vec<CacheKey> = batch
-            .invalidate
-            .iter()
-            .map(|(entity, key)| CacheKey::new(self.entity_name(*entity), key))
-            .collect();
         let stores: Vec<StoreCall<'_>> = committed
             .iter()
             .zip(&keys)
@@ -168,12 +202,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         } else {
             self.cache_step(&stores, &invalidate, trips).await
         };
-        for w in &batch.writes {
+        for (w, key) in batch.writes.iter().zip(&canonical) {
             let m = self.metrics.entity(w.entity);
             match status {
                 CacheStatus::Ok => {
                     m.write_ok.inc();
-                    self.sampler.record(w.entity, &w.key);
+                    self.sampler.record(w.entity, key);
                 }
                 _ => m.write_repairing.inc(),
             }

@@ -12,6 +12,7 @@ pub(crate) mod server;
 
 use crate::core::Protocol;
 use crate::core::ports::{CacheStore, RowStore};
+use crate::core::types::BatchError;
 use admission::Admission;
 use auth::ApiToken;
 use bytes::{Buf, Bytes};
@@ -184,7 +185,15 @@ where
             p.read_at_least(entity, &key, min_version).await?,
         )),
         Command::BulkRead { entity, keys } => {
-            let outcomes = Box::pin(p.read_many(entity, &keys)).await?;
+            let outcomes = Box::pin(p.read_many(entity, &keys))
+                .await
+                .map_err(|e| match e {
+                    BatchError::Db {
+                        index: Some(i),
+                        error,
+                    } => ApiError::from(error).item(i),
+                    other => other.into(),
+                })?;
             Ok(response::bulk(&keys, &outcomes))
         }
         Command::Put {

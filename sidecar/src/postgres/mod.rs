@@ -8,18 +8,19 @@
 //! the delete's tombstone.
 
 mod error;
+mod keys;
 mod table;
 
 use crate::core::envelope::Envelope;
-use crate::core::ports::{CommitFailure, PrepareError, RowStore};
+use crate::core::ports::{CommitFailure, KeyForm, PrepareError, RowStore};
 use crate::core::types::{Committed, DbError, EntityId, Version, Write, WriteOp};
 use error::db_error;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use table::{Table, lock_key};
 use tokio::sync::OnceCell;
 use wtc_config::{DatabaseConfig, Entity};
@@ -30,6 +31,8 @@ pub use table::{quote_ident, quote_literal, sequence_name};
 pub struct Prepared {
     table: Arc<Table>,
     columns: Vec<String>,
+    /// The canonical key.
+    key: String,
 }
 
 /// One write of a batch (`Database::write_batch`).
@@ -76,6 +79,9 @@ pub struct Database {
     pool: PgPool,
     timeout: Duration,
     tables: Vec<OnceCell<Arc<Table>>>,
+    /// When a table was last found unreachable (not retried for a second by key checks, so that
+    /// cached rows are served at once while the database is away).
+    unreachable: Vec<Mutex<Option<Instant>>>,
     entities: Vec<Entity>,
 }
 
@@ -99,6 +105,7 @@ impl Database {
             pool,
             timeout: Duration::from_millis(config.statement_timeout_ms + 500),
             tables: entities.iter().map(|_| OnceCell::new()).collect(),
+            unreachable: entities.iter().map(|_| Mutex::new(None)).collect(),
             entities: entities.to_vec(),
         })
     }
@@ -457,25 +464,52 @@ impl Database {
 impl RowStore for Database {
     type Prepared = Prepared;
 
-    async fn prepare(&self, write: &Write) -> Result<Prepared, PrepareError> {
+    async fn canonical_key<'a>(
+        &'a self,
+        entity: EntityId,
+        key: &'a str,
+    ) -> Result<KeyForm<'a>, DbError> {
+        let table = match self.tables[entity.index()].get() {
+            Some(t) => Arc::clone(t),
+            None => {
+                let since = *self.unreachable[entity.index()].lock().unwrap();
+                if since.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    return Ok(KeyForm::Unchecked(key));
+                }
+                match self.table(entity).await {
+                    Ok(t) => t,
+                    Err(e @ DbError::Schema(_)) => return Err(e),
+                    Err(_) => {
+                        *self.unreachable[entity.index()].lock().unwrap() = Some(Instant::now());
+                        return Ok(KeyForm::Unchecked(key));
+                    }
+                }
+            }
+        };
+        table.canonical_key(key).map(KeyForm::Canonical)
+    }
+
+    async fn prepare(&self, write: &Write, key: &str) -> Result<Prepared, PrepareError> {
         let table = self.table(write.entity).await?;
-        // The key's type is checked by the statement (`check_key`), after the body: a bad key
-        // answers with the item it is in.
         let columns = match &write.op {
             WriteOp::Put { body, .. } => table
-                .check_body(body, &write.key)?
+                .check_body(body, key)?
                 .into_iter()
                 .map(str::to_string)
                 .collect(),
             WriteOp::Delete => vec![],
         };
-        Ok(Prepared { table, columns })
+        Ok(Prepared {
+            table,
+            columns,
+            key: key.to_string(),
+        })
     }
 
     async fn read(&self, entity: EntityId, key: &str) -> Result<Option<Envelope>, DbError> {
         let table = self.table(entity).await?;
-        table.check_key(key)?;
-        let q = sqlx::query(AssertSqlSafe(table.read_sql.clone())).bind(key);
+        let key = table.canonical_key(key)?;
+        let q = sqlx::query(AssertSqlSafe(table.read_sql.clone())).bind(key.as_ref());
         let row = self.fetch_optional(q, true).await?;
         row.map(|r| row_envelope(&r)).transpose()
     }
@@ -486,10 +520,12 @@ impl RowStore for Database {
         keys: &[&str],
     ) -> Result<Vec<Option<Envelope>>, DbError> {
         let table = self.table(entity).await?;
-        for key in keys {
-            table.check_key(key)?;
-        }
-        let q = sqlx::query(AssertSqlSafe(table.read_many_sql.clone())).bind(keys);
+        let keys: Vec<std::borrow::Cow<'_, str>> = keys
+            .iter()
+            .map(|k| table.canonical_key(k))
+            .collect::<Result<_, _>>()?;
+        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let q = sqlx::query(AssertSqlSafe(table.read_many_sql.clone())).bind(&keys);
         let rows = self.within(q.fetch_all(&self.pool), true).await?;
         let mut out = vec![None; keys.len()];
         for r in &rows {
@@ -511,7 +547,7 @@ impl RowStore for Database {
             .iter()
             .map(|(w, p)| BatchStatement {
                 table: &p.table,
-                key: &w.key,
+                key: &p.key,
                 op: match &w.op {
                     WriteOp::Put { raw, .. } => BatchOp::Put {
                         body: raw,

@@ -3,10 +3,12 @@
 //! identifiers; keys and values are always bound parameters.
 
 use super::error::db_error;
+use super::keys::KeyType;
 use crate::core::types::{BodyError, DbError};
 use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Row};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use wtc_config::Entity;
@@ -40,7 +42,7 @@ pub struct Table {
     writable: HashMap<String, usize>,
     key_column: String,
     version_column: String,
-    key_is_integer: bool,
+    key_type: KeyType,
     q_table: String,
     q_key: String,
     q_version: String,
@@ -92,6 +94,32 @@ impl Table {
             .get(&entity.key_column)
             .ok_or_else(|| missing(&entity.key_column))?
             .clone();
+        let schema = |m: String| {
+            DbError::Schema(format!(
+                "key column {:?} of table {:?}: {m}",
+                entity.key_column, entity.table
+            ))
+        };
+        let parsed = KeyType::of(&key_type).map_err(schema)?;
+        if matches!(parsed, KeyType::Text | KeyType::Bpchar) {
+            // A case- or accent-insensitive collation makes several spellings one row.
+            let deterministic: bool = sqlx::query_scalar(
+                "SELECT coalesce((SELECT c.collisdeterministic FROM pg_attribute a \
+                 JOIN pg_collation c ON c.oid = a.attcollation \
+                 WHERE a.attrelid = to_regclass($1) AND a.attname = $2), true)",
+            )
+            .bind(&regclass)
+            .bind(&entity.key_column)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| db_error(e, false))?;
+            if !deterministic {
+                return Err(schema(
+                    "its collation is not deterministic (several spellings would be one row)"
+                        .into(),
+                ));
+            }
+        }
         let version_type = types
             .get(&entity.version_column)
             .ok_or_else(|| missing(&entity.version_column))?;
@@ -169,7 +197,8 @@ impl Table {
             writable,
             key_column: entity.key_column.clone(),
             version_column: entity.version_column.clone(),
-            key_is_integer: matches!(key_type, "smallint" | "integer" | "bigint"),
+            // `load` refused the types without a canonical form.
+            key_type: KeyType::of(key_type).unwrap_or(KeyType::Text),
             q_table,
             q_key,
             q_version,
@@ -184,14 +213,22 @@ impl Table {
         }
     }
 
+    /// The canonical spelling of `key` (`keys`): the one every cache entry and lock is named by.
+    pub(super) fn canonical_key<'a>(&self, key: &'a str) -> Result<Cow<'a, str>, DbError> {
+        self.key_type
+            .canonical(key)
+            .map_err(|m| DbError::BadKey(format!("{m} (key column {:?})", self.key_column)))
+    }
+
+    /// Statements run with canonical keys only.
     pub(super) fn check_key(&self, key: &str) -> Result<(), DbError> {
-        if self.key_is_integer && key.parse::<i64>().is_err() {
-            return Err(DbError::BadKey(format!(
-                "key {key:?} is not an integer, and column {:?} holds integers",
-                self.key_column
-            )));
+        if self.canonical_key(key)? == key {
+            Ok(())
+        } else {
+            Err(DbError::BadKey(format!(
+                "key {key:?} is not in its canonical spelling"
+            )))
         }
-        Ok(())
     }
 
     /// Validates a write body: the columns it names, in table order. The key column may appear
@@ -205,9 +242,13 @@ impl Table {
         let mut columns = Vec::new();
         for (name, value) in body {
             if *name == self.key_column {
+                // The body's spelling of the key counts as the same key if it names the same row.
                 let same = match value {
-                    Value::String(s) => s == key,
-                    Value::Number(n) => n.to_string() == key,
+                    Value::String(s) => self.key_type.canonical(s).is_ok_and(|c| c == key),
+                    Value::Number(n) => self
+                        .key_type
+                        .canonical(&n.to_string())
+                        .is_ok_and(|c| c == key),
                     _ => false,
                 };
                 if !same {
@@ -494,6 +535,11 @@ mod tests {
         );
         assert!(t.check_key("x7").is_err());
         assert!(t.check_key("-7").is_ok());
+        assert!(
+            t.check_key("07").is_err(),
+            "statements take canonical keys only"
+        );
+        assert_eq!(t.canonical_key("+007").unwrap(), "7");
     }
 
     #[test]

@@ -324,11 +324,11 @@ async fn integer_keys_are_checked_before_the_database() {
         let r = sc.put("items", bad, json!({})).await;
         assert_eq!(r.status, 400, "{}", r.raw);
     }
-    // The body is checked before the key: an unknown column answers 422 whatever the key.
+    // The key comes first (it names everything else): a bad key is 400 whatever the body.
     let r = sc.put("items", "abc", json!({"nope": 1})).await;
     assert_eq!(
         (r.status, r.error_code()),
-        (422, "invalid_body"),
+        (400, "invalid_key"),
         "{}",
         r.raw
     );

@@ -6,6 +6,7 @@ mod auth;
 mod batch;
 mod faults;
 mod hostile_cache;
+mod keys;
 mod openapi;
 mod races;
 mod read_your_writes;

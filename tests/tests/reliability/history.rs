@@ -1,5 +1,5 @@
-//! Concurrent histories without faults: writers and readers on a few hot keys through two
-//! sidecars, keys evicted at random, checked by `wtc_tests::history`. The same run against the
+//! Concurrent histories without faults: writers and readers on a few hot keys, each spelled
+//! several ways, through two sidecars, keys evicted at random, checked by `wtc_tests::history`. The same run against the
 //! weakened build (CAS and fill leases off) must show stale reads: that is what proves the checker
 //! can fail.
 
@@ -10,10 +10,11 @@ use std::time::Duration;
 use wtc_tests::history::{self, History, Report, RunStats, Stop, Workload};
 use wtc_tests::*;
 
-/// Runs the workload on a fresh table through two sidecars started with `env`.
+/// Runs the workload on a fresh table with an integer key through two sidecars started with
+/// `env`; requests spell each key several ways (`7`, `07`, `+7`, `007`), all one row.
 async fn run(env: &[(&str, &str)], stop: Stop) -> (Report, RunStats) {
     let pool = pg().await;
-    let (table, audit) = history::audited_table(&pool, "hist").await;
+    let (table, audit) = history::audited_int_table(&pool, "hist").await;
     let redis = RedisServer::start().await;
     let mut sidecars = vec![];
     for _ in 0..2 {
@@ -23,7 +24,7 @@ async fn run(env: &[(&str, &str)], stop: Stop) -> (Report, RunStats) {
         }
         sidecars.push(Arc::new(f.start().await));
     }
-    let workload = Workload::new(3, stop);
+    let workload = Workload::new(3, stop).with_integer_spellings();
     for k in &workload.keys {
         assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
     }
