@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use wtc_sidecar::Sidecar;
 use wtc_sidecar::core::{
-    CacheKey, CacheStatus, CacheStore, Cached, EntityId, ReadOutcome, WriteOutcome,
+    CacheKey, CacheStatus, CacheStore, Cached, Condition, EntityId, ReadOutcome, WriteOutcome,
 };
 
 /// What a request does.
@@ -114,7 +114,7 @@ pub async fn exec(client: &mut Client, plan: &Plan, i: u64) -> bool {
                     return false;
                 };
                 matches!(
-                    sc.put(plan.idx, &key, map, raw, None).await,
+                    sc.put(plan.idx, &key, map, raw, Condition::Always).await,
                     Ok(WriteOutcome::Committed { status, .. }) if status == want
                 )
             }

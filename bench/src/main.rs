@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use wtc_config::{Overrides, SidecarConfig};
 use wtc_sidecar::Sidecar;
-use wtc_sidecar::core::{Batch, CacheStatus, EntityId, Write, WriteOp};
+use wtc_sidecar::core::{Batch, CacheStatus, Condition, EntityId, Write, WriteOp};
 
 /// When set, this binary is the sidecar: `--sidecar embedded` runs the sidecar's own entry point
 /// in a child process of this binary (used by the test, which has no release build at hand).
@@ -1071,7 +1071,7 @@ impl Bench {
                         entity: EntityId::new(0),
                         key: k.clone(),
                         op: WriteOp::Put { body, raw },
-                        if_match: None,
+                        condition: Condition::Always,
                     });
                 }
                 let batch = Batch {

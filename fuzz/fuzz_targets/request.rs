@@ -298,6 +298,9 @@ fn check_model(
         assert_eq!(got, (404, Some("no_route")), "{}", ctx());
         return;
     };
+    // Entity names are percent-decoded, as keys are.
+    let decoded = percent_encoding::percent_decode_str(entity).decode_utf8();
+    let entity = decoded.as_deref().unwrap_or(entity);
     if !ENTITIES.contains(&entity) {
         assert_eq!(got, (404, Some("unknown_entity")), "{}", ctx());
         return;
@@ -337,7 +340,7 @@ fn check_model(
         Method::PUT => check_body_model(p, got, &ctx),
         _ => {
             assert_eq!(got, method_not_allowed, "{}", ctx());
-            assert_eq!(headers.get(header::ALLOW).unwrap(), "GET, PUT, DELETE");
+            assert_eq!(headers.get(header::ALLOW).unwrap(), "GET, HEAD, PUT, DELETE");
         }
     }
 }

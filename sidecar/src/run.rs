@@ -61,6 +61,30 @@ struct Args {
     /// The API listens on loopback only, out of the kubelet's reach.
     #[arg(long, value_name = "URL")]
     probe: Option<String>,
+    /// Log lines as text (colours only on a terminal) or as JSON objects, one per line, for log
+    /// pipelines. RUST_LOG sets the level either way.
+    #[arg(long, env = "WTC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG` (default `info`).
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 /// The stores and metrics of a configuration (nothing connects yet).
@@ -95,13 +119,6 @@ pub fn main_with<C: CacheStore>(
     wrap: impl FnOnce(RedisStore, &SidecarConfig) -> C,
     extension: Option<Arc<dyn Extension>>,
 ) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -113,6 +130,7 @@ pub fn main_with<C: CacheStore>(
             };
         }
     };
+    init_logs(args.log_format);
     if let Some(url) = &args.probe {
         return match probe(url) {
             Ok(()) => ExitCode::SUCCESS,
@@ -268,7 +286,13 @@ mod tests {
             "read: {} bytes",
             size_of_val(&read)
         );
-        let put = sc.put(accounts, "k", serde_json::Map::new(), "{}".into(), None);
+        let put = sc.put(
+            accounts,
+            "k",
+            serde_json::Map::new(),
+            "{}".into(),
+            crate::core::Condition::Always,
+        );
         assert!(
             size_of_val(&put) <= 4096,
             "put: {} bytes",
@@ -283,5 +307,8 @@ mod tests {
         let a = Args::try_parse_from(["wtc-sidecar", "--probe", "http://127.0.0.1:1/healthz"]);
         assert!(a.unwrap().probe.is_some());
         assert!(Args::try_parse_from(["wtc-sidecar", "--bogus"]).is_err());
+        let a = Args::try_parse_from(["wtc-sidecar", "--log-format", "json"]).unwrap();
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert!(Args::try_parse_from(["wtc-sidecar", "--log-format", "xml"]).is_err());
     }
 }

@@ -381,10 +381,14 @@ impl RowStore for MemoryRows {
         let mut rows = self.rows.lock().unwrap();
         for (index, (w, key)) in writes.iter().enumerate() {
             let current = rows.get(&(w.entity, key.to_string())).map(|(v, _)| *v);
-            if let Some(expected) = w.if_match
-                && current != Some(expected)
-            {
-                return Err(CommitFailure::Precondition { index, current });
+            match (w.condition, current) {
+                (Condition::Matches(v), c) if c != Some(v) => {
+                    return Err(CommitFailure::Precondition { index, current });
+                }
+                (Condition::Absent, Some(_)) => {
+                    return Err(CommitFailure::Precondition { index, current });
+                }
+                _ => {}
             }
             if matches!(w.op, WriteOp::Delete) && current.is_none() {
                 return Err(CommitFailure::NotFound { index });
@@ -452,7 +456,7 @@ const A: EntityId = EntityId::new(0);
 async fn put(p: &Mem, key: &str, n: i64) -> (Version, CacheStatus) {
     let raw = format!("{{\"n\":{n}}}");
     let body = serde_json::from_str(&raw).unwrap();
-    match p.put(A, key, body, raw, None).await.unwrap() {
+    match p.put(A, key, body, raw, Condition::Always).await.unwrap() {
         WriteOutcome::Committed {
             envelope, status, ..
         } => (envelope.version, status),
@@ -666,7 +670,7 @@ async fn a_refused_batch_commits_nothing_and_gives_its_intents_back() {
             body: serde_json::Map::new(),
             raw: "{}".into(),
         },
-        if_match,
+        condition: if_match.map_or(Condition::Always, Condition::Matches),
     };
     let batch = Batch {
         writes: vec![
@@ -790,7 +794,7 @@ async fn every_spelling_of_a_key_names_one_cache_entry() {
         entity: A,
         key: key.into(),
         op: WriteOp::Delete,
-        if_match: None,
+        condition: Condition::Always,
     };
     let batch = Batch {
         writes: vec![write("7"), write("007")],

@@ -90,13 +90,24 @@ impl ReadOutcome {
     }
 }
 
-/// One write: a put of column values or a delete, optionally conditional on the row's version.
+/// One write: a put of column values or a delete, optionally conditional on the row.
 #[derive(Debug, Clone)]
 pub struct Write {
     pub entity: EntityId,
     pub key: String,
     pub op: WriteOp,
-    pub if_match: Option<Version>,
+    pub condition: Condition,
+}
+
+/// What must hold of the row for a write to happen (else: precondition failed, nothing written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Condition {
+    #[default]
+    Always,
+    /// `If-Match: "N"`: the row is at version N.
+    Matches(Version),
+    /// `If-None-Match: *`: there is no row (a put that only creates; a delete never deletes).
+    Absent,
 }
 
 #[derive(Debug, Clone)]
@@ -212,4 +223,10 @@ pub enum BodyError {
     VersionColumn(String),
     #[error("column {0:?} is the key and differs from the key in the URL")]
     KeyMismatch(String),
+    #[error("column {column:?} takes {expected}, not {got}")]
+    WrongType {
+        column: String,
+        expected: &'static str,
+        got: &'static str,
+    },
 }

@@ -18,7 +18,7 @@ use super::ports::{
 };
 use super::protocol::Protocol;
 use super::types::{
-    Batch, BatchError, BatchOutcome, CacheStatus, DbError, EntityId, Version, Write, WriteError,
+    Batch, BatchError, BatchOutcome, CacheStatus, Condition, DbError, EntityId, Write, WriteError,
     WriteOp, WriteOutcome,
 };
 use serde_json::{Map, Value};
@@ -41,10 +41,10 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         key: &str,
         body: Map<String, Value>,
         raw: String,
-        if_match: Option<Version>,
+        condition: Condition,
     ) -> Result<WriteOutcome, WriteError> {
         let op = WriteOp::Put { body, raw };
-        self.write_one(entity, key, op, if_match).await
+        self.write_one(entity, key, op, condition).await
     }
 
     /// Deletes the row and leaves a tombstone with a fresh version in the cache.
@@ -52,9 +52,10 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         &self,
         entity: EntityId,
         key: &str,
-        if_match: Option<Version>,
+        condition: Condition,
     ) -> Result<WriteOutcome, WriteError> {
-        self.write_one(entity, key, WriteOp::Delete, if_match).await
+        self.write_one(entity, key, WriteOp::Delete, condition)
+            .await
     }
 
     async fn write_one(
@@ -62,14 +63,14 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         entity: EntityId,
         key: &str,
         op: WriteOp,
-        if_match: Option<Version>,
+        condition: Condition,
     ) -> Result<WriteOutcome, WriteError> {
         let batch = Batch {
             writes: vec![Write {
                 entity,
                 key: key.to_string(),
                 op,
-                if_match,
+                condition,
             }],
             invalidate: vec![],
         };

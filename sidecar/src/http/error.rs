@@ -20,6 +20,7 @@ pub enum Code {
     Overloaded,
     InvalidKey,
     InvalidIfMatch,
+    InvalidIfNoneMatch,
     InvalidMinVersion,
     InvalidBody,
     InvalidOp,
@@ -96,7 +97,7 @@ impl ApiError {
 
     pub fn method_not_allowed(method: &warp::http::Method, allow: &'static str) -> Self {
         let message = match allow {
-            "GET" => "use GET".to_string(),
+            "GET, HEAD" => "use GET or HEAD".to_string(),
             "POST" => format!("{method} is not supported here; use POST"),
             _ => format!("{method} is not supported here; use GET, PUT or DELETE"),
         };

@@ -201,12 +201,12 @@ where
             key,
             body,
             raw,
-            if_match,
+            condition,
         } => {
             let p = Arc::clone(p);
             let task = app.writes_in_flight.spawn(async move {
                 let _slot = slot;
-                p.put(entity, &key, body, raw, if_match).await
+                p.put(entity, &key, body, raw, condition).await
             });
             let out = task
                 .await
@@ -216,12 +216,12 @@ where
         Command::Delete {
             entity,
             key,
-            if_match,
+            condition,
         } => {
             let p = Arc::clone(p);
             let task = app.writes_in_flight.spawn(async move {
                 let _slot = slot;
-                p.delete(entity, &key, if_match).await
+                p.delete(entity, &key, condition).await
             });
             let out = task
                 .await

@@ -3,7 +3,7 @@
 //! touches the protocol.
 
 use super::error::{ApiError, Code};
-use crate::core::types::{Batch, EntityId, Version, Write, WriteOp};
+use crate::core::types::{Batch, Condition, EntityId, Version, Write, WriteOp};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use percent_encoding::percent_decode_str;
@@ -31,7 +31,7 @@ pub enum Route {
         entity: EntityId,
         key: String,
         method: KeyMethod,
-        if_match: Option<Version>,
+        condition: Condition,
         min_version: Option<Version>,
     },
 }
@@ -56,12 +56,12 @@ pub enum Command {
         key: String,
         body: Map<String, Value>,
         raw: String,
-        if_match: Option<Version>,
+        condition: Condition,
     },
     Delete {
         entity: EntityId,
         key: String,
-        if_match: Option<Version>,
+        condition: Condition,
     },
     BulkRead {
         entity: EntityId,
@@ -82,7 +82,7 @@ pub fn health_route(method: &Method, path: &str) -> Option<Result<Route, ApiErro
     if method == Method::GET || method == Method::HEAD {
         Some(Ok(route))
     } else {
-        Some(Err(ApiError::method_not_allowed(method, "GET")))
+        Some(Err(ApiError::method_not_allowed(method, "GET, HEAD")))
     }
 }
 
@@ -114,6 +114,9 @@ pub fn route(
             "expected /v1/entities/{entity}/{key}",
         ));
     };
+    // Entity names are percent-decoded like keys (`%61ccounts` is `accounts`).
+    let decoded = percent_decode_str(name).decode_utf8();
+    let name = decoded.as_deref().unwrap_or(name);
     let Some(id) = entity(name) else {
         return Err(unknown_entity(name));
     };
@@ -128,13 +131,40 @@ pub fn route(
         Method::GET | Method::HEAD => KeyMethod::Get,
         Method::PUT => KeyMethod::Put,
         Method::DELETE => KeyMethod::Delete,
-        _ => return Err(ApiError::method_not_allowed(method, "GET, PUT, DELETE")),
+        _ => {
+            return Err(ApiError::method_not_allowed(
+                method,
+                "GET, HEAD, PUT, DELETE",
+            ));
+        }
+    };
+    // `If-None-Match: *` makes a PUT create-only; on a read it is left to caches in between.
+    let absent = match method {
+        KeyMethod::Get => false,
+        _ => if_none_match(headers)?,
+    };
+    let condition = match (if_match, absent) {
+        (Some(_), true) => {
+            return Err(ApiError::bad_request(
+                Code::InvalidIfNoneMatch,
+                "give If-Match or If-None-Match, not both",
+            ));
+        }
+        (_, true) if method == KeyMethod::Delete => {
+            return Err(ApiError::bad_request(
+                Code::InvalidIfNoneMatch,
+                "If-None-Match: * is for PUT (create only); a DELETE takes If-Match",
+            ));
+        }
+        (_, true) => Condition::Absent,
+        (Some(v), false) => Condition::Matches(v),
+        (None, false) => Condition::Always,
     };
     Ok(Route::Key {
         entity: id,
         key,
         method,
-        if_match,
+        condition,
         min_version,
     })
 }
@@ -177,7 +207,7 @@ pub fn command(
             entity,
             key,
             method,
-            if_match,
+            condition,
             min_version,
         } => Ok(match method {
             KeyMethod::Get => Command::Read {
@@ -192,13 +222,13 @@ pub fn command(
                     key,
                     body,
                     raw,
-                    if_match,
+                    condition,
                 }
             }
             KeyMethod::Delete => Command::Delete {
                 entity,
                 key,
-                if_match,
+                condition,
             },
         }),
         Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => {
@@ -235,28 +265,49 @@ pub fn parse_key(raw: &str, max_bytes: usize) -> Result<String, String> {
     Ok(key.into_owned())
 }
 
-/// One version as an ETag: `"N"`, `N` or `W/"N"` (the header's and the batch field's form).
+/// One version as an ETag: `"N"` or `N`.
 fn parse_version(text: &str) -> Option<Version> {
-    let s = text.strip_prefix("W/").unwrap_or(text);
-    let s = s
+    let s = text
         .strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
-        .unwrap_or(s);
+        .unwrap_or(text);
     s.parse::<i64>().ok().filter(|v| *v >= 0).map(Version::new)
 }
 
-/// `If-Match: "N"` (also `N` and `W/"N"`).
+/// `If-Match: "N"` (also `N`). A weak tag (`W/"N"`) is refused: RFC 9110 compares If-Match
+/// strongly, so a weak tag never matches, and taking it as a match would be a lost update.
 pub fn if_match(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
-    version_header(headers, header::IF_MATCH.as_str(), "If-Match")
+    version_header(headers, header::IF_MATCH.as_str(), "If-Match", false)
         .map_err(|msg| ApiError::bad_request(Code::InvalidIfMatch, msg))
 }
 
+/// `If-None-Match: *` (the only form a write takes): true when given.
+pub fn if_none_match(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let mut values = headers.get_all(header::IF_NONE_MATCH).iter();
+    let Some(v) = values.next() else {
+        return Ok(false);
+    };
+    if values.next().is_none() && v.as_bytes().trim_ascii() == b"*" {
+        return Ok(true);
+    }
+    Err(ApiError::bad_request(
+        Code::InvalidIfNoneMatch,
+        "a write takes only If-None-Match: * (create the row only if there is none)",
+    ))
+}
+
+/// `X-Wtc-Min-Version: "N"` (also `N` and `W/"N"`: any ETag the client got).
 pub fn min_version(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
-    version_header(headers, MIN_VERSION_HEADER, "X-Wtc-Min-Version")
+    version_header(headers, MIN_VERSION_HEADER, "X-Wtc-Min-Version", true)
         .map_err(|msg| ApiError::bad_request(Code::InvalidMinVersion, msg))
 }
 
-fn version_header(headers: &HeaderMap, name: &str, label: &str) -> Result<Option<Version>, String> {
+fn version_header(
+    headers: &HeaderMap,
+    name: &str,
+    label: &str,
+    weak_ok: bool,
+) -> Result<Option<Version>, String> {
     let mut values = headers.get_all(name).iter();
     let Some(v) = values.next() else {
         return Ok(None);
@@ -264,8 +315,20 @@ fn version_header(headers: &HeaderMap, name: &str, label: &str) -> Result<Option
     if values.next().is_some() {
         return Err(format!("give one {label} header with one version"));
     }
-    let s = v.to_str().map_err(|_| format!("{label} is not ASCII"))?;
-    parse_version(s.trim()).map(Some).ok_or_else(|| {
+    let s = v
+        .to_str()
+        .map_err(|_| format!("{label} is not ASCII"))?
+        .trim();
+    let s = match s.strip_prefix("W/") {
+        Some(strong) if weak_ok => strong,
+        Some(_) => {
+            return Err(format!(
+                "{label} takes a strong ETag such as \"12\": a weak one (W/...) never matches"
+            ));
+        }
+        None => s,
+    };
+    parse_version(s).map(Some).ok_or_else(|| {
         format!(
             "{label} must be a version such as \"12\", not {:?}",
             unquoted(s)
@@ -447,7 +510,7 @@ fn parse_batch_write(
 ) -> Result<Write, ApiError> {
     let Value::Object(mut m) = item else {
         return Err(ApiError::invalid_body(
-            "a write must be an object {entity, key, op, data, if_match}",
+            "a write must be an object {entity, key, op, data, if_match, if_none_match}",
         ));
     };
     let (id, key) = entity_and_key(&mut m, limits, entity)?;
@@ -463,6 +526,16 @@ fn parse_batch_write(
             None => return Err(bad_if_match(format!("if_match {s:?} is not a version"))),
         },
         Some(_) => return Err(bad_if_match("if_match must be a version".into())),
+    };
+    let absent = match m.remove("if_none_match") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "*" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                Code::InvalidIfNoneMatch,
+                "if_none_match takes only \"*\" (create only)",
+            ));
+        }
     };
     let op = match (m.remove("op"), m.remove("data")) {
         (Some(Value::String(op)), Some(Value::Object(body))) if op == "put" => {
@@ -488,11 +561,28 @@ fn parse_batch_write(
     if let Some(k) = m.keys().next() {
         return Err(ApiError::invalid_body(format!("unknown field {k:?}")));
     }
+    let condition = match (if_match, absent, &op) {
+        (Some(_), true, _) => {
+            return Err(ApiError::bad_request(
+                Code::InvalidIfNoneMatch,
+                "give if_match or if_none_match, not both",
+            ));
+        }
+        (None, true, WriteOp::Delete) => {
+            return Err(ApiError::bad_request(
+                Code::InvalidIfNoneMatch,
+                "if_none_match is for puts (create only)",
+            ));
+        }
+        (None, true, _) => Condition::Absent,
+        (Some(v), false, _) => Condition::Matches(v),
+        (None, false, _) => Condition::Always,
+    };
     Ok(Write {
         entity: id,
         key,
         op,
-        if_match,
+        condition,
     })
 }
 
@@ -540,11 +630,11 @@ mod tests {
     fn if_match_forms() {
         let mut h = HeaderMap::new();
         assert_eq!(if_match(&h).unwrap(), None);
-        for (v, want) in [("\"12\"", 12), ("12", 12), ("W/\"7\"", 7)] {
+        for (v, want) in [("\"12\"", 12), ("12", 12), (" \"7\" ", 7)] {
             h.insert(header::IF_MATCH, v.parse().unwrap());
             assert_eq!(if_match(&h).unwrap(), Some(Version::new(want)));
         }
-        for bad in ["*", "\"x\"", "-1", "\"1\", \"2\""] {
+        for bad in ["*", "\"x\"", "-1", "\"1\", \"2\"", "W/\"7\""] {
             h.insert(header::IF_MATCH, bad.parse().unwrap());
             assert!(if_match(&h).is_err(), "{bad} accepted");
         }
@@ -579,7 +669,7 @@ mod tests {
                 entity: EntityId::new(0),
                 key: "a b".into(),
                 method: KeyMethod::Put,
-                if_match: None,
+                condition: Condition::Always,
                 min_version: None,
             }
         );
@@ -598,7 +688,15 @@ mod tests {
         let e = route(&Method::PATCH, "/v1/entities/accounts/a", &h, &l, accounts).unwrap_err();
         let r = e.into_response();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(r.headers()[header::ALLOW], "GET, PUT, DELETE");
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD, PUT, DELETE");
+        let r = route(&Method::GET, "/v1/entities/%61ccounts/a", &h, &l, accounts).unwrap();
+        assert!(matches!(
+            r,
+            Route::Key {
+                method: KeyMethod::Get,
+                ..
+            }
+        ));
         let e = route(&Method::GET, "/v1/batch", &h, &l, accounts).unwrap_err();
         assert_eq!(e.into_response().headers()[header::ALLOW], "POST");
     }
@@ -607,7 +705,7 @@ mod tests {
     fn batches_are_parsed_into_writes_or_refused_per_item() {
         let l = limits();
         let b = parse_batch(
-            br#"{"writes":[{"entity":"accounts","key":7,"op":"put","data":{"n":1},"if_match":"W/\"3\""},
+            br#"{"writes":[{"entity":"accounts","key":7,"op":"put","data":{"n":1},"if_match":"\"3\""},
                 {"entity":"accounts","key":"x","op":"delete"}]}"#,
             &l,
             accounts,
@@ -615,7 +713,7 @@ mod tests {
         .unwrap();
         assert_eq!(b.writes.len(), 2);
         assert_eq!(b.writes[0].key, "7");
-        assert_eq!(b.writes[0].if_match, Some(Version::new(3)));
+        assert_eq!(b.writes[0].condition, Condition::Matches(Version::new(3)));
         assert!(matches!(b.writes[1].op, WriteOp::Delete));
         let cases: [(&[u8], &str); 5] = [
             (

@@ -10,10 +10,11 @@
 mod error;
 mod keys;
 mod table;
+mod values;
 
 use crate::core::envelope::Envelope;
 use crate::core::ports::{CommitFailure, KeyForm, PrepareError, RowStore};
-use crate::core::types::{Committed, DbError, EntityId, Version, Write, WriteOp};
+use crate::core::types::{Committed, Condition, DbError, EntityId, Version, Write, WriteOp};
 use error::db_error;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
@@ -40,7 +41,70 @@ struct BatchStatement<'a> {
     table: &'a Table,
     key: &'a str,
     op: BatchOp<'a>,
-    if_match: Option<Version>,
+    condition: Condition,
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl<'a> BatchStatement<'a> {
+    /// The statement of this write, and whether its errors are about the key alone. `None`: no
+    /// statement to run (a delete on condition that there is no row never deletes).
+    fn statement(&self, lock: i64) -> Option<(Query<'a>, bool)> {
+        let t = self.table;
+        Some(match (&self.op, self.condition) {
+            (BatchOp::Put { body, columns }, condition) => {
+                let (sql, version) = match condition {
+                    Condition::Always => (t.upsert_sql(columns), None),
+                    Condition::Matches(v) => (t.update_sql(columns), Some(v)),
+                    Condition::Absent => (t.insert_sql(columns), None),
+                };
+                let q = sqlx::query(AssertSqlSafe(sql))
+                    .bind(*body)
+                    .bind(self.key)
+                    .bind(lock);
+                match version {
+                    Some(v) => (q.bind(v.get()), false),
+                    None => (q, false),
+                }
+            }
+            (BatchOp::Delete, Condition::Always) => (
+                sqlx::query(AssertSqlSafe(t.delete_sql.clone()))
+                    .bind(self.key)
+                    .bind(lock),
+                true,
+            ),
+            (BatchOp::Delete, Condition::Matches(v)) => (
+                sqlx::query(AssertSqlSafe(t.delete_if_match_sql.clone()))
+                    .bind(self.key)
+                    .bind(lock)
+                    .bind(v.get()),
+                true,
+            ),
+            (BatchOp::Delete, Condition::Absent) => return None,
+        })
+    }
+
+    /// What the statement's row means: the committed write, or `None` when nothing was written.
+    fn committed(&self, row: Option<&PgRow>) -> Result<Option<Committed>, DbError> {
+        match (row, &self.op) {
+            (Some(r), BatchOp::Put { .. }) => put_committed(r).map(Some),
+            (Some(r), BatchOp::Delete) => Ok(Some(Committed {
+                envelope: tombstone(r)?,
+                created: false,
+            })),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Why nothing was written, given the row's `current` version.
+    fn not_committed(&self, index: usize, current: Option<Version>) -> CommitFailure {
+        match (&self.op, self.condition, current) {
+            (BatchOp::Delete, Condition::Always | Condition::Absent, None) => {
+                CommitFailure::NotFound { index }
+            }
+            _ => CommitFailure::Precondition { index, current },
+        }
+    }
 }
 
 enum BatchOp<'a> {
@@ -50,13 +114,6 @@ enum BatchOp<'a> {
         columns: Vec<&'a str>,
     },
     Delete,
-}
-
-/// Outcome of a conditional statement that matched no row.
-#[derive(Debug, Clone, PartialEq)]
-enum Precondition {
-    /// The row exists at another version (or does not exist: `None`).
-    Failed { current: Option<Version> },
 }
 
 /// Where a batch's transaction failed: only a failure at COMMIT may have committed.
@@ -148,99 +205,32 @@ impl Database {
         self.within(q.fetch_optional(&self.pool), key_only).await
     }
 
-    /// Upserts the fields of `body` (an object whose columns `check_body` accepted).
-    /// `if_match`: only update the row when it is at that version.
-    async fn upsert(
-        &self,
-        table: &Table,
-        key: &str,
-        body: &str,
-        columns: &[&str],
-        if_match: Option<Version>,
-    ) -> Result<Result<Committed, Precondition>, DbError> {
-        table.check_key(key)?;
-        let lock = lock_key(&table.name, key);
-        let row = match if_match {
-            None => {
-                let sql = table.upsert_sql(columns);
-                let q = sqlx::query(AssertSqlSafe(sql))
-                    .bind(body)
-                    .bind(key)
-                    .bind(lock);
-                self.fetch_optional(q, false).await?
-            }
-            Some(expected) => {
-                let sql = table.update_sql(columns);
-                let q = sqlx::query(AssertSqlSafe(sql))
-                    .bind(body)
-                    .bind(key)
-                    .bind(lock)
-                    .bind(expected.get());
-                self.fetch_optional(q, false).await?
-            }
-        };
-        match row {
-            Some(r) => Ok(Ok(put_committed(&r)?)),
-            None => Ok(Err(Precondition::Failed {
-                current: self.current_version(table, key).await?,
-            })),
-        }
-    }
-
-    /// Deletes the row; the returned tombstone carries a fresh version from the sequence.
-    /// `Ok(None)` when there was no row (and no precondition was given).
-    async fn delete(
-        &self,
-        table: &Table,
-        key: &str,
-        if_match: Option<Version>,
-    ) -> Result<Result<Option<Envelope>, Precondition>, DbError> {
-        table.check_key(key)?;
-        let lock = lock_key(&table.name, key);
-        let q = match if_match {
-            None => sqlx::query(AssertSqlSafe(table.delete_sql.clone()))
-                .bind(key)
-                .bind(lock),
-            Some(v) => sqlx::query(AssertSqlSafe(table.delete_if_match_sql.clone()))
-                .bind(key)
-                .bind(lock)
-                .bind(v.get()),
-        };
-        match self.fetch_optional(q, true).await? {
-            Some(r) => Ok(Ok(Some(tombstone(&r)?))),
-            None if if_match.is_some() => Ok(Err(Precondition::Failed {
-                current: self.current_version(table, key).await?,
-            })),
-            None => Ok(Ok(None)),
-        }
-    }
-
     /// One write, one statement, no transaction around it: any failure of the statement may be
     /// a commit whose answer was lost (outcome unknown).
     async fn commit_one(&self, s: &BatchStatement<'_>) -> Result<Committed, CommitFailure> {
-        let unknown = |error: DbError| CommitFailure::Db {
+        let failed = |error: DbError| CommitFailure::Db {
             index: Some(0),
             maybe_committed: error.outcome_unknown(),
             error,
         };
-        let precondition =
-            |Precondition::Failed { current }| CommitFailure::Precondition { index: 0, current };
-        match &s.op {
-            BatchOp::Put { body, columns } => {
-                let r = Box::pin(self.upsert(s.table, s.key, body, columns, s.if_match)).await;
-                r.map_err(unknown)?.map_err(precondition)
-            }
-            BatchOp::Delete => {
-                let r = Box::pin(self.delete(s.table, s.key, s.if_match)).await;
-                match r.map_err(unknown)?.map_err(precondition)? {
-                    Some(envelope) => Ok(Committed {
-                        envelope,
-                        created: false,
-                    }),
-                    None => Err(CommitFailure::NotFound { index: 0 }),
-                }
-            }
+        s.table.check_key(s.key).map_err(failed)?;
+        let lock = lock_key(&s.table.name, s.key);
+        let row = match s.statement(lock) {
+            Some((q, key_only)) => self.fetch_optional(q, key_only).await.map_err(failed)?,
+            None => None,
+        };
+        if let Some(committed) = s.committed(row.as_ref()).map_err(failed)? {
+            return Ok(committed);
         }
+        let q = sqlx::query(AssertSqlSafe(s.table.version_sql.clone())).bind(s.key);
+        let current = self
+            .fetch_optional(q, true)
+            .await
+            .map_err(failed)?
+            .map(|r| version(&r))
+            .transpose()
+            .map_err(failed)?;
+        Err(s.not_committed(0, current))
     }
 
     /// Runs the writes of a batch in one transaction: all commit or none does. The statements run
@@ -325,57 +315,26 @@ impl Database {
             next += 1;
             let s = &items[i];
             s.table.check_key(s.key).map_err(|e| failed(Some(i), e))?;
-            let (q, key_only) = match &s.op {
-                BatchOp::Put { body, columns } => {
-                    let q = match s.if_match {
-                        None => sqlx::query(AssertSqlSafe(s.table.upsert_sql(columns)))
-                            .bind(*body)
-                            .bind(s.key)
-                            .bind(lock),
-                        Some(v) => sqlx::query(AssertSqlSafe(s.table.update_sql(columns)))
-                            .bind(*body)
-                            .bind(s.key)
-                            .bind(lock)
-                            .bind(v.get()),
-                    };
-                    (q, false)
-                }
-                BatchOp::Delete => {
-                    let q = match s.if_match {
-                        None => sqlx::query(AssertSqlSafe(s.table.delete_sql.clone()))
-                            .bind(s.key)
-                            .bind(lock),
-                        Some(v) => sqlx::query(AssertSqlSafe(s.table.delete_if_match_sql.clone()))
-                            .bind(s.key)
-                            .bind(lock)
-                            .bind(v.get()),
-                    };
-                    (q, true)
-                }
+            let row = match s.statement(lock) {
+                Some((q, key_only)) => self
+                    .within(q.fetch_optional(&mut *tx), key_only)
+                    .await
+                    .map_err(|e| failed(Some(i), e))?,
+                None => None,
             };
-            let row = self
-                .within(q.fetch_optional(&mut *tx), key_only)
-                .await
-                .map_err(|e| failed(Some(i), e))?;
-            let committed = match (row, &s.op) {
-                (Some(r), BatchOp::Put { .. }) => {
-                    put_committed(&r).map_err(|e| failed(Some(i), e))?
-                }
-                (Some(r), BatchOp::Delete) => Committed {
-                    envelope: tombstone(&r).map_err(|e| failed(Some(i), e))?,
-                    created: false,
-                },
-                (None, _) if s.if_match.is_some() => {
+            let committed = match s.committed(row.as_ref()).map_err(|e| failed(Some(i), e))? {
+                Some(c) => c,
+                None => {
                     let q = sqlx::query(AssertSqlSafe(s.table.version_sql.clone())).bind(s.key);
                     let current = self
                         .within(q.fetch_optional(&mut *tx), true)
                         .await
                         .map_err(|e| failed(Some(i), e))?
-                        .and_then(|r| r.try_get::<i64, _>(0).ok())
-                        .map(Version::new);
-                    return Err(CommitFailure::Precondition { index: i, current });
+                        .map(|r| version(&r))
+                        .transpose()
+                        .map_err(|e| failed(Some(i), e))?;
+                    return Err(s.not_committed(i, current));
                 }
-                (None, _) => return Err(CommitFailure::NotFound { index: i }),
             };
             out[i] = Some(committed);
         }
@@ -384,17 +343,6 @@ impl Database {
             .map(|c| c.ok_or_else(|| failed(None, DbError::Internal)))
             .collect::<Result<_, _>>()?;
         Ok((tx, out))
-    }
-
-    async fn current_version(&self, table: &Table, key: &str) -> Result<Option<Version>, DbError> {
-        let q = sqlx::query(AssertSqlSafe(table.version_sql.clone())).bind(key);
-        let row = self.fetch_optional(q, true).await?;
-        row.map(|r| {
-            r.try_get::<i64, _>("v")
-                .map(Version::new)
-                .map_err(|_| DbError::Internal)
-        })
-        .transpose()
     }
 
     /// One set statement for a run of plain puts (`plain_put_run`); returns each row's position
@@ -555,7 +503,7 @@ impl RowStore for Database {
                     },
                     WriteOp::Delete => BatchOp::Delete,
                 },
-                if_match: w.if_match,
+                condition: w.condition,
             })
             .collect();
         match &items[..] {
@@ -591,6 +539,13 @@ fn put_committed(r: &PgRow) -> Result<Committed, DbError> {
     })
 }
 
+/// A version as the statements return it (`v`).
+fn version(r: &PgRow) -> Result<Version, DbError> {
+    r.try_get::<i64, _>("v")
+        .map(Version::new)
+        .map_err(|_| DbError::Internal)
+}
+
 /// What a delete returned: the tombstone's version `v` and its time `a`.
 fn tombstone(r: &PgRow) -> Result<Envelope, DbError> {
     let version: i64 = r.try_get("v").map_err(|_| DbError::Internal)?;
@@ -602,7 +557,7 @@ fn tombstone(r: &PgRow) -> Result<Envelope, DbError> {
 /// columns (at least 1 when `order` is not empty: the first counts itself).
 fn plain_put_run(items: &[BatchStatement<'_>], order: &[(i64, usize)]) -> usize {
     let plain = |i: usize| match &items[i].op {
-        BatchOp::Put { columns, .. } if items[i].if_match.is_none() => Some(columns),
+        BatchOp::Put { columns, .. } if items[i].condition == Condition::Always => Some(columns),
         _ => None,
     };
     let Some(&(_, first)) = order.first() else {

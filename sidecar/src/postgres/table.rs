@@ -4,6 +4,7 @@
 
 use super::error::db_error;
 use super::keys::KeyType;
+use super::values::{ValueKind, json_type};
 use crate::core::types::{BodyError, DbError};
 use serde_json::{Map, Value};
 use sqlx::postgres::PgPool;
@@ -38,8 +39,8 @@ pub fn quote_literal(s: &str) -> String {
 #[derive(Debug)]
 pub struct Table {
     pub name: String,
-    /// Column name -> position, for the columns a body may set.
-    writable: HashMap<String, usize>,
+    /// Column name -> position and the JSON it takes, for the columns a body may set.
+    writable: HashMap<String, (usize, ValueKind)>,
     key_column: String,
     version_column: String,
     key_type: KeyType,
@@ -147,7 +148,7 @@ impl Table {
 
         let sequence = sequence_name(&entity.table, &entity.version_column);
         ensure_sequence(pool, &entity.table, &entity.version_column, &sequence).await?;
-        Ok(Table::new(entity, &key_type, &attnums, &sequence))
+        Ok(Table::new(entity, &key_type, &attnums, &types, &sequence))
     }
 
     /// The table and its statements, from what the catalog said (pure: unit-tested below).
@@ -155,6 +156,7 @@ impl Table {
         entity: &Entity,
         key_type: &str,
         attnums: &HashMap<String, i32>,
+        types: &HashMap<String, String>,
         sequence: &str,
     ) -> Table {
         let q_table = quote_ident(&entity.table);
@@ -190,7 +192,10 @@ impl Table {
         let writable = attnums
             .iter()
             .filter(|(name, _)| **name != entity.version_column)
-            .map(|(name, n)| (name.clone(), *n as usize))
+            .map(|(name, n)| {
+                let kind = types.get(name).map_or(ValueKind::Any, |t| ValueKind::of(t));
+                (name.clone(), (*n as usize, kind))
+            })
             .collect();
         Table {
             name: entity.table.clone(),
@@ -257,7 +262,14 @@ impl Table {
                 continue;
             }
             match self.writable.get(name) {
-                Some(pos) => columns.push((*pos, name.as_str())),
+                Some((_, kind)) if !kind.accepts(value) => {
+                    return Err(BodyError::WrongType {
+                        column: name.clone(),
+                        expected: kind.expected(),
+                        got: json_type(value),
+                    });
+                }
+                Some((pos, _)) => columns.push((*pos, name.as_str())),
                 None if *name == self.version_column => {
                     return Err(BodyError::VersionColumn(name.clone()));
                 }
@@ -310,6 +322,22 @@ impl Table {
              SELECT {values}{key}, {next} FROM l, jsonb_populate_record(NULL::{q_table}, $1::jsonb) AS r \
              ON CONFLICT ({q_key}) DO UPDATE SET {sets}{q_version} = EXCLUDED.{q_version} \
              RETURNING {ret}, (t.xmax = 0) AS created",
+            key = self.key_cast.replace("$KEY", "$2"),
+            next = self.next_version,
+            ret = self.returning,
+        )
+    }
+
+    /// `upsert_sql` that only creates (`If-None-Match: *`): no row when one is there already.
+    pub(super) fn insert_sql(&self, columns: &[&str]) -> String {
+        let (q_table, q_key, q_version) = (&self.q_table, &self.q_key, &self.q_version);
+        let UpsertColumns { names, values, .. } = UpsertColumns::of(columns);
+        format!(
+            "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($3::int8)) \
+             INSERT INTO {q_table} AS t ({names}{q_key}, {q_version}) \
+             SELECT {values}{key}, {next} FROM l, jsonb_populate_record(NULL::{q_table}, $1::jsonb) AS r \
+             ON CONFLICT ({q_key}) DO NOTHING \
+             RETURNING {ret}, true AS created",
             key = self.key_cast.replace("$KEY", "$2"),
             next = self.next_version,
             ret = self.returning,
@@ -439,7 +467,19 @@ mod tests {
             ("balance".to_string(), 3),
             ("note".to_string(), 4),
         ]);
-        Table::new(&entity, "bigint", &attnums, "we\"ird_version_wtc_seq")
+        let types = HashMap::from([
+            ("id".to_string(), "bigint".to_string()),
+            ("version".to_string(), "bigint".to_string()),
+            ("balance".to_string(), "numeric(12,2)".to_string()),
+            ("note".to_string(), "text".to_string()),
+        ]);
+        Table::new(
+            &entity,
+            "bigint",
+            &attnums,
+            &types,
+            "we\"ird_version_wtc_seq",
+        )
     }
 
     #[test]
@@ -475,6 +515,7 @@ mod tests {
         for sql in [
             t.upsert_sql(&["balance"]),
             t.update_sql(&["balance"]),
+            t.insert_sql(&["balance"]),
             t.delete_sql.to_string(),
             t.delete_if_match_sql.to_string(),
             t.upsert_many_sql(&["balance"]),
@@ -498,7 +539,11 @@ mod tests {
     #[test]
     fn answers_name_their_columns() {
         let t = table();
-        for sql in [t.upsert_sql(&["balance"]), t.update_sql(&["balance"])] {
+        for sql in [
+            t.upsert_sql(&["balance"]),
+            t.update_sql(&["balance"]),
+            t.insert_sql(&["balance"]),
+        ] {
             for col in [" AS d", " AS v", " AS a", " AS created"] {
                 assert!(sql.contains(col), "{col} missing: {sql}");
             }
@@ -528,6 +573,12 @@ mod tests {
             t.check_body(&b, "7"),
             Err(BodyError::VersionColumn(_))
         ));
+        let b = body(serde_json::json!({"note": {"a": 1}}));
+        assert!(
+            matches!(t.check_body(&b, "7"), Err(BodyError::WrongType { ref column, .. }) if column == "note")
+        );
+        let b = body(serde_json::json!({"balance": "12"}));
+        assert!(t.check_body(&b, "7").is_err(), "a string for a number");
         let b = body(serde_json::json!({"nope": 1, "also": 2}));
         assert_eq!(
             t.check_body(&b, "7").unwrap_err(),

@@ -212,13 +212,26 @@ async fn bad_input_gets_a_specific_error_and_loses_nothing() {
             422,
             "invalid_body",
         ),
+        // Strict types: a JSON value of the wrong type is refused before the database.
         (
             sc.http.put(&url).body(r#"{"balance": "lots"}"#),
             422,
-            "rejected_by_database",
+            "invalid_body",
+        ),
+        (sc.http.put(&url).body(r#"{"n": 1.5}"#), 422, "invalid_body"),
+        (
+            sc.http.put(&url).body(r#"{"owner": {"a": 1}}"#),
+            422,
+            "invalid_body",
         ),
         (
-            sc.http.put(&url).body(r#"{"n": 1.5}"#),
+            sc.http.put(&url).body(r#"{"n": "12"}"#),
+            422,
+            "invalid_body",
+        ),
+        // The right type, a value the database refuses (out of range).
+        (
+            sc.http.put(&url).body(r#"{"n": 3000000000}"#),
             422,
             "rejected_by_database",
         ),
@@ -281,7 +294,13 @@ async fn bad_input_gets_a_specific_error_and_loses_nothing() {
     let typed = sc
         .send(sc.http.put(&url).body(r#"{"balance": "lots"}"#))
         .await;
-    assert!(typed.error_message().contains("numeric"), "{}", typed.raw);
+    assert!(
+        typed
+            .error_message()
+            .contains("column \"balance\" takes a number, not a string"),
+        "{}",
+        typed.raw
+    );
 
     // Nothing was lost or changed by any of it.
     let now = sc.get("accounts", "keep").await;

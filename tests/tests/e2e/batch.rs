@@ -124,10 +124,10 @@ async fn a_batch_of_100_is_one_transaction_and_one_redis_round_trip() {
     assert_eq!(r.error_code(), "precondition_failed");
     assert_eq!(r.body["error"]["item"], 73);
     assert_eq!(r.body["error"]["current"], v73);
-    // A value the database refuses in item 73 (a bad type): the same.
+    // A value the database refuses in item 73 (NOT NULL): the same.
     let r = batch(
         sc,
-        hundred_puts(Some((73, json!({"data": {"balance": "lots"}})))),
+        hundred_puts(Some((73, json!({"data": {"balance": null}})))),
     )
     .await;
     assert_eq!(r.status, 422, "{}", r.raw);
@@ -135,7 +135,11 @@ async fn a_batch_of_100_is_one_transaction_and_one_redis_round_trip() {
     assert_eq!(r.body["error"]["item"], 73);
     // The same, with item 73 in the set statement of the other 99 (same columns): the database
     // refuses the statement as a whole; the batch runs again item by item to name the item.
-    let r = batch(sc, hundred_puts(Some((73, json!({"data": {"n": "lots"}}))))).await;
+    let r = batch(
+        sc,
+        hundred_puts(Some((73, json!({"data": {"n": 3_000_000_000_i64}})))),
+    )
+    .await;
     assert_eq!(r.status, 422, "{}", r.raw);
     assert_eq!(r.error_code(), "rejected_by_database");
     assert_eq!(r.body["error"]["item"], 73);

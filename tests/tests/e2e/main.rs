@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod batch;
+mod conditional;
 mod faults;
 mod hostile_cache;
 mod keys;
