@@ -97,6 +97,18 @@ pub struct Limits {
     pub max_queue_wait_ms: u64,
     /// Most writes in one `POST /v1/batch`, and most keys in one bulk read; more get `413`.
     pub max_batch_items: usize,
+    /// Open client connections at most. Beyond, a new connection is closed at once, unless its
+    /// first bytes are a health check (`GET /healthz`, `GET /readyz`).
+    pub max_connections: usize,
+    /// Time for a request's headers to arrive, and the longest a kept-alive connection may stay
+    /// idle between requests; then the connection is closed.
+    pub header_timeout_ms: u64,
+    /// Time for a request's body to arrive whole; then `408 body_timeout`, and nothing happens.
+    pub body_timeout_ms: u64,
+    /// After SIGTERM: the longest the sidecar waits for open requests before it closes their
+    /// connections (below Kubernetes' default 30 s grace period). Writes already committed still
+    /// finish their cache step.
+    pub shutdown_grace_ms: u64,
 }
 
 /// The consistency sampler: a share of committed writes is checked, after a grace period, by
@@ -207,6 +219,10 @@ impl Default for Limits {
             max_in_flight: 256,
             max_queue_wait_ms: 50,
             max_batch_items: 1_000,
+            max_connections: 512,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            shutdown_grace_ms: 20_000,
         }
     }
 }
@@ -359,6 +375,15 @@ impl SidecarConfig {
         }
         if self.limits.max_in_flight == 0 {
             return invalid("limits.max_in_flight must be at least 1".into());
+        }
+        if self.limits.max_connections == 0
+            || self.limits.header_timeout_ms == 0
+            || self.limits.body_timeout_ms == 0
+        {
+            return invalid(
+                "limits.max_connections, header_timeout_ms and body_timeout_ms must be positive"
+                    .into(),
+            );
         }
         if self.limits.max_batch_items == 0 {
             return invalid("limits.max_batch_items must be at least 1".into());

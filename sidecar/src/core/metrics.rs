@@ -53,6 +53,8 @@ pub struct Metrics {
     pub requests_shed: IntCounter,
     pub requests_waiting: IntGauge,
     pub requests_unauthorized: IntCounter,
+    /// Connections over `limits.max_connections` (closed, or served one health check).
+    pub connections_refused: IntCounter,
     /// Redis round trips of batches and bulk reads, by `op` (one per pipeline).
     pub redis_round_trips: IntCounterVec,
     pub sampler_checked: IntCounter,
@@ -201,6 +203,10 @@ impl Metrics {
                 "wtc_requests_unauthorized_total",
                 "Requests answered 401: the API token was missing or wrong.",
             ),
+            connections_refused: counter(
+                "wtc_connections_refused_total",
+                "Connections over limits.max_connections: closed at once, or served one health check.",
+            ),
             redis_round_trips,
             sampler_checked: counter(
                 "wtc_sampler_checked_total",
@@ -246,6 +252,7 @@ impl Metrics {
             Box::new(m.requests_shed.clone()),
             Box::new(m.requests_waiting.clone()),
             Box::new(m.requests_unauthorized.clone()),
+            Box::new(m.connections_refused.clone()),
             Box::new(m.redis_round_trips.clone()),
             Box::new(m.sampler_checked.clone()),
             Box::new(m.sampler_inconsistent.clone()),

@@ -25,6 +25,7 @@ pub enum Code {
     InvalidBody,
     InvalidOp,
     BodyTooLarge,
+    BodyTimeout,
     BatchTooLarge,
     DuplicateKey,
     NotFound,

@@ -159,22 +159,24 @@ where
     if let Some(ext) = &app.extension
         && path.starts_with(ext.prefix())
     {
-        let body = request::read_body(headers, body, 64 * 1024).await?;
+        let body = request::read_body(headers, body, 64 * 1024, Duration::from_secs(10)).await?;
         let (status, answer) = ext.handle(method.as_str(), path, body).await;
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok(reply::json(status, &answer));
     }
     let limits = &p.config().limits;
-    // Load shedding: the slot is held until the answer (a write's: until its task ends).
-    let Some(slot) = app.admission.admit(p.metrics()).await else {
-        return Err(ApiError::overloaded(limits.max_in_flight));
-    };
     let entity = |name: &str| p.entity(name);
     let route = request::route(&method, path, headers, limits, entity)?;
     let body = if request::needs_body(&route) {
-        request::read_body(headers, body, limits.max_body_bytes).await?
+        let deadline = Duration::from_millis(limits.body_timeout_ms);
+        request::read_body(headers, body, limits.max_body_bytes, deadline).await?
     } else {
         Bytes::new()
+    };
+    // Load shedding: a slot only once the request is whole (a slow body holds none), held until
+    // the answer (a write's: until its task ends).
+    let Some(slot) = app.admission.admit(p.metrics()).await else {
+        return Err(ApiError::overloaded(limits.max_in_flight));
     };
     match request::command(route, body, limits, entity)? {
         Command::Read {

@@ -345,12 +345,32 @@ fn unquoted(s: &str) -> &str {
         .unwrap_or(s)
 }
 
-/// Reads the body up to `limit` bytes: beyond it, 413 before reading more.
+/// Reads the body up to `limit` bytes (beyond it, 413 before reading more) within `deadline`
+/// (beyond it, 408).
 pub async fn read_body<S, B>(
     headers: &HeaderMap,
-    mut body: S,
+    body: S,
     limit: u64,
+    deadline: std::time::Duration,
 ) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    match tokio::time::timeout(deadline, read_all(headers, body, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            Code::BodyTimeout,
+            format!(
+                "the body did not arrive whole within {} ms",
+                deadline.as_millis()
+            ),
+        )),
+    }
+}
+
+async fn read_all<S, B>(headers: &HeaderMap, mut body: S, limit: u64) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,

@@ -7,6 +7,7 @@ mod batch;
 mod conditional;
 mod faults;
 mod hostile_cache;
+mod hostile_clients;
 mod keys;
 mod openapi;
 mod races;
