@@ -75,6 +75,10 @@ pub struct CacheConfig {
     pub repair_interval_ms: u64,
     /// After a Redis error, reads skip Redis for this long instead of waiting on timeouts.
     pub redis_down_backoff_ms: u64,
+    /// Keys the repair queue holds at most. Past it, this sidecar reads every key from the
+    /// database and, once Redis answers again, deletes every cached entry (a sweep) instead of
+    /// remembering more keys: memory stays bounded through any Redis outage.
+    pub repair_queue_max_keys: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +109,9 @@ pub struct Limits {
     pub header_timeout_ms: u64,
     /// Time for a request's body to arrive whole; then `408 body_timeout`, and nothing happens.
     pub body_timeout_ms: u64,
+    /// Largest answer of a bulk read (the envelopes it would carry, a row named twice counted
+    /// twice); beyond it `413 answer_too_large`, and nothing is sent.
+    pub max_answer_bytes: u64,
     /// After SIGTERM: the longest the sidecar waits for open requests before it closes their
     /// connections (below Kubernetes' default 30 s grace period). Writes already committed still
     /// finish their cache step.
@@ -197,6 +204,7 @@ impl Default for CacheConfig {
             retry: RetryBudget::default(),
             repair_interval_ms: 250,
             redis_down_backoff_ms: 1_000,
+            repair_queue_max_keys: 100_000,
         }
     }
 }
@@ -222,6 +230,7 @@ impl Default for Limits {
             max_connections: 512,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
+            max_answer_bytes: 16 * 1024 * 1024,
             shutdown_grace_ms: 20_000,
         }
     }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod conditions;
 pub mod crd;
 pub mod injection;
 pub mod metrics;

@@ -2,8 +2,8 @@
 //! status can say that a sidecar cannot start (a wrong image, a missing Secret, a crash loop)
 //! without a client in the tests.
 
+use crate::conditions::Reason;
 use crate::injection::SIDECAR_NAME;
-use crate::status::Reason;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::ResourceExt;
 

@@ -195,6 +195,10 @@ impl<C: CacheStore> CacheStore for Held<C> {
     async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         self.inner.repair_evict(key).await
     }
+
+    async fn sweep(&self) -> Result<(), CacheError> {
+        self.inner.sweep().await
+    }
 }
 
 /// The protocol with its two guards removed, for proving that the history checker catches what
@@ -339,6 +343,10 @@ impl<C: CacheStore> CacheStore for Weakened<C> {
 
     async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         self.inner.repair_evict(key).await
+    }
+
+    async fn sweep(&self) -> Result<(), CacheError> {
+        self.inner.sweep().await
     }
 }
 

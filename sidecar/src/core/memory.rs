@@ -313,6 +313,13 @@ impl CacheStore for MemoryCache {
         Ok(())
     }
 
+    async fn sweep(&self) -> Result<(), CacheError> {
+        self.check()?;
+        self.entries.lock().unwrap().clear();
+        self.leases.lock().unwrap().clear();
+        Ok(())
+    }
+
     async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         self.check()?;
         self.remove(key);

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub repair_depth: IntGauge,
     pub repair_oldest_age: Gauge,
     pub repairs: IntCounter,
+    /// Times the repair queue overflowed (then the cache is swept once Redis answers).
+    pub repair_overflows: IntCounter,
     pub stale_window: Histogram,
     pub redis_errors: IntCounter,
     pub corrupt_entries: IntCounter,
@@ -171,6 +173,10 @@ impl Metrics {
                 "Age of the oldest key in the repair queue.",
             )
             .unwrap(),
+            repair_overflows: counter(
+                "wtc_repair_queue_overflows_total",
+                "Times the repair queue reached cache.repair_queue_max_keys: every key then bypasses the cache until Redis answers and the cache is swept.",
+            ),
             repairs: counter(
                 "wtc_repairs_total",
                 "Keys repaired (evicted) by the repair queue.",
@@ -244,6 +250,7 @@ impl Metrics {
             Box::new(m.repair_depth.clone()),
             Box::new(m.repair_oldest_age.clone()),
             Box::new(m.repairs.clone()),
+            Box::new(m.repair_overflows.clone()),
             Box::new(m.stale_window.clone()),
             Box::new(m.redis_errors.clone()),
             Box::new(m.corrupt_entries.clone()),

@@ -168,6 +168,10 @@ pub trait CacheStore: Send + Sync + 'static {
     /// An eviction that ignores the down window and closes it on success: the repair loop's
     /// probe of a cache that was away.
     fn repair_evict(&self, key: &CacheKey) -> impl Future<Output = Result<(), CacheError>> + Send;
+
+    /// Deletes every entry and lease (ignoring the down window, closing it on success): the
+    /// repair queue's way out of an overflow.
+    fn sweep(&self) -> impl Future<Output = Result<(), CacheError>> + Send;
 }
 
 /// Why a single write (or a batch) did not commit, as the row store reports it.

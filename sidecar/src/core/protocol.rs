@@ -45,7 +45,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             entity_index,
             cache,
             rows,
-            repair: RepairQueue::default(),
+            repair: RepairQueue::new(config.cache.repair_queue_max_keys),
             metrics,
             flights: Flights::default(),
             sampler: Sampler::new(&config.sampler),

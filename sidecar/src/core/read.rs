@@ -79,7 +79,9 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         let m = self.metrics.entity(entity);
         let key = match self.rows.canonical_key(entity, key).await? {
             KeyForm::Canonical(k) => k,
-            KeyForm::Unchecked(k) => return Box::pin(self.read_unchecked(entity, k)).await,
+            KeyForm::Unchecked(k) => {
+                return Box::pin(self.read_unchecked(entity, k, min_version)).await;
+            }
         };
         let key = key.as_ref();
         let ck = CacheKey::new(self.entity_name(entity), key);
@@ -117,16 +119,24 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     /// A key whose canonical spelling is not known yet (the table was never reached): a cached
     /// entry of that name is served (every entry is named canonically, so it is this row's), and
     /// nothing is filled, since the spelling may not be the row's one name.
-    async fn read_unchecked(&self, entity: EntityId, key: &str) -> Result<ReadOutcome, DbError> {
+    async fn read_unchecked(
+        &self,
+        entity: EntityId,
+        key: &str,
+        min_version: Option<Version>,
+    ) -> Result<ReadOutcome, DbError> {
         let m = self.metrics.entity(entity);
         let ck = CacheKey::new(self.entity_name(entity), key);
         if !self.bypasses(&ck) {
             match self.cache.get(&ck, false).await {
-                Ok((Cached::Entry(env), _)) => {
-                    m.hit.inc();
-                    return Ok(ReadOutcome::hit(env));
-                }
-                Ok(_) => {}
+                Ok((cached, _)) => match Lookup::of(cached, min_version) {
+                    Lookup::Hit(env) => {
+                        m.hit.inc();
+                        return Ok(ReadOutcome::hit(env));
+                    }
+                    Lookup::Miss => {}
+                    Lookup::Corrupt => self.evict_corrupt(&[&ck]).await,
+                },
                 Err(_) => self.metrics.redis_errors.inc(),
             }
         }

@@ -26,6 +26,7 @@ pub enum Code {
     InvalidOp,
     BodyTooLarge,
     BodyTimeout,
+    AnswerTooLarge,
     BatchTooLarge,
     DuplicateKey,
     NotFound,

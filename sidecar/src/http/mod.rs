@@ -196,6 +196,22 @@ where
                     } => ApiError::from(error).item(i),
                     other => other.into(),
                 })?;
+            // A row named many times is read once but answered each time: bound what is sent.
+            let size: u64 = outcomes
+                .iter()
+                .map(|o| o.envelope.as_ref().map_or(0, |e| e.bytes.len() as u64) + 64)
+                .sum();
+            if size > limits.max_answer_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    error::Code::AnswerTooLarge,
+                    format!(
+                        "the answer would be about {size} bytes; the limit is {} \
+                         (limits.max_answer_bytes): ask for fewer keys",
+                        limits.max_answer_bytes
+                    ),
+                ));
+            }
             Ok(response::bulk(&keys, &outcomes))
         }
         Command::Put {

@@ -122,7 +122,7 @@ impl Link {
 
 /// Deletes every entry and lease (`SCAN` + `UNLINK`, a batch per round trip). Keys restored from
 /// persistence exist for the whole scan, so `SCAN` returns each of them at least once.
-async fn sweep(conn: &mut MultiplexedConnection) -> RedisResult<u64> {
+pub(super) async fn sweep(conn: &mut MultiplexedConnection) -> RedisResult<u64> {
     let mut cursor: u64 = 0;
     let mut swept = 0;
     loop {

@@ -369,6 +369,14 @@ impl CacheStore for RedisStore {
         self.note(c.generation, r)
     }
 
+    async fn sweep(&self) -> Result<(), CacheError> {
+        let mut c = self.connect().await?;
+        let r = link::sweep(&mut c.c).await;
+        self.note(c.generation, r)?;
+        self.down_until_ms.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         let mut c = self.connect().await?;
         let r = redis::cmd("DEL")

@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod batch;
+mod bounded;
 mod conditional;
 mod faults;
 mod hostile_cache;
