@@ -194,6 +194,10 @@ pub enum DbError {
     /// have committed when this comes back from a write.
     #[error("the database is unavailable")]
     Unavailable,
+    /// Like `Unavailable`, but certainly before anything was sent (no connection could be had):
+    /// a write that fails so is known not to have committed.
+    #[error("the database is unavailable")]
+    Unreachable,
     /// The database refused the values (type, constraint). Message in the database's words.
     #[error("{0}")]
     Rejected(String),
@@ -208,6 +212,14 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The same error, known to have happened before anything was sent.
+    pub fn not_sent(self) -> Self {
+        match self {
+            DbError::Unavailable | DbError::Internal => DbError::Unreachable,
+            other => other,
+        }
+    }
+
     /// Whether a failed write may nevertheless have committed (the cache must then be repaired).
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, DbError::Unavailable | DbError::Internal)

@@ -333,7 +333,14 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                     error,
                 }
             }
-            CommitFailure::Db { error, .. } => BatchError::Db { index: None, error },
+            CommitFailure::Db { error, .. } => {
+                // The database was not reached (or the transaction failed before COMMIT): known
+                // not committed, so the keys keep their cache.
+                for i in 0..batch.writes.len() {
+                    entity(i).write_failed.inc();
+                }
+                BatchError::Db { index: None, error }
+            }
         }
     }
 

@@ -214,7 +214,7 @@ impl From<DbError> for ApiError {
                 msg,
             ),
             DbError::BadKey(msg) => Self::bad_request(Code::InvalidKey, msg),
-            DbError::Unavailable => {
+            DbError::Unavailable | DbError::Unreachable => {
                 let mut e = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Code::DatabaseUnavailable,

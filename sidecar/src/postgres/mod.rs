@@ -14,7 +14,9 @@ mod values;
 
 use crate::core::envelope::Envelope;
 use crate::core::ports::{CommitFailure, KeyForm, PrepareError, RowStore};
-use crate::core::types::{Committed, Condition, DbError, EntityId, Version, Write, WriteOp};
+use crate::core::types::{
+    BodyError, Committed, Condition, DbError, EntityId, Version, Write, WriteOp,
+};
 use error::db_error;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
@@ -23,7 +25,6 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use table::{Table, lock_key};
-use tokio::sync::OnceCell;
 use wtc_config::{DatabaseConfig, Entity};
 
 pub use table::{quote_ident, quote_literal, sequence_name};
@@ -116,6 +117,24 @@ enum BatchOp<'a> {
     Delete,
 }
 
+/// One configured table: read from the catalog on first use, again when a body names a column
+/// it does not know (at most once a second).
+#[derive(Default)]
+struct TableSlot {
+    table: std::sync::RwLock<Option<Arc<Table>>>,
+    loading: tokio::sync::Mutex<()>,
+    reloaded_at: Mutex<Option<Instant>>,
+}
+
+impl TableSlot {
+    fn current(&self) -> Option<Arc<Table>> {
+        self.table.read().unwrap().clone()
+    }
+}
+
+/// How long a pooled connection may sit idle before it is pinged on its way out of the pool.
+const IDLE_BEFORE_PING: Duration = Duration::from_millis(500);
+
 /// Where a batch's transaction failed: only a failure at COMMIT may have committed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Stage {
@@ -135,7 +154,7 @@ fn failed(index: Option<usize>, error: DbError) -> CommitFailure {
 pub struct Database {
     pool: PgPool,
     timeout: Duration,
-    tables: Vec<OnceCell<Arc<Table>>>,
+    tables: Vec<TableSlot>,
     /// When a table was last found unreachable (not retried for a second by key checks, so that
     /// cached rows are served at once while the database is away).
     unreachable: Vec<Mutex<Option<Instant>>>,
@@ -151,9 +170,19 @@ impl Database {
             .application_name("wtc-sidecar");
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_size)
-            // A ping before every acquire costs a round trip per request; a broken connection
-            // surfaces as an error on use instead, and the pool replaces it.
+            // A ping before every acquire costs a round trip per request. Only a connection that
+            // sat idle for a while is pinged first: one that died meanwhile (a PostgreSQL restart)
+            // is replaced instead of failing the next request with a 503. Busy connections are
+            // not pinged; a broken one surfaces as an error on use, and the pool replaces it.
             .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < IDLE_BEFORE_PING {
+                        return Ok(true);
+                    }
+                    Ok(sqlx::Connection::ping(conn).await.is_ok())
+                })
+            })
             .acquire_timeout(Duration::from_millis(
                 config.statement_timeout_ms.min(2_000),
             ))
@@ -161,7 +190,7 @@ impl Database {
         Ok(Self {
             pool,
             timeout: Duration::from_millis(config.statement_timeout_ms + 500),
-            tables: entities.iter().map(|_| OnceCell::new()).collect(),
+            tables: entities.iter().map(|_| TableSlot::default()).collect(),
             unreachable: entities.iter().map(|_| Mutex::new(None)).collect(),
             entities: entities.to_vec(),
         })
@@ -170,18 +199,36 @@ impl Database {
     /// The table of `entity`, introspected on first use (the application may create or migrate
     /// it after the sidecar started). Failures are not remembered.
     async fn table(&self, entity: EntityId) -> Result<Arc<Table>, DbError> {
-        let cell = &self.tables[entity.index()];
-        if let Some(t) = cell.get() {
-            return Ok(Arc::clone(t));
+        let slot = &self.tables[entity.index()];
+        if let Some(t) = slot.current() {
+            return Ok(t);
+        }
+        let _loading = slot.loading.lock().await;
+        if let Some(t) = slot.current() {
+            return Ok(t);
         }
         // Boxed: the introspection's state is large and needed once; every caller's future
         // would otherwise carry it.
-        Box::pin(cell.get_or_try_init(|| async {
-            let t = Table::load(&self.pool, &self.entities[entity.index()]).await?;
-            Ok::<_, DbError>(Arc::new(t))
-        }))
-        .await
-        .cloned()
+        let t = Arc::new(Box::pin(Table::load(&self.pool, &self.entities[entity.index()])).await?);
+        *slot.table.write().unwrap() = Some(Arc::clone(&t));
+        Ok(t)
+    }
+
+    /// The table introspected again (a column was added since), at most once a second per
+    /// entity; `None` when it was reloaded less than a second ago.
+    async fn reload(&self, entity: EntityId) -> Result<Option<Arc<Table>>, DbError> {
+        let slot = &self.tables[entity.index()];
+        let _loading = slot.loading.lock().await;
+        {
+            let mut at = slot.reloaded_at.lock().unwrap();
+            if at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Ok(None);
+            }
+            *at = Some(Instant::now());
+        }
+        let t = Arc::new(Box::pin(Table::load(&self.pool, &self.entities[entity.index()])).await?);
+        *slot.table.write().unwrap() = Some(Arc::clone(&t));
+        Ok(Some(t))
     }
 
     /// Runs one database call within the statement timeout (plus a margin: the server's
@@ -215,8 +262,20 @@ impl Database {
         };
         s.table.check_key(s.key).map_err(failed)?;
         let lock = lock_key(&s.table.name, s.key);
+        // The connection first: failing to get one means nothing was sent (the outcome is known).
+        let mut conn =
+            self.within(self.pool.acquire(), false)
+                .await
+                .map_err(|e| CommitFailure::Db {
+                    index: None,
+                    error: e.not_sent(),
+                    maybe_committed: false,
+                })?;
         let row = match s.statement(lock) {
-            Some((q, key_only)) => self.fetch_optional(q, key_only).await.map_err(failed)?,
+            Some((q, key_only)) => self
+                .within(q.fetch_optional(&mut *conn), key_only)
+                .await
+                .map_err(failed)?,
             None => None,
         };
         if let Some(committed) = s.committed(row.as_ref()).map_err(failed)? {
@@ -224,7 +283,7 @@ impl Database {
         }
         let q = sqlx::query(AssertSqlSafe(s.table.version_sql.clone())).bind(s.key);
         let current = self
-            .fetch_optional(q, true)
+            .within(q.fetch_optional(&mut *conn), true)
             .await
             .map_err(failed)?
             .map(|r| version(&r))
@@ -294,7 +353,7 @@ impl Database {
         let mut tx = self
             .within(self.pool.begin(), false)
             .await
-            .map_err(|e| failed(None, e))?;
+            .map_err(|e| failed(None, e.not_sent()))?;
         let mut out: Vec<Option<Committed>> = vec![None; items.len()];
         let mut next = 0;
         while next < order.len() {
@@ -417,8 +476,8 @@ impl RowStore for Database {
         entity: EntityId,
         key: &'a str,
     ) -> Result<KeyForm<'a>, DbError> {
-        let table = match self.tables[entity.index()].get() {
-            Some(t) => Arc::clone(t),
+        let table = match self.tables[entity.index()].current() {
+            Some(t) => t,
             None => {
                 let since = *self.unreachable[entity.index()].lock().unwrap();
                 if since.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -438,13 +497,22 @@ impl RowStore for Database {
     }
 
     async fn prepare(&self, write: &Write, key: &str) -> Result<Prepared, PrepareError> {
-        let table = self.table(write.entity).await?;
+        let mut table = self.table(write.entity).await?;
         let columns = match &write.op {
-            WriteOp::Put { body, .. } => table
-                .check_body(body, key)?
-                .into_iter()
-                .map(str::to_string)
-                .collect(),
+            WriteOp::Put { body, .. } => {
+                let checked = match table.check_body(body, key) {
+                    // A column the application added since the table was read: read it again.
+                    Err(BodyError::UnknownColumns(_)) => match self.reload(write.entity).await {
+                        Ok(Some(fresh)) => {
+                            table = fresh;
+                            table.check_body(body, key)
+                        }
+                        _ => table.check_body(body, key),
+                    },
+                    other => other,
+                };
+                checked?.into_iter().map(str::to_string).collect()
+            }
             WriteOp::Delete => vec![],
         };
         Ok(Prepared {

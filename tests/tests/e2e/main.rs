@@ -13,5 +13,6 @@ mod keys;
 mod openapi;
 mod races;
 mod read_your_writes;
+mod recovery;
 mod sampler;
 mod shedding;
