@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use table::{Table, lock_key};
 use wtc_config::{DatabaseConfig, Entity};
 
+pub use keys::KeyType;
 pub use table::{quote_ident, quote_literal, sequence_name};
 
 /// What `prepare` learned about a write: its table, and the columns a put sets (table order).
