@@ -116,6 +116,59 @@ impl Hooks {
     }
 }
 
+/// The cache-port methods a wrapper leaves as they are: handed to `self.inner`.
+macro_rules! forward_to_inner {
+    () => {
+        fn is_up(&self) -> bool {
+            self.inner.is_up()
+        }
+
+        async fn get(
+            &self,
+            key: &CacheKey,
+            with_ttl: bool,
+        ) -> Result<(Cached, Option<i64>), CacheError> {
+            self.inner.get(key, with_ttl).await
+        }
+
+        async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
+            self.inner.get_many(keys).await
+        }
+
+        async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
+            self.inner.peek(key).await
+        }
+
+        async fn acquire_leases(
+            &self,
+            leases: &[(&CacheKey, &LeaseToken)],
+            ttl: Duration,
+        ) -> Result<Vec<(bool, Cached)>, CacheError> {
+            self.inner.acquire_leases(leases, ttl).await
+        }
+
+        async fn write_intents(
+            &self,
+            intents: &[(&CacheKey, &LeaseToken)],
+            ttl: Duration,
+        ) -> Result<(), CacheError> {
+            self.inner.write_intents(intents, ttl).await
+        }
+
+        async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
+            self.inner.evict(keys).await
+        }
+
+        async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
+            self.inner.repair_evict(key).await
+        }
+
+        async fn sweep(&self) -> Result<(), CacheError> {
+            self.inner.sweep().await
+        }
+    };
+}
+
 /// A cache store whose fills and cache steps stop at armed holds first.
 pub struct Held<C> {
     inner: C,
@@ -129,41 +182,7 @@ impl<C> Held<C> {
 }
 
 impl<C: CacheStore> CacheStore for Held<C> {
-    fn is_up(&self) -> bool {
-        self.inner.is_up()
-    }
-
-    async fn get(
-        &self,
-        key: &CacheKey,
-        with_ttl: bool,
-    ) -> Result<(Cached, Option<i64>), CacheError> {
-        self.inner.get(key, with_ttl).await
-    }
-
-    async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
-        self.inner.get_many(keys).await
-    }
-
-    async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
-        self.inner.peek(key).await
-    }
-
-    async fn acquire_leases(
-        &self,
-        leases: &[(&CacheKey, &LeaseToken)],
-        ttl: Duration,
-    ) -> Result<Vec<(bool, Cached)>, CacheError> {
-        self.inner.acquire_leases(leases, ttl).await
-    }
-
-    async fn write_intents(
-        &self,
-        intents: &[(&CacheKey, &LeaseToken)],
-        ttl: Duration,
-    ) -> Result<(), CacheError> {
-        self.inner.write_intents(intents, ttl).await
-    }
+    forward_to_inner!();
 
     async fn store(
         &self,
@@ -186,18 +205,6 @@ impl<C: CacheStore> CacheStore for Held<C> {
             }
         }
         self.inner.end_leases(ends).await
-    }
-
-    async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
-        self.inner.evict(keys).await
-    }
-
-    async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
-        self.inner.repair_evict(key).await
-    }
-
-    async fn sweep(&self) -> Result<(), CacheError> {
-        self.inner.sweep().await
     }
 }
 
@@ -256,41 +263,7 @@ impl<C> Weakened<C> {
 }
 
 impl<C: CacheStore> CacheStore for Weakened<C> {
-    fn is_up(&self) -> bool {
-        self.inner.is_up()
-    }
-
-    async fn get(
-        &self,
-        key: &CacheKey,
-        with_ttl: bool,
-    ) -> Result<(Cached, Option<i64>), CacheError> {
-        self.inner.get(key, with_ttl).await
-    }
-
-    async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
-        self.inner.get_many(keys).await
-    }
-
-    async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
-        self.inner.peek(key).await
-    }
-
-    async fn acquire_leases(
-        &self,
-        leases: &[(&CacheKey, &LeaseToken)],
-        ttl: Duration,
-    ) -> Result<Vec<(bool, Cached)>, CacheError> {
-        self.inner.acquire_leases(leases, ttl).await
-    }
-
-    async fn write_intents(
-        &self,
-        intents: &[(&CacheKey, &LeaseToken)],
-        ttl: Duration,
-    ) -> Result<(), CacheError> {
-        self.inner.write_intents(intents, ttl).await
-    }
+    forward_to_inner!();
 
     async fn store(
         &self,
@@ -335,18 +308,6 @@ impl<C: CacheStore> CacheStore for Weakened<C> {
             }
         }
         Ok(out)
-    }
-
-    async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
-        self.inner.evict(keys).await
-    }
-
-    async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
-        self.inner.repair_evict(key).await
-    }
-
-    async fn sweep(&self) -> Result<(), CacheError> {
-        self.inner.sweep().await
     }
 }
 
