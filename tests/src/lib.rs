@@ -251,6 +251,20 @@ impl RedisServer {
             .unwrap();
     }
 
+    /// Commands this server has processed so far (`INFO stats`), to count what a workload costs.
+    pub async fn commands_processed(&self) -> u64 {
+        let mut c = self.connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("INFO stats has total_commands_processed")
+    }
+
     /// Version of the cached envelope, if any.
     pub async fn cached_version(&self, entity: &str, key: &str) -> Option<i64> {
         let raw = self.get(&entry_key(entity, key)).await?;

@@ -65,6 +65,9 @@ pub(crate) struct MemoryCache {
     failing: AtomicBool,
     /// STORE and FILL as plain SETs (no CAS, no lease).
     weakened: bool,
+    /// Lease requests (one per key asked) and polls for another filler's value, for P4's cost.
+    lease_requests: AtomicUsize,
+    peeks: AtomicUsize,
 }
 
 /// The version prefix the scripts read (`{"v":N,`); `None` when it does not parse.
@@ -235,6 +238,7 @@ impl CacheStore for MemoryCache {
 
     async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
         self.check()?;
+        self.peeks.fetch_add(1, Ordering::SeqCst);
         let v = self.entries.lock().unwrap().get(&key.entry).cloned();
         let held = self.leases.lock().unwrap().contains_key(&key.lease);
         Ok((Cached::from_stored(v), held))
@@ -248,6 +252,7 @@ impl CacheStore for MemoryCache {
         self.check()?;
         let mut out = Vec::new();
         for (key, token) in leases {
+            self.lease_requests.fetch_add(1, Ordering::SeqCst);
             let won = {
                 let mut l = self.leases.lock().unwrap();
                 if l.contains_key(&key.lease) {
@@ -584,8 +589,8 @@ async fn concurrent_misses_read_the_database_once() {
         async move { p.read(A, "k").await.unwrap() }
     });
     held.reached().await;
-    // The flight is sealed: these readers wait on the lease, then find the fill.
-    let others: Vec<_> = (0..8)
+    // The first flight is sealed: these readers share the next one, which waits for its turn.
+    let others: Vec<_> = (0..100)
         .map(|_| {
             let p = Arc::clone(&p);
             tokio::spawn(async move { p.read(A, "k").await.unwrap() })
@@ -599,7 +604,43 @@ async fn concurrent_misses_read_the_database_once() {
         assert_eq!(out.status, CacheStatus::Hit, "the fill was waited for");
     }
     assert_eq!(p.rows.reads.load(Ordering::SeqCst) - reads_before, 1, "P4");
-    assert_eq!(p.metrics.entity(A).fill_waited.get(), 8);
+    // A herd costs the cache per flight, not per reader: the filler's lease, then one lease
+    // request of the next flight, which finds the fill; nobody polls.
+    assert_eq!(p.cache.lease_requests.load(Ordering::SeqCst), 2);
+    assert_eq!(p.cache.peeks.load(Ordering::SeqCst), 0);
+    assert_eq!(p.metrics.entity(A).fill_waited.get(), 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_reader_hands_its_flight_to_the_others() {
+    let p = protocol();
+    let (v1, _) = put(&p, "k", 1).await;
+    evict(&p, "k");
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let first = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    held.reached().await;
+    let spawn_reader = || {
+        let p = Arc::clone(&p);
+        tokio::spawn(async move { p.read(A, "k").await.unwrap() })
+    };
+    // The next flight's observer (the first of its readers to run) goes away while it waits
+    // for its turn; the flight's other reader observes in its place.
+    let observer = spawn_reader();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let other = spawn_reader();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    observer.abort();
+    held.release();
+    first.await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(5), other)
+        .await
+        .expect("the flight did not wait for its cancelled observer")
+        .unwrap();
+    assert_eq!(out.status, CacheStatus::Hit);
+    assert_eq!(out.envelope.unwrap().version, v1);
 }
 
 #[tokio::test]

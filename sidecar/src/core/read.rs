@@ -4,7 +4,7 @@
 //! means for a reader, taking leases, ending them.
 
 use super::envelope::Envelope;
-use super::flights::{Flight, FlightResult};
+use super::flights::FlightResult;
 use super::metrics::EntityMetrics;
 use super::ports::{CacheKey, CacheStore, FillOutcome, KeyForm, LeaseEnd, LeaseToken, RowStore};
 use super::protocol::Protocol;
@@ -161,13 +161,10 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         min_version: Option<Version>,
     ) -> Result<ReadOutcome, DbError> {
         self.metrics.entity(entity).miss.inc();
-        let flight = self.flights.join_or_start(&ck.entry);
-        let out = flight
-            .result
-            .get_or_init(|| self.fill(entity, key, &ck, &flight, min_version))
-            .await
-            .clone();
-        self.flights.finish(&ck.entry, &flight);
+        let out = self
+            .flights
+            .share(&ck.entry, || self.fill(entity, key, &ck, min_version))
+            .await;
         match out {
             // Taken from the cache (another filler's value, possibly for a flight without a
             // minimum): too old for this reader, who reads the database now.
@@ -237,19 +234,17 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         }
     }
 
-    /// The work of one flight: win the lease and fill, or wait for the winner's fill.
+    /// The work of one flight (sealed by now: the lease request also reads the entry): win the
+    /// lease and fill, or wait for the winner's fill.
     async fn fill(
         &self,
         entity: EntityId,
         key: &str,
         ck: &CacheKey,
-        flight: &Flight,
         min_version: Option<Version>,
     ) -> FlightResult {
         let m = self.metrics.entity(entity);
         let token = LeaseToken::new();
-        // Sealed before looking: the lease request also reads the entry.
-        flight.seal();
         let taken = self
             .take_leases(&[(ck, &token)], min_version)
             .await
@@ -361,12 +356,10 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         let p = Arc::clone(self);
         let (key, ck) = (key.to_string(), ck.clone());
         self.refreshes.spawn(async move {
-            let flight = p.flights.join_or_start(&ck.entry);
-            let _ = flight
-                .result
-                .get_or_init(|| p.fill(entity, &key, &ck, &flight, None))
+            let _ = p
+                .flights
+                .share(&ck.entry, || p.fill(entity, &key, &ck, None))
                 .await;
-            p.flights.finish(&ck.entry, &flight);
         });
     }
 }
