@@ -175,3 +175,63 @@ async fn sigterm_ends_within_the_grace_whatever_clients_do() {
         "did not wait for the grace: {took:?}"
     );
 }
+
+/// Reads one response (headers and a `Content-Length` body) from a kept-alive connection; `None`
+/// when the peer closed first.
+async fn one_response(stream: &mut TcpStream) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Some(head);
+            }
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_busy_kept_alive_connection_outlives_the_header_timeout() {
+    // The header timeout bounds a request's headers and the idle wait between requests, not the
+    // life of a connection that keeps sending: a client pool's connections serve for hours.
+    let bed = TestBed::new("busyconn").await;
+    let sc = Fixture::new(&bed.redis.url())
+        .entity("accounts", &bed.table)
+        .with(|c| c.limits.header_timeout_ms = 300)
+        .start()
+        .await;
+    let mut s = TcpStream::connect(addr(&sc)).await.unwrap();
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_millis(1_500) {
+        s.write_all(b"GET /v1/entities/accounts/nobody HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), one_response(&mut s))
+            .await
+            .expect("an answer");
+        let Some(head) = head else {
+            panic!(
+                "the connection was closed after {answered} answers and {:?}",
+                started.elapsed()
+            );
+        };
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(answered > 20, "{answered}");
+}
