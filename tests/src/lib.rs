@@ -251,6 +251,16 @@ impl RedisServer {
             .unwrap();
     }
 
+    /// `PTTL` of a key: milliseconds left, -1 without expiry, -2 when absent.
+    pub async fn pttl(&self, key: &str) -> i64 {
+        let mut c = self.connection().await.unwrap();
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
     /// Commands this server has processed so far (`INFO stats`), to count what a workload costs.
     pub async fn commands_processed(&self) -> u64 {
         let mut c = self.connection().await.unwrap();

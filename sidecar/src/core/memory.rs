@@ -68,6 +68,9 @@ pub(crate) struct MemoryCache {
     /// Lease requests (one per key asked) and polls for another filler's value, for P4's cost.
     lease_requests: AtomicUsize,
     peeks: AtomicUsize,
+    /// What `PTTL` answers (0: a minute), and how often it was asked.
+    ttl_left_ms: AtomicI64,
+    ttl_lookups: AtomicUsize,
 }
 
 /// The version prefix the scripts read (`{"v":N,`); `None` when it does not parse.
@@ -224,7 +227,15 @@ impl CacheStore for MemoryCache {
     ) -> Result<(Cached, Option<i64>), CacheError> {
         self.check()?;
         let v = self.entries.lock().unwrap().get(&key.entry).cloned();
-        Ok((Cached::from_stored(v), with_ttl.then_some(60_000)))
+        if !with_ttl {
+            return Ok((Cached::from_stored(v), None));
+        }
+        self.ttl_lookups.fetch_add(1, Ordering::SeqCst);
+        let left = match self.ttl_left_ms.load(Ordering::SeqCst) {
+            0 => 60_000,
+            ms => ms,
+        };
+        Ok((Cached::from_stored(v), Some(left)))
     }
 
     async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
@@ -442,12 +453,19 @@ fn protocol_with(cache: MemoryCache) -> Arc<Mem> {
 }
 
 fn protocol_of(cache: MemoryCache, rows: MemoryRows) -> Arc<Mem> {
+    protocol_with_beta(cache, rows, 0.0)
+}
+
+/// `beta`: `cache.early_expiration_beta` (0: no early refresh, so that hits stay hits).
+fn protocol_with_beta(cache: MemoryCache, rows: MemoryRows, beta: f64) -> Arc<Mem> {
     let config = SidecarConfig::parse(
-        "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
-         [redis]\nurl = \"redis://127.0.0.1:1\"\n\
-         [cache]\nlease_wait_ms = 50\nearly_expiration_beta = 0.0\n\
-         [cache.retry]\nretries = 0\n\
-         [[entities]]\nname = \"accounts\"\ntable = \"accounts\"\n",
+        &format!(
+            "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
+             [redis]\nurl = \"redis://127.0.0.1:1\"\n\
+             [cache]\nlease_wait_ms = 50\nearly_expiration_beta = {beta:?}\n\
+             [cache.retry]\nretries = 0\n\
+             [[entities]]\nname = \"accounts\"\ntable = \"accounts\"\n"
+        ),
         &Overrides::default(),
     )
     .expect("config");
@@ -857,4 +875,51 @@ async fn every_spelling_of_a_key_names_one_cache_entry() {
         p.cache.leases.lock().unwrap().is_empty(),
         "a bad key touches no lease"
     );
+}
+
+#[tokio::test]
+async fn an_entry_near_its_end_is_refreshed_early_and_a_young_one_is_not() {
+    let p = protocol_with_beta(MemoryCache::default(), MemoryRows::default(), 1.0);
+    let (v1, _) = put(&p, "k", 1).await;
+    let reads = || p.rows.reads.load(Ordering::SeqCst);
+    let before = reads();
+    // A minute left: XFetch's chance per hit is e^-60000; no refresh.
+    for _ in 0..400 {
+        let out = p.read(A, "k").await.unwrap();
+        assert_eq!(out.status, CacheStatus::Hit);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(reads(), before, "a young entry was refreshed");
+    // Only some hits ask for the TTL (400 hits, one in 16 on average).
+    let asked = p.cache.ttl_lookups.load(Ordering::SeqCst);
+    assert!(
+        (1..=100).contains(&asked),
+        "{asked} TTL lookups for 400 hits"
+    );
+    // A millisecond left: a hit that looks refreshes it (the database read, and a fill that
+    // renews the entry although it is there).
+    p.cache.ttl_left_ms.store(1, Ordering::SeqCst);
+    let filled = p.metrics.entity(A).fill_won.get();
+    for _ in 0..400 {
+        assert_eq!(p.read(A, "k").await.unwrap().status, CacheStatus::Hit);
+        tokio::task::yield_now().await;
+        if p.metrics.entity(A).fill_won.get() > filled {
+            break;
+        }
+    }
+    for _ in 0..100 {
+        if p.metrics.entity(A).fill_won.get() > filled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        reads() > before,
+        "an entry about to expire was not refreshed"
+    );
+    assert!(
+        p.metrics.entity(A).fill_won.get() > filled,
+        "the refresh read the row but did not renew the entry"
+    );
+    assert_eq!(p.cache.version_of("accounts", "k"), Some(v1.get()));
 }

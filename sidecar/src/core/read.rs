@@ -40,6 +40,22 @@ pub(crate) fn meets(min_version: Option<Version>, env: &Envelope) -> bool {
     min_version.is_none_or(|min| env.version >= min)
 }
 
+/// Why a flight fills.
+#[derive(Clone, Copy, PartialEq)]
+enum Fill {
+    /// A reader missed: a value found in the cache meanwhile is used as it is.
+    Miss,
+    /// A hit decided to renew its entry before the TTL ends (XFetch).
+    Refresh,
+}
+
+/// One hit in this many also asks Redis for the entry's TTL (`PTTL`), for early refresh: the
+/// other hits cost Redis one command instead of two. XFetch refreshes on a hit with chance
+/// `e^-x`, `x` = TTL / (delta * beta); checking one hit in `k` with the exponential draw raised
+/// by `ln k` gives `(1/k) * e^-(x - ln k)` = `e^-x` per hit, the same, for every TTL above
+/// `delta * beta * ln k` (about 3 ms for a 1 ms database read); below it, `1/k` per hit.
+const TTL_ONE_IN: u32 = 16;
+
 pub(crate) fn count_fills(m: &EntityMetrics, outcomes: impl IntoIterator<Item = FillOutcome>) {
     for o in outcomes {
         match o {
@@ -90,7 +106,8 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             return Box::pin(self.read_db(entity, key, CacheStatus::Bypass)).await;
         }
         let beta = self.config().cache.early_expiration_beta;
-        match self.cache.get(&ck, beta > 0.0).await {
+        let ask_ttl = beta > 0.0 && fastrand::u32(..TTL_ONE_IN) == 0;
+        match self.cache.get(&ck, ask_ttl).await {
             Ok((cached, pttl)) => match Lookup::of(cached, min_version) {
                 Lookup::Hit(env) => {
                     m.hit.inc();
@@ -163,7 +180,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         self.metrics.entity(entity).miss.inc();
         let out = self
             .flights
-            .share(&ck.entry, || self.fill(entity, key, &ck, min_version))
+            .share(&ck.entry, || self.fill(entity, key, &ck, min_version, Fill::Miss))
             .await;
         match out {
             // Taken from the cache (another filler's value, possibly for a flight without a
@@ -242,6 +259,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         key: &str,
         ck: &CacheKey,
         min_version: Option<Version>,
+        purpose: Fill,
     ) -> FlightResult {
         let m = self.metrics.entity(entity);
         let token = LeaseToken::new();
@@ -252,7 +270,9 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         let Some((won, found)) = taken else {
             return self.read_db(entity, key, CacheStatus::Bypass).await;
         };
-        if let Some(env) = found {
+        // An early refresh that won the lease reads and fills although the entry is there: that
+        // entry is what it renews.
+        if let Some(env) = found.filter(|_| !(won && purpose == Fill::Refresh)) {
             // Stored since this reader's miss (a filler that already gave its lease back, or a
             // write): no database read. Without this, such a reader won the lease again and read
             // the database a second time for the same cold key (P4).
@@ -341,12 +361,14 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     }
 
     /// XFetch: refresh early with a probability that grows as expiry nears, scaled by how long a
-    /// database read takes, so one reader refreshes a hot key before it expires.
+    /// database read takes, so one reader refreshes a hot key before it expires. Asked on one
+    /// hit in `TTL_ONE_IN` (those that fetched the TTL), with the draw raised by `ln TTL_ONE_IN`
+    /// so that the chance per hit stays XFetch's (see `TTL_ONE_IN`).
     fn refresh_due(&self, pttl_ms: i64, beta: f64) -> bool {
         let delta_ms =
             self.flights.recompute_us.load(Ordering::Relaxed).max(1_000) as f64 / 1_000.0;
         let r = fastrand::f64().max(f64::MIN_POSITIVE);
-        delta_ms * beta * -r.ln() >= pttl_ms as f64
+        delta_ms * beta * (-r.ln() + (TTL_ONE_IN as f64).ln()) >= pttl_ms as f64
     }
 
     fn spawn_refresh(self: &Arc<Self>, entity: EntityId, key: &str, ck: &CacheKey) {
@@ -358,7 +380,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         self.refreshes.spawn(async move {
             let _ = p
                 .flights
-                .share(&ck.entry, || p.fill(entity, &key, &ck, None))
+                .share(&ck.entry, || p.fill(entity, &key, &ck, None, Fill::Refresh))
                 .await;
         });
     }

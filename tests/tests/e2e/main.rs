@@ -6,6 +6,7 @@ mod auth;
 mod batch;
 mod bounded;
 mod conditional;
+mod early_refresh;
 mod faults;
 mod hostile_cache;
 mod hostile_clients;
