@@ -49,13 +49,6 @@ enum Fill {
     Refresh,
 }
 
-/// One hit in this many also asks Redis for the entry's TTL (`PTTL`), for early refresh: the
-/// other hits cost Redis one command instead of two. XFetch refreshes on a hit with chance
-/// `e^-x`, `x` = TTL / (delta * beta); checking one hit in `k` with the exponential draw raised
-/// by `ln k` gives `(1/k) * e^-(x - ln k)` = `e^-x` per hit, the same, for every TTL above
-/// `delta * beta * ln k` (about 3 ms for a 1 ms database read); below it, `1/k` per hit.
-const TTL_ONE_IN: u32 = 16;
-
 pub(crate) fn count_fills(m: &EntityMetrics, outcomes: impl IntoIterator<Item = FillOutcome>) {
     for o in outcomes {
         match o {
@@ -106,8 +99,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             return Box::pin(self.read_db(entity, key, CacheStatus::Bypass)).await;
         }
         let beta = self.config().cache.early_expiration_beta;
-        let ask_ttl = beta > 0.0 && fastrand::u32(..TTL_ONE_IN) == 0;
-        match self.cache.get(&ck, ask_ttl).await {
+        match self.cache.get(&ck, beta > 0.0).await {
             Ok((cached, pttl)) => match Lookup::of(cached, min_version) {
                 Lookup::Hit(env) => {
                     m.hit.inc();
@@ -180,7 +172,9 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         self.metrics.entity(entity).miss.inc();
         let out = self
             .flights
-            .share(&ck.entry, || self.fill(entity, key, &ck, min_version, Fill::Miss))
+            .share(&ck.entry, || {
+                self.fill(entity, key, &ck, min_version, Fill::Miss)
+            })
             .await;
         match out {
             // Taken from the cache (another filler's value, possibly for a flight without a
@@ -361,14 +355,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     }
 
     /// XFetch: refresh early with a probability that grows as expiry nears, scaled by how long a
-    /// database read takes, so one reader refreshes a hot key before it expires. Asked on one
-    /// hit in `TTL_ONE_IN` (those that fetched the TTL), with the draw raised by `ln TTL_ONE_IN`
-    /// so that the chance per hit stays XFetch's (see `TTL_ONE_IN`).
+    /// database read takes, so one reader refreshes a hot key before it expires.
     fn refresh_due(&self, pttl_ms: i64, beta: f64) -> bool {
         let delta_ms =
             self.flights.recompute_us.load(Ordering::Relaxed).max(1_000) as f64 / 1_000.0;
         let r = fastrand::f64().max(f64::MIN_POSITIVE);
-        delta_ms * beta * (-r.ln() + (TTL_ONE_IN as f64).ln()) >= pttl_ms as f64
+        delta_ms * beta * -r.ln() >= pttl_ms as f64
     }
 
     fn spawn_refresh(self: &Arc<Self>, entity: EntityId, key: &str, ck: &CacheKey) {

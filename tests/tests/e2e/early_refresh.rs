@@ -14,8 +14,8 @@ async fn a_key_read_all_the_time_is_renewed_before_it_expires() {
         .fixture()
         .with(|c| {
             c.entities[0].ttl_seconds = 2;
-            // With a database read of at least 1 ms, a hit that looks at the TTL refreshes for
-            // sure in the entry's last second or so (400 ms * (ln 16 + draw)).
+            // With a database read of at least 1 ms, a hit refreshes with a chance of
+            // e^-(ms left / 400): about one hit in three in the entry's last 400 ms.
             c.cache.early_expiration_beta = 400.0;
         })
         .start()
