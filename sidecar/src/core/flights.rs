@@ -56,8 +56,13 @@ impl Flights {
         F: FnOnce() -> Fut,
         Fut: Future<Output = FlightResult>,
     {
-        let flight = self.join_or_start(key);
-        let out = flight
+        let member = Member {
+            flights: self,
+            key,
+            flight: Some(self.join_or_start(key)),
+        };
+        let flight = member.flight.as_deref().expect("a member has its flight");
+        flight
             .result
             .get_or_init(|| async {
                 let _turn = flight.turn.lock().await;
@@ -65,9 +70,7 @@ impl Flights {
                 observe().await
             })
             .await
-            .clone();
-        self.finish(key, &flight);
-        out
+            .clone()
     }
 
     fn join_or_start(&self, key: &str) -> Arc<Flight> {
@@ -83,15 +86,41 @@ impl Flights {
         f
     }
 
-    /// Forgets the key once its newest flight is done (an older flight's end leaves it).
-    fn finish(&self, key: &str, flight: &Arc<Flight>) {
+    /// A reader leaves its flight (answered, or gone: its request was dropped). The key is
+    /// forgotten when the last reader of its newest flight leaves, so readers that go away
+    /// leave nothing behind. Every member's `Arc` is dropped here, under the lock, so that the
+    /// count seen is exact.
+    fn leave(&self, key: &str, flight: Arc<Flight>) {
         let mut map = self.by_key.lock().unwrap();
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+        let last = map.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight))
+            && Arc::strong_count(&flight) == 2;
+        drop(flight);
+        if last {
             map.remove(key);
         }
     }
 
     pub(crate) fn in_flight(&self, key: &str) -> bool {
         self.by_key.lock().unwrap().contains_key(key)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> usize {
+        self.by_key.lock().unwrap().len()
+    }
+}
+
+/// A reader's place in a flight, given up on drop.
+struct Member<'a> {
+    flights: &'a Flights,
+    key: &'a str,
+    flight: Option<Arc<Flight>>,
+}
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.flight.take() {
+            self.flights.leave(self.key, f);
+        }
     }
 }

@@ -659,6 +659,43 @@ async fn a_cancelled_reader_hands_its_flight_to_the_others() {
         .unwrap();
     assert_eq!(out.status, CacheStatus::Hit);
     assert_eq!(out.envelope.unwrap().version, v1);
+    assert_eq!(p.flights.keys(), 0, "a flight outlived its readers");
+}
+
+#[tokio::test]
+async fn readers_that_go_away_leave_no_flight_behind() {
+    // A client that asks for many cold keys and hangs up while its reads wait must not grow the
+    // flights without bound.
+    let p = protocol();
+    put(&p, "k", 1).await;
+    evict(&p, "k");
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let first = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    held.reached().await;
+    // Readers of the next flight, gone while it waits for its turn.
+    let gone: Vec<_> = (0..3)
+        .map(|_| {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move { p.read(A, "k").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for g in &gone {
+        g.abort();
+    }
+    for g in gone {
+        let _ = g.await;
+    }
+    held.release();
+    first.await.unwrap();
+    assert_eq!(
+        p.flights.keys(),
+        0,
+        "flights left behind by readers that went away"
+    );
 }
 
 #[tokio::test]
