@@ -11,10 +11,12 @@
 //! The turn keeps a herd cheap: readers arriving while a flight observes do not each take a
 //! lease and poll for the fill; they wait together, and their flight then finds the value the
 //! previous one filled (one cache read for all of them). At most two flights per key exist: the
-//! observing one and the next.
+//! observing one and the next. A key is remembered while any reader of any of its flights is
+//! there (the observer is one), so its turn is never replaced under a flight that observes.
 
 use super::types::{DbError, ReadOutcome};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +24,7 @@ use tokio::sync::OnceCell;
 
 pub(crate) type FlightResult = Result<ReadOutcome, DbError>;
 
-pub(crate) struct Flight {
+struct Flight {
     sealed: AtomicBool,
     result: OnceCell<FlightResult>,
     /// Held by the flight of this key that observes; shared by its successive flights.
@@ -30,19 +32,35 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    fn new(turn: Arc<tokio::sync::Mutex<()>>) -> Self {
-        Self {
+    fn new(turn: Arc<tokio::sync::Mutex<()>>) -> Arc<Self> {
+        Arc::new(Self {
             sealed: AtomicBool::new(false),
             result: OnceCell::new(),
             turn,
+        })
+    }
+}
+
+/// The flights of one key.
+struct KeyFlights {
+    newest: Arc<Flight>,
+    /// Readers of all this key's flights.
+    readers: usize,
+}
+
+impl KeyFlights {
+    /// A first flight with its first reader.
+    fn new() -> Self {
+        Self {
+            newest: Flight::new(Arc::default()),
+            readers: 1,
         }
     }
 }
 
 #[derive(Default)]
 pub(crate) struct Flights {
-    /// The newest flight of each key with readers.
-    by_key: Mutex<HashMap<String, Arc<Flight>>>,
+    by_key: Mutex<HashMap<String, KeyFlights>>,
     /// Recent database read time in microseconds, for early refresh (XFetch's delta).
     pub(crate) recompute_us: AtomicU64,
 }
@@ -56,12 +74,28 @@ impl Flights {
         F: FnOnce() -> Fut,
         Fut: Future<Output = FlightResult>,
     {
-        let member = Member {
-            flights: self,
-            key,
-            flight: Some(self.join_or_start(key)),
-        };
-        let flight = member.flight.as_deref().expect("a member has its flight");
+        let flight = self.join(key);
+        self.fly(key, &flight, observe).await
+    }
+
+    /// Starts a flight only if `key` has none (an early refresh: a flight in progress renews
+    /// the entry anyway); `None` when it has one.
+    pub(crate) async fn share_if_idle<F, Fut>(&self, key: &str, observe: F) -> Option<FlightResult>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = FlightResult>,
+    {
+        let flight = self.start_if_idle(key)?;
+        Some(self.fly(key, &flight, observe).await)
+    }
+
+    /// A reader of `flight` (counted when it joined) until it returns or is dropped.
+    async fn fly<F, Fut>(&self, key: &str, flight: &Flight, observe: F) -> FlightResult
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = FlightResult>,
+    {
+        let _member = Member { flights: self, key };
         flight
             .result
             .get_or_init(|| async {
@@ -73,30 +107,42 @@ impl Flights {
             .clone()
     }
 
-    fn join_or_start(&self, key: &str) -> Arc<Flight> {
+    /// A reader joins the key's open flight, or the next one (after a sealed flight), or starts
+    /// the key's first.
+    fn join(&self, key: &str) -> Arc<Flight> {
         let mut map = self.by_key.lock().unwrap();
-        let turn = match map.get(key) {
-            Some(f) if !f.sealed.load(Ordering::SeqCst) => return Arc::clone(f),
-            // Sealed: it observes (or is done); the next flight waits for its turn.
-            Some(f) => Arc::clone(&f.turn),
-            None => Arc::default(),
-        };
-        let f = Arc::new(Flight::new(turn));
-        map.insert(key.to_string(), Arc::clone(&f));
-        f
+        match map.entry(key.to_string()) {
+            Entry::Vacant(v) => Arc::clone(&v.insert(KeyFlights::new()).newest),
+            Entry::Occupied(mut o) => {
+                let k = o.get_mut();
+                k.readers += 1;
+                if k.newest.sealed.load(Ordering::SeqCst) {
+                    // It observes (or is done): the next flight waits for its turn.
+                    k.newest = Flight::new(Arc::clone(&k.newest.turn));
+                }
+                Arc::clone(&k.newest)
+            }
+        }
     }
 
-    /// A reader leaves its flight (answered, or gone: its request was dropped). The key is
-    /// forgotten when the last reader of its newest flight leaves, so readers that go away
-    /// leave nothing behind. Every member's `Arc` is dropped here, under the lock, so that the
-    /// count seen is exact.
-    fn leave(&self, key: &str, flight: Arc<Flight>) {
+    /// The key's first flight, unless it has one.
+    fn start_if_idle(&self, key: &str) -> Option<Arc<Flight>> {
         let mut map = self.by_key.lock().unwrap();
-        let last = map.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight))
-            && Arc::strong_count(&flight) == 2;
-        drop(flight);
-        if last {
-            map.remove(key);
+        match map.entry(key.to_string()) {
+            Entry::Vacant(v) => Some(Arc::clone(&v.insert(KeyFlights::new()).newest)),
+            Entry::Occupied(_) => None,
+        }
+    }
+
+    /// A reader leaves (answered, or gone: its request was dropped); the key is forgotten with
+    /// its last reader, so readers that go away leave nothing behind.
+    fn leave(&self, key: &str) {
+        let mut map = self.by_key.lock().unwrap();
+        if let Some(k) = map.get_mut(key) {
+            k.readers -= 1;
+            if k.readers == 0 {
+                map.remove(key);
+            }
         }
     }
 
@@ -110,17 +156,14 @@ impl Flights {
     }
 }
 
-/// A reader's place in a flight, given up on drop.
+/// A reader's place among a key's readers, given up on drop.
 struct Member<'a> {
     flights: &'a Flights,
     key: &'a str,
-    flight: Option<Arc<Flight>>,
 }
 
 impl Drop for Member<'_> {
     fn drop(&mut self) {
-        if let Some(f) = self.flight.take() {
-            self.flights.leave(self.key, f);
-        }
+        self.flights.leave(self.key);
     }
 }

@@ -689,8 +689,23 @@ async fn readers_that_go_away_leave_no_flight_behind() {
     for g in gone {
         let _ = g.await;
     }
+    // The first flight still observes: the key keeps its turn, and a new reader waits for it
+    // rather than taking a lease beside the observer.
+    assert_eq!(p.flights.keys(), 1);
+    let leases = p.cache.lease_requests.load(Ordering::SeqCst);
+    let late = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        p.cache.lease_requests.load(Ordering::SeqCst),
+        leases,
+        "a reader observed beside the flight that holds the turn"
+    );
     held.release();
     first.await.unwrap();
+    assert_eq!(late.await.unwrap().status, CacheStatus::Hit);
     assert_eq!(
         p.flights.keys(),
         0,

@@ -363,6 +363,8 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         delta_ms * beta * -r.ln() >= pttl_ms as f64
     }
 
+    /// One refresh per key at a time: hits that also decide to refresh while it is in flight
+    /// (or while readers of the key wait) do nothing, here or in the task.
     fn spawn_refresh(self: &Arc<Self>, entity: EntityId, key: &str, ck: &CacheKey) {
         if self.flights.in_flight(&ck.entry) || self.refreshes.is_closed() {
             return;
@@ -372,7 +374,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
         self.refreshes.spawn(async move {
             let _ = p
                 .flights
-                .share(&ck.entry, || p.fill(entity, &key, &ck, None, Fill::Refresh))
+                .share_if_idle(&ck.entry, || p.fill(entity, &key, &ck, None, Fill::Refresh))
                 .await;
         });
     }
