@@ -970,3 +970,34 @@ async fn an_entry_near_its_end_is_refreshed_early_and_a_young_one_is_not() {
     );
     assert_eq!(p.cache.version_of("accounts", "k"), Some(v1.get()));
 }
+
+#[tokio::test]
+async fn a_reader_that_goes_away_gives_its_lease_back() {
+    let p = protocol();
+    put(&p, "k", 1).await;
+    evict(&p, "k");
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let gone = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.read(A, "k").await }
+    });
+    // It won the lease and read the row; its client hangs up before the fill.
+    held.reached().await;
+    gone.abort();
+    let _ = gone.await;
+    let lease = CacheKey::new("accounts", "k").lease;
+    let mut given_back = false;
+    for _ in 0..200 {
+        if !p.cache.leases.lock().unwrap().contains_key(&lease) {
+            given_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(given_back, "the lease outlived its reader");
+    // The next reader wins it and fills, instead of waiting for a fill that never comes.
+    let out = p.read(A, "k").await.unwrap();
+    assert_eq!(out.status, CacheStatus::Miss);
+    assert_eq!(p.metrics.entity(A).fill_won.get(), 1);
+    assert_eq!(p.metrics.entity(A).fill_waited.get(), 0);
+}

@@ -40,6 +40,42 @@ pub(crate) fn meets(min_version: Option<Version>, env: &Envelope) -> bool {
     min_version.is_none_or(|min| env.version >= min)
 }
 
+/// A fill lease a flight won, given back if the flight is dropped before it ends the lease (its
+/// reader went away during the database read): otherwise the lease outlives the reader until
+/// `lease_ttl_ms`, and each flight of the key meanwhile waits for a fill that never comes.
+/// Giving it back after a `FILL` that did run changes nothing (`RELEASE` checks the token).
+struct WonLease<C: CacheStore, R: RowStore> {
+    protocol: Arc<Protocol<C, R>>,
+    key: CacheKey,
+    token: LeaseToken,
+    ended: bool,
+}
+
+impl<C: CacheStore, R: RowStore> WonLease<C, R> {
+    fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl<C: CacheStore, R: RowStore> Drop for WonLease<C, R> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let p = Arc::clone(&self.protocol);
+        let (key, token) = (self.key.clone(), self.token.clone());
+        self.protocol.refreshes.spawn(async move {
+            let release = LeaseEnd::Release {
+                key: &key,
+                token: &token,
+            };
+            if p.cache.end_leases(&[release]).await.is_err() {
+                p.metrics.redis_errors.inc();
+            }
+        });
+    }
+}
+
 /// Why a flight fills.
 #[derive(Clone, Copy, PartialEq)]
 enum Fill {
@@ -248,7 +284,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     /// The work of one flight (sealed by now: the lease request also reads the entry): win the
     /// lease and fill, or wait for the winner's fill.
     async fn fill(
-        &self,
+        self: &Arc<Self>,
         entity: EntityId,
         key: &str,
         ck: &CacheKey,
@@ -284,6 +320,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             return Ok(ReadOutcome::hit(env));
         }
         if won {
+            let lease = WonLease {
+                protocol: Arc::clone(self),
+                key: ck.clone(),
+                token: token.clone(),
+                ended: false,
+            };
             let out = match self.read_db(entity, key, CacheStatus::Miss).await {
                 Ok(out) => out,
                 Err(e) => {
@@ -296,6 +338,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                         }],
                     )
                     .await;
+                    lease.ended();
                     return Err(e);
                 }
             };
@@ -313,6 +356,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                 },
             };
             self.end_leases(entity, &[end]).await;
+            lease.ended();
             return Ok(out);
         }
         if let Some(env) = self.wait_for_fill(ck, min_version).await {
