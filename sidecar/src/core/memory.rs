@@ -483,6 +483,23 @@ fn protocol() -> Arc<Mem> {
 
 const A: EntityId = EntityId::new(0);
 
+/// Spawns a read of `key`.
+fn spawn_read(p: &Arc<Mem>, key: &'static str) -> tokio::task::JoinHandle<ReadOutcome> {
+    let p = Arc::clone(p);
+    tokio::spawn(async move { p.read(A, key).await.unwrap() })
+}
+
+/// A read of `key` (not cached) that won the lease and read the row, held before its fill.
+async fn reader_held_before_fill(
+    p: &Arc<Mem>,
+    key: &'static str,
+) -> (tokio::task::JoinHandle<ReadOutcome>, Held) {
+    let mut held = p.cache.gate(Point::Fill, "accounts", key);
+    let reader = spawn_read(p, key);
+    held.reached().await;
+    (reader, held)
+}
+
 async fn put(p: &Mem, key: &str, n: i64) -> (Version, CacheStatus) {
     let raw = format!("{{\"n\":{n}}}");
     let body = serde_json::from_str(&raw).unwrap();
@@ -503,12 +520,7 @@ fn evict(p: &Mem, key: &str) {
 async fn slow_filler_race(p: Arc<Mem>) -> Option<i64> {
     let (v1, _) = put(&p, "k", 1).await;
     evict(&p, "k");
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let reader = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
-    held.reached().await;
+    let (reader, held) = reader_held_before_fill(&p, "k").await;
     let (v2, status) = put(&p, "k", 2).await;
     assert_eq!(status, CacheStatus::Ok);
     evict(&p, "k");
@@ -601,19 +613,9 @@ async fn concurrent_misses_read_the_database_once() {
     put(&p, "k", 1).await;
     evict(&p, "k");
     let reads_before = p.rows.reads.load(Ordering::SeqCst);
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let first = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
-    held.reached().await;
+    let (first, held) = reader_held_before_fill(&p, "k").await;
     // The first flight is sealed: these readers share the next one, which waits for its turn.
-    let others: Vec<_> = (0..100)
-        .map(|_| {
-            let p = Arc::clone(&p);
-            tokio::spawn(async move { p.read(A, "k").await.unwrap() })
-        })
-        .collect();
+    let others: Vec<_> = (0..100).map(|_| spawn_read(&p, "k")).collect();
     tokio::time::sleep(Duration::from_millis(5)).await;
     held.release();
     first.await.unwrap();
@@ -634,21 +636,12 @@ async fn a_cancelled_reader_hands_its_flight_to_the_others() {
     let p = protocol();
     let (v1, _) = put(&p, "k", 1).await;
     evict(&p, "k");
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let first = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
-    held.reached().await;
-    let spawn_reader = || {
-        let p = Arc::clone(&p);
-        tokio::spawn(async move { p.read(A, "k").await.unwrap() })
-    };
+    let (first, held) = reader_held_before_fill(&p, "k").await;
     // The next flight's observer (the first of its readers to run) goes away while it waits
     // for its turn; the flight's other reader observes in its place.
-    let observer = spawn_reader();
+    let observer = spawn_read(&p, "k");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let other = spawn_reader();
+    let other = spawn_read(&p, "k");
     tokio::time::sleep(Duration::from_millis(5)).await;
     observer.abort();
     held.release();
@@ -669,19 +662,9 @@ async fn readers_that_go_away_leave_no_flight_behind() {
     let p = protocol();
     put(&p, "k", 1).await;
     evict(&p, "k");
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let first = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
-    held.reached().await;
+    let (first, held) = reader_held_before_fill(&p, "k").await;
     // Readers of the next flight, gone while it waits for its turn.
-    let gone: Vec<_> = (0..3)
-        .map(|_| {
-            let p = Arc::clone(&p);
-            tokio::spawn(async move { p.read(A, "k").await })
-        })
-        .collect();
+    let gone: Vec<_> = (0..3).map(|_| spawn_read(&p, "k")).collect();
     tokio::time::sleep(Duration::from_millis(5)).await;
     for g in &gone {
         g.abort();
@@ -693,10 +676,7 @@ async fn readers_that_go_away_leave_no_flight_behind() {
     // rather than taking a lease beside the observer.
     assert_eq!(p.flights.keys(), 1);
     let leases = p.cache.lease_requests.load(Ordering::SeqCst);
-    let late = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
+    let late = spawn_read(&p, "k");
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(
         p.cache.lease_requests.load(Ordering::SeqCst),
@@ -854,19 +834,11 @@ async fn a_reader_after_an_acknowledged_write_does_not_share_an_older_flight() {
     let p = protocol();
     let (v1, _) = put(&p, "k", 1).await;
     evict(&p, "k");
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let r1 = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
-    held.reached().await;
+    let (r1, held) = reader_held_before_fill(&p, "k").await;
     let (v2, status) = put(&p, "k", 2).await;
     assert_eq!(status, CacheStatus::Ok);
     evict(&p, "k");
-    let r2 = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await.unwrap() }
-    });
+    let r2 = spawn_read(&p, "k");
     // R2 has either finished on its own flight, or (wrongly) joined R1's and waits for it.
     tokio::time::sleep(Duration::from_millis(20)).await;
     held.release();
@@ -976,13 +948,8 @@ async fn a_reader_that_goes_away_gives_its_lease_back() {
     let p = protocol();
     put(&p, "k", 1).await;
     evict(&p, "k");
-    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
-    let gone = tokio::spawn({
-        let p = Arc::clone(&p);
-        async move { p.read(A, "k").await }
-    });
     // It won the lease and read the row; its client hangs up before the fill.
-    held.reached().await;
+    let (gone, _held) = reader_held_before_fill(&p, "k").await;
     gone.abort();
     let _ = gone.await;
     let lease = CacheKey::new("accounts", "k").lease;
