@@ -968,3 +968,24 @@ async fn a_reader_that_goes_away_gives_its_lease_back() {
     assert_eq!(p.metrics.entity(A).fill_won.get(), 1);
     assert_eq!(p.metrics.entity(A).fill_waited.get(), 0);
 }
+
+#[tokio::test]
+async fn a_burst_of_early_refreshes_reads_the_row_once() {
+    // Every hit decides to refresh (an entry about to expire, a huge beta); the refreshes spawned
+    // by a burst of hits must not queue behind each other and read the row again.
+    let p = protocol_with_beta(MemoryCache::default(), MemoryRows::default(), 1e9);
+    put(&p, "k", 1).await;
+    p.cache.ttl_left_ms.store(1, Ordering::SeqCst);
+    let mut held = p.cache.gate(Point::Fill, "accounts", "k");
+    let before = p.rows.reads.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        assert_eq!(p.read(A, "k").await.unwrap().status, CacheStatus::Hit);
+    }
+    // The first refresh read the row and waits before its fill; the others found it in flight.
+    held.reached().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    held.release();
+    p.finish_refreshes().await;
+    assert_eq!(p.rows.reads.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(p.metrics.entity(A).fill_won.get(), 1);
+}
