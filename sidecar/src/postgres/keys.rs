@@ -165,7 +165,7 @@ fn numeric(key: &str, scale: Option<u32>) -> Result<String, String> {
     let (mantissa, exponent) = match rest.find(['e', 'E']) {
         Some(i) => {
             let e: i64 = rest[i + 1..].parse().map_err(|_| bad())?;
-            if e.abs() > 1000 {
+            if e.unsigned_abs() > 1000 {
                 return Err(bad());
             }
             (&rest[..i], e)
@@ -310,7 +310,19 @@ mod tests {
         assert!(canon("numeric(10,2)", "1.505").is_err());
         assert!(canon("numeric(10)", "1.5").is_err());
         for k in [
-            "", ".", "1..2", "NaN", "Infinity", "1e", "1e9999", "abc", "1,5",
+            "",
+            ".",
+            "1..2",
+            "NaN",
+            "Infinity",
+            "1e",
+            "1e9999",
+            "abc",
+            "1,5",
+            // The smallest exponent: its absolute value overflows an i64 (found by fuzzing).
+            "e-9223372036854775808",
+            "1e-9223372036854775808",
+            "1e9223372036854775807",
         ] {
             assert!(canon("numeric", k).is_err(), "{k:?} accepted");
         }
