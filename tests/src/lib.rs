@@ -56,6 +56,19 @@ pub async fn create_table(pool: &PgPool, table: &str) {
         .unwrap();
 }
 
+/// A new table (named after `prefix`) whose key column `id` has the SQL type `key_type`, with a
+/// `label` column; returns its name.
+pub async fn table_with_key(pool: &PgPool, prefix: &str, key_type: &str) -> String {
+    let table = unique(prefix);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (id {key_type} PRIMARY KEY, label text, version bigint NOT NULL DEFAULT 0)"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    table
+}
+
 /// Calls of SELECT statements on `table` (the sidecar's reads), from pg_stat_statements.
 pub async fn select_calls(pool: &PgPool, table: &str) -> i64 {
     sqlx::query_scalar(

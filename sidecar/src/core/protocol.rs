@@ -27,7 +27,8 @@ pub struct Protocol<C, R> {
     pub(crate) metrics: Metrics,
     pub(crate) flights: Flights,
     pub(crate) sampler: Sampler,
-    /// Early refreshes, spawned by hits: owned, so that shutdown waits for them.
+    /// Early refreshes spawned by hits, and the give-back of leases whose readers went away:
+    /// owned, so that shutdown waits for them.
     pub(crate) refreshes: TaskTracker,
 }
 

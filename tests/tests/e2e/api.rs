@@ -317,13 +317,7 @@ async fn bad_input_gets_a_specific_error_and_loses_nothing() {
 #[tokio::test]
 async fn integer_keys_are_checked_before_the_database() {
     let pool = pg().await;
-    let table = unique("intkey");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, label text, version bigint NOT NULL DEFAULT 0)"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let table = table_with_key(&pool, "intkey", "bigint").await;
     let redis = RedisServer::start().await;
     let sc = Fixture::new(&redis.url())
         .entity("items", &table)

@@ -5,17 +5,6 @@
 use serde_json::{Value, json};
 use wtc_tests::*;
 
-async fn table_with_key(pool: &sqlx::PgPool, prefix: &str, key_type: &str) -> String {
-    let table = unique(prefix);
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE {table} (id {key_type} PRIMARY KEY, label text, version bigint NOT NULL DEFAULT 0)"
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
-    table
-}
-
 async fn cached_entries(redis: &RedisServer) -> Vec<String> {
     let mut c = redis.connection().await.unwrap();
     let mut keys: Vec<String> = redis::cmd("KEYS")
