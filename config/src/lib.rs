@@ -7,6 +7,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
+mod redis_target;
+pub use redis_target::RedisTarget;
+
 /// Default address: loopback only, the application reaches the sidecar on 127.0.0.1.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 
@@ -43,6 +46,17 @@ pub struct DatabaseConfig {
     /// Deadline for one statement, enforced by the client.
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    /// PEM file of the CA that signed the server's certificate (a private CA: RDS, Cloud SQL).
+    /// Set, it turns certificate and host name checks on (`sslmode=verify-full`) unless the URL
+    /// asks for `verify-ca`; the URL's own `sslrootcert` works too, as with libpq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM client certificate and key, for servers that ask for one (both or neither; the URL's
+    /// `sslcert`/`sslkey` work too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +69,14 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     #[serde(default = "default_redis_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// PEM file of the CA to trust for `rediss` URLs instead of the bundled public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM certificate and key for servers that ask for a client certificate (both or neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +337,28 @@ impl SidecarConfig {
         if self.redis.url.is_empty() {
             return invalid("redis.url is empty (set it or WTC_REDIS_URL)".into());
         }
+        let target = RedisTarget::parse(&self.redis.url).map_err(ConfigError::Invalid)?;
+        let r = &self.redis;
+        let tls_files = [&r.ca_file, &r.client_cert_file, &r.client_key_file];
+        if tls_files.iter().any(|f| f.as_deref() == Some("")) || db_ca_empty(&self.database) {
+            return invalid("a TLS file setting is empty; leave it out instead".into());
+        }
+        if !target.tls() && tls_files.iter().any(|f| f.is_some()) {
+            return invalid(
+                "redis.ca_file and redis.client_*_file need a TLS URL (rediss://, \
+                 rediss+sentinel://, rediss+cluster://)"
+                    .into(),
+            );
+        }
+        let d = &self.database;
+        if d.client_cert_file.is_some() != d.client_key_file.is_some() {
+            return invalid(
+                "database.client_cert_file and database.client_key_file go together".into(),
+            );
+        }
+        if r.client_cert_file.is_some() != r.client_key_file.is_some() {
+            return invalid("redis.client_cert_file and redis.client_key_file go together".into());
+        }
         match self.listen.parse::<std::net::SocketAddr>() {
             Ok(addr) if addr.ip().is_loopback() => {}
             Ok(addr) => {
@@ -409,6 +453,12 @@ impl SidecarConfig {
         }
         Ok(())
     }
+}
+
+fn db_ca_empty(d: &DatabaseConfig) -> bool {
+    [&d.ca_file, &d.client_cert_file, &d.client_key_file]
+        .iter()
+        .any(|f| f.as_deref() == Some(""))
 }
 
 fn is_entity_name(name: &str) -> bool {

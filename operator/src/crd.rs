@@ -52,6 +52,28 @@ pub struct DatabaseSpec {
     #[serde(default = "default_pool_size")]
     #[schemars(range(min = 1, max = 200))]
     pub pool_size: u32,
+    /// Certificates for TLS to PostgreSQL (a private CA: RDS, Cloud SQL). With a CA, the sidecar
+    /// checks the server's certificate and host name (`sslmode=verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+}
+
+/// TLS files from a Secret in the cache's namespace, mounted read-only into every sidecar.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.certKey) == has(self.keyKey)").message("set both tls.certKey and tls.keyKey, or neither"))]
+pub struct TlsFiles {
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Key of the PEM certificate of the CA that signed the server's certificate.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_key: String,
+    /// Keys of a PEM client certificate and its key, for servers that ask for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -149,8 +171,13 @@ impl EvictionPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedis {
-    /// Secret key holding the Redis URL (`redis://:password@host:6379`).
+    /// Secret key holding the Redis URL: `redis://:password@host:6379` (`rediss://` for TLS),
+    /// `redis+sentinel://:password@s1:26379,s2:26379/<master>` for a master watched by Sentinel.
     pub url_secret: SecretKeySelector,
+    /// Certificates for a `rediss` URL: a private CA (instead of the public roots), and a client
+    /// certificate if Redis asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -229,6 +256,10 @@ fn default_version_column() -> String {
 fn default_ttl_seconds() -> u64 {
     wtc_config::defaults::TTL_SECONDS
 }
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
 fn default_one() -> i32 {
     1
 }

@@ -1,13 +1,14 @@
 //! Sidecar injection, the pure part: given a Pod being created and the cache it names, decide
 //! whether to inject and build the JSON patch. The webhook server (`webhook.rs`) only does I/O.
 
-use crate::crd::WriteThroughCache;
+use crate::crd::{TlsFiles, WriteThroughCache};
 use crate::resources::{
-    CONFIG_KEY, Images, PASSWORD_KEY, auth_secret_name, config_map_name, redis_endpoint,
-    restricted_container, secret_env,
+    CONFIG_KEY, Images, PASSWORD_KEY, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer, auth_secret_name,
+    config_map_name, redis_endpoint, restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, EnvVar, ExecAction, Pod, Probe, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, EnvVar, ExecAction, KeyToPath, Pod, Probe,
+    SecretVolumeSource, Volume, VolumeMount,
 };
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -80,17 +81,20 @@ pub fn plan(
     } else {
         ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
     }
-    let volume = Volume {
+    let mut volumes = vec![Volume {
         name: CONFIG_VOLUME.into(),
         config_map: Some(ConfigMapVolumeSource {
             name: config_map_name(cache),
             ..ConfigMapVolumeSource::default()
         }),
         ..Volume::default()
-    };
-    match &spec.volumes {
-        Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
-        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+    }];
+    volumes.extend(tls_mounts(cache).map(|(peer, files)| tls_volume(peer, files)));
+    for (i, volume) in volumes.into_iter().enumerate() {
+        match (&spec.volumes, i) {
+            (None, 0) => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
+            _ => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
+        }
     }
     // The label lets the operator count injected pods with a selector.
     let label_path = format!(
@@ -102,6 +106,50 @@ pub fn plan(
         None => ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {INJECTED_LABEL: cache.name_any()}})),
     }
     Decision::Inject(serde_json::from_value(Value::Array(ops)).expect("well-formed patch"))
+}
+
+/// The TLS files the cache's sidecars need, by peer.
+fn tls_mounts(cache: &WriteThroughCache) -> impl Iterator<Item = (TlsPeer, &TlsFiles)> {
+    let spec = &cache.spec;
+    let redis = spec.redis.external.as_ref().and_then(|e| e.tls.as_ref());
+    [
+        (TlsPeer::Database, spec.database.tls.as_ref()),
+        (TlsPeer::Redis, redis),
+    ]
+    .into_iter()
+    .filter_map(|(peer, files)| Some((peer, files?)))
+}
+
+/// A Secret volume with the Secret's keys mapped onto the file names the configuration names
+/// (`resources::sidecar_config`). Default file mode (0644): the sidecar's non-root user reads
+/// them without an `fsGroup` on the application's pod.
+fn tls_volume(peer: TlsPeer, files: &TlsFiles) -> Volume {
+    let mut items = vec![KeyToPath {
+        key: files.ca_key.clone(),
+        path: TLS_CA.into(),
+        mode: None,
+    }];
+    if let (Some(cert), Some(key)) = (&files.cert_key, &files.key_key) {
+        items.push(KeyToPath {
+            key: cert.clone(),
+            path: TLS_CERT.into(),
+            mode: None,
+        });
+        items.push(KeyToPath {
+            key: key.clone(),
+            path: TLS_KEY.into(),
+            mode: None,
+        });
+    }
+    Volume {
+        name: peer.volume().into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(files.secret_name.clone()),
+            items: Some(items),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 /// The sidecar container: configuration from the cache's ConfigMap, credentials by
@@ -170,12 +218,21 @@ pub fn sidecar_container(cache: &WriteThroughCache, images: &Images) -> Containe
         ]),
         env: Some(env),
         resources: spec.sidecar.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: CONFIG_VOLUME.into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: CONFIG_VOLUME.into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            })
+            .chain(tls_mounts(cache).map(|(peer, _)| VolumeMount {
+                name: peer.volume().into(),
+                mount_path: peer.dir().into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
+            .collect(),
+        ),
         // Up to 60 s to listen (it connects to nothing before listening).
         startup_probe: Some(probe(1, 60)),
         readiness_probe: Some(probe(5, 3)),
@@ -342,6 +399,66 @@ mod tests {
                 .name,
             "redis"
         );
+    }
+
+    #[test]
+    fn tls_secrets_are_mounted_where_the_configuration_names_them() {
+        let mut cache = CacheBuilder::new("orders").external().build();
+        let files = |secret: &str, client: bool| crate::crd::TlsFiles {
+            secret_name: secret.into(),
+            ca_key: "ca.pem".into(),
+            cert_key: client.then(|| "client.pem".into()),
+            key_key: client.then(|| "client-key.pem".into()),
+        };
+        cache.spec.database.tls = Some(files("pg-ca", false));
+        cache.spec.redis.external.as_mut().unwrap().tls = Some(files("redis-tls", true));
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Images::default())
+        else {
+            panic!("no injection")
+        };
+        let spec = apply(&pod(true), &patch).spec.unwrap();
+        let volumes = spec.volumes.unwrap();
+        let secret = |name: &str| {
+            let v = volumes.iter().find(|v| v.name == name).expect(name);
+            let s = v.secret.clone().unwrap();
+            let items: Vec<(String, String)> = s
+                .items
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.key, i.path))
+                .collect();
+            (s.secret_name.unwrap(), items)
+        };
+        assert_eq!(
+            secret("wtc-tls-database"),
+            ("pg-ca".into(), vec![("ca.pem".into(), "ca.crt".into())])
+        );
+        assert_eq!(
+            secret("wtc-tls-redis").1,
+            vec![
+                ("ca.pem".into(), "ca.crt".into()),
+                ("client.pem".into(), "tls.crt".into()),
+                ("client-key.pem".into(), "tls.key".into()),
+            ]
+        );
+        let mounts = spec.init_containers.unwrap()[0]
+            .volume_mounts
+            .clone()
+            .unwrap();
+        let config = crate::resources::sidecar_config(&cache);
+        for (file, volume) in [
+            (config.database.ca_file.unwrap(), "wtc-tls-database"),
+            (config.redis.ca_file.unwrap(), "wtc-tls-redis"),
+            (config.redis.client_cert_file.unwrap(), "wtc-tls-redis"),
+            (config.redis.client_key_file.unwrap(), "wtc-tls-redis"),
+        ] {
+            let m = mounts.iter().find(|m| m.name == volume).expect(volume);
+            assert!(file.starts_with(&format!("{}/", m.mount_path)), "{file}");
+            assert_eq!(m.read_only, Some(true));
+        }
+        // Without TLS settings, no TLS volume and no file in the configuration.
+        let plain = CacheBuilder::new("orders").external().build();
+        assert_eq!(crate::resources::sidecar_config(&plain).redis.ca_file, None);
     }
 
     #[test]

@@ -72,10 +72,43 @@ pub struct ManagedObjects {
 #[error("{0}")]
 pub struct InvalidSpec(pub String);
 
+/// Whose certificates a TLS volume holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPeer {
+    Database,
+    Redis,
+}
+
+impl TlsPeer {
+    pub fn volume(self) -> &'static str {
+        match self {
+            TlsPeer::Database => "wtc-tls-database",
+            TlsPeer::Redis => "wtc-tls-redis",
+        }
+    }
+    /// Outside the ConfigMap's folder, so neither mount hides the other.
+    pub fn dir(self) -> &'static str {
+        match self {
+            TlsPeer::Database => "/etc/wtc-tls/database",
+            TlsPeer::Redis => "/etc/wtc-tls/redis",
+        }
+    }
+}
+
+/// File names inside a TLS volume (the Secret's keys are mapped onto them).
+pub const TLS_CA: &str = "ca.crt";
+pub const TLS_CERT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+
+pub fn tls_file(peer: TlsPeer, name: &str) -> String {
+    format!("{}/{name}", peer.dir())
+}
+
 /// The sidecar configuration this cache renders. URLs stay empty: the sidecar gets them from
 /// `WTC_DATABASE_URL` and `WTC_REDIS_URL`, which come from Secrets.
 pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
     let spec = &cr.spec;
+    let db_client = spec.database.tls.as_ref().filter(|t| t.cert_key.is_some());
     SidecarConfig {
         listen: format!("127.0.0.1:{}", spec.sidecar.port),
         api_token_file: None,
@@ -83,11 +116,25 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
             url: String::new(),
             pool_size: spec.database.pool_size,
             statement_timeout_ms: 5_000,
+            ca_file: spec
+                .database
+                .tls
+                .as_ref()
+                .map(|_| tls_file(TlsPeer::Database, TLS_CA)),
+            client_cert_file: db_client.map(|_| tls_file(TlsPeer::Database, TLS_CERT)),
+            client_key_file: db_client.map(|_| tls_file(TlsPeer::Database, TLS_KEY)),
         },
-        redis: RedisConfig {
-            url: String::new(),
-            connect_timeout_ms: 500,
-            response_timeout_ms: 250,
+        redis: {
+            let tls = spec.redis.external.as_ref().and_then(|e| e.tls.as_ref());
+            let client = tls.filter(|t| t.cert_key.is_some());
+            RedisConfig {
+                url: String::new(),
+                connect_timeout_ms: 500,
+                response_timeout_ms: 250,
+                ca_file: tls.map(|_| tls_file(TlsPeer::Redis, TLS_CA)),
+                client_cert_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_CERT)),
+                client_key_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_KEY)),
+            }
         },
         cache: CacheConfig {
             early_expiration_beta: spec.sidecar.early_expiration_beta,
@@ -384,6 +431,7 @@ pub(crate) mod fixtures {
                         name: "redis".into(),
                         key: "url".into(),
                     },
+                    tls: None,
                 }),
             };
             self

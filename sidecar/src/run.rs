@@ -22,8 +22,8 @@ pub type Sidecar = Protocol<RedisStore, Database>;
 pub enum StartError {
     #[error("database.url is not a valid PostgreSQL URL")]
     DatabaseUrl,
-    #[error("redis.url is not a valid Redis URL")]
-    RedisUrl,
+    #[error(transparent)]
+    Redis(crate::redis_cache::SourceError),
     #[error("no configuration file given (--config PATH or WTC_CONFIG=PATH; --help for more)")]
     NoConfig,
     #[error("cannot read configuration {path}: {source}")]
@@ -98,7 +98,7 @@ pub fn stores(config: &SidecarConfig) -> Result<(RedisStore, Database, Metrics),
         Duration::from_millis(config.cache.redis_down_backoff_ms),
         metrics.redis_epoch.clone(),
     )
-    .map_err(|_| StartError::RedisUrl)?;
+    .map_err(StartError::Redis)?;
     Ok((cache, rows, metrics))
 }
 
@@ -219,6 +219,7 @@ async fn serve<C: CacheStore>(
     }
     let app = Arc::new(app);
     let background = protocol.start_background();
+    tokio::spawn(say_what_answers(Arc::clone(&protocol)));
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -247,6 +248,20 @@ async fn serve<C: CacheStore>(
     protocol.repair_once().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tries both stores once at start so that `kubectl logs` tells at once what cannot be reached
+/// and why (a wrong CA, a refused login), instead of a pod that is silently not ready.
+async fn say_what_answers<C: CacheStore>(protocol: Arc<Protocol<C, crate::postgres::Database>>) {
+    use crate::core::ports::RowStore;
+    match protocol.rows().ping().await {
+        Ok(()) => tracing::info!("the database answers"),
+        Err(why) => tracing::warn!(%why, "the database does not answer (not ready until it does)"),
+    }
+    match protocol.cache().check().await {
+        Ok(()) => tracing::info!("Redis answers"),
+        Err(why) => tracing::warn!(%why, "Redis does not answer (reads go to the database)"),
+    }
 }
 
 async fn shutdown_signal() {

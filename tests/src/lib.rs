@@ -5,6 +5,8 @@
 pub mod history;
 pub mod hooks;
 pub mod proxy;
+pub mod sentinel;
+pub mod tls;
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -99,7 +101,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
+pub(crate) fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join("wtc-tests").join(unique(name));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -123,6 +125,19 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     persistence: Persistence,
+    tls: Option<RedisTls>,
+    /// More `redis-server` arguments (e.g. `--replicaof`).
+    args: Vec<String>,
+}
+
+/// A redis-server that speaks only TLS: its certificate and CA, and whether it asks clients for
+/// a certificate (which the harness's own connections then present).
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
@@ -137,6 +152,43 @@ impl RedisServer {
             dir: scratch_dir("redis"),
             child: None,
             persistence,
+            tls: None,
+            args: vec![],
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// A server without persistence, started with more arguments (`--replicaof host port`...).
+    pub async fn start_with_args(args: &[&str]) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+            persistence: Persistence::None,
+            tls: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// A server on TLS only (`--port 0 --tls-port`), with the certificates of `certs`; with
+    /// `client_certs`, it refuses clients without a certificate signed by the CA.
+    pub async fn start_tls(certs: &tls::Certs, client_certs: bool) -> Self {
+        let tls = RedisTls {
+            cert: certs.path("server.crt"),
+            key: certs.path("server.key"),
+            ca: certs.path("ca.crt"),
+            client_cert: client_certs.then(|| (certs.path("client.crt"), certs.path("client.key"))),
+        };
+        let mut s = Self {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+            persistence: Persistence::None,
+            tls: Some(tls),
+            args: vec![],
         };
         s.spawn().await;
         s
@@ -144,15 +196,23 @@ impl RedisServer {
 
     async fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
+        let port = self.port.to_string();
+        cmd.args(["--bind", "127.0.0.1", "--save", ""]);
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &port, "--tls-cert-file"])
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args([
+                    "--tls-auth-clients",
+                    if t.client_cert.is_some() { "yes" } else { "no" },
+                ]),
+        };
         cmd.args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &self.port.to_string(),
-            "--save",
-            "",
-        ])
-        .args([
             "--appendonly",
             if self.persistence == Persistence::AppendOnly {
                 "yes"
@@ -162,6 +222,7 @@ impl RedisServer {
         ])
         .arg("--dir")
         .arg(&self.dir)
+        .args(&self.args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
@@ -189,13 +250,31 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn tls(&self) -> Option<&RedisTls> {
+        self.tls.as_ref()
     }
 
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
+        let client = match &self.tls {
+            None => redis::Client::open(self.url())?,
+            Some(t) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: t.client_cert.as_ref().map(|(c, k)| redis::ClientTlsConfig {
+                        client_cert: std::fs::read(c).unwrap(),
+                        client_key: std::fs::read(k).unwrap(),
+                    }),
+                    root_cert: Some(std::fs::read(&t.ca).unwrap()),
+                },
+            )?,
+        };
+        client.get_multiplexed_async_connection().await
     }
 
     /// kill -9.
@@ -228,12 +307,14 @@ impl RedisServer {
     }
 
     pub fn signal(&self, sig: &str) {
-        let pid = self
-            .child
+        signal(self.pid(), sig);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
             .as_ref()
             .and_then(|c| c.id())
-            .expect("redis running");
-        signal(pid, sig);
+            .expect("redis running")
     }
 
     pub async fn get(&self, key: &str) -> Option<String> {
@@ -350,6 +431,8 @@ pub struct Fixture {
     pub config: SidecarConfig,
     /// Environment of the sidecar process (e.g. `WTC_API_TOKEN`).
     pub env: Vec<(String, String)>,
+    /// Log to a file (`Sidecar::logs`) at `warn`, instead of the test's stderr.
+    pub capture_logs: bool,
 }
 
 impl Fixture {
@@ -362,11 +445,17 @@ impl Fixture {
                     url: database_url(),
                     pool_size: 8,
                     statement_timeout_ms: 5_000,
+                    ca_file: None,
+                    client_cert_file: None,
+                    client_key_file: None,
                 },
                 redis: RedisConfig {
                     url: redis_url.into(),
                     connect_timeout_ms: 300,
                     response_timeout_ms: 200,
+                    ca_file: None,
+                    client_cert_file: None,
+                    client_key_file: None,
                 },
                 cache: CacheConfig::default(),
                 limits: Limits::default(),
@@ -377,6 +466,7 @@ impl Fixture {
                 entities: vec![],
             },
             env: vec![],
+            capture_logs: false,
         }
     }
 
@@ -401,8 +491,14 @@ impl Fixture {
         self
     }
 
+    /// Keep the sidecar's log (at `warn`) for `Sidecar::logs`.
+    pub fn capture_logs(mut self) -> Self {
+        self.capture_logs = true;
+        self
+    }
+
     pub async fn start(self) -> Sidecar {
-        Sidecar::start_with_env(&self.config, &self.env).await
+        Sidecar::spawn(&self.config, &self.env, self.capture_logs).await
     }
 }
 
@@ -485,9 +581,20 @@ impl Sidecar {
     }
 
     pub async fn start_with_env(config: &SidecarConfig, env: &[(String, String)]) -> Self {
+        Self::spawn(config, env, false).await
+    }
+
+    async fn spawn(config: &SidecarConfig, env: &[(String, String)], capture_logs: bool) -> Self {
         let dir = scratch_dir("sidecar");
         let path = dir.join("sidecar.toml");
         std::fs::write(&path, config.render()).unwrap();
+        let (level, stderr) = if capture_logs {
+            let log = std::fs::File::create(dir.join("sidecar.log")).unwrap();
+            ("warn".to_string(), Stdio::from(log))
+        } else {
+            let level = std::env::var("WTC_TEST_SIDECAR_LOG").unwrap_or_else(|_| "error".into());
+            (level, Stdio::inherit())
+        };
         let mut child = Command::new(sidecar_binary())
             .arg("--config")
             .arg(&path)
@@ -495,13 +602,10 @@ impl Sidecar {
             .env_remove("WTC_REDIS_URL")
             .env_remove("WTC_LISTEN")
             .env_remove("WTC_API_TOKEN")
+            .env("RUST_LOG", level)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env(
-                "RUST_LOG",
-                std::env::var("WTC_TEST_SIDECAR_LOG").unwrap_or_else(|_| "error".into()),
-            )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start the sidecar");
@@ -526,6 +630,11 @@ impl Sidecar {
             child,
             dir,
         }
+    }
+
+    /// What the sidecar logged so far (started with `Fixture::capture_logs`).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
     }
 
     /// The harness's own calls (metrics, holds) carry this token.

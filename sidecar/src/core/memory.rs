@@ -441,8 +441,8 @@ impl RowStore for MemoryRows {
         Ok(out)
     }
 
-    async fn ping(&self) -> bool {
-        true
+    async fn ping(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -112,6 +112,11 @@ pub trait CacheStore: Send + Sync + 'static {
     /// then go straight to the database instead of waiting on timeouts.
     fn is_up(&self) -> bool;
 
+    /// Connects now if not connected, for the start-up log; if that fails, why (safe to show).
+    fn check(&self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
     /// The entry, and with `with_ttl` its remaining time to live in ms (for early refresh).
     fn get(
         &self,
@@ -253,6 +258,7 @@ pub trait RowStore: Send + Sync + 'static {
         writes: &[(&Write, &Self::Prepared)],
     ) -> impl Future<Output = Result<Vec<Committed>, CommitFailure>> + Send;
 
-    /// Whether the database answers (readiness).
-    fn ping(&self) -> impl Future<Output = bool> + Send;
+    /// Whether the database answers (readiness); if not, why, in words safe to show (no URL,
+    /// no secret).
+    fn ping(&self) -> impl Future<Output = Result<(), String>> + Send;
 }

@@ -268,16 +268,15 @@ where
 
 /// `/readyz`: ready only when the database answers (Redis being away degrades, not stops).
 async fn ready<C: CacheStore, R: RowStore>(p: &Protocol<C, R>) -> Result<Response, ApiError> {
-    if p.rows().ping().await {
-        Ok(reply::json(
+    match p.rows().ping().await {
+        Ok(()) => Ok(reply::json(
             StatusCode::OK,
             &json!({"status": "ready", "redis": p.cache().is_up()}),
-        ))
-    } else {
-        Err(ApiError::new(
+        )),
+        Err(why) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             error::Code::DatabaseUnavailable,
-            "the database does not answer",
-        ))
+            format!("the database does not answer: {why}"),
+        )),
     }
 }

@@ -34,3 +34,24 @@ pub(super) fn db_error(e: sqlx::Error, key_only: bool) -> DbError {
         }
     }
 }
+
+/// Why the database cannot be used, for readiness and the logs: what a user needs to fix a TLS,
+/// network or login problem, and nothing that is a secret (sqlx's messages for these name no
+/// password and no statement).
+pub(super) fn unreachable_reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Tls(t) => format!("TLS: {t}"),
+        // rustls' verdicts reach sqlx as I/O errors of kind InvalidData.
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => format!("TLS: {io}"),
+        sqlx::Error::Io(io) => format!("network: {io}"),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") | Some("28000") => "the server refused the login".into(),
+            Some(code) => format!("the server answered SQLSTATE {code}"),
+            None => "the server answered an error".into(),
+        },
+        sqlx::Error::PoolTimedOut => "no connection within the acquire timeout".into(),
+        sqlx::Error::Configuration(_) => "the connection settings are not usable".into(),
+        sqlx::Error::Protocol(_) => "the server does not speak PostgreSQL's protocol".into(),
+        _ => "the database client failed".into(),
+    }
+}

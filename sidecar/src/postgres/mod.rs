@@ -18,7 +18,7 @@ use crate::core::types::{
     BodyError, Committed, Condition, DbError, EntityId, Version, Write, WriteOp,
 };
 use error::db_error;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{AssertSqlSafe, Row};
 use std::future::Future;
 use std::str::FromStr;
@@ -166,9 +166,20 @@ impl Database {
     /// Builds the pool without connecting: the sidecar starts, and answers 503, when PostgreSQL
     /// is not up yet.
     pub fn new(config: &DatabaseConfig, entities: &[Entity]) -> Result<Self, sqlx::Error> {
-        let options = PgConnectOptions::from_str(&config.url)?
+        let mut options = PgConnectOptions::from_str(&config.url)?
             .options([("statement_timeout", config.statement_timeout_ms.to_string())])
             .application_name("wtc-sidecar");
+        if let Some(ca) = &config.ca_file {
+            // A CA given means "check the server": anything weaker than verify-ca would accept
+            // any certificate and make the file pointless.
+            if !matches!(options.get_ssl_mode(), PgSslMode::VerifyCa) {
+                options = options.ssl_mode(PgSslMode::VerifyFull);
+            }
+            options = options.ssl_root_cert(ca);
+        }
+        if let (Some(cert), Some(key)) = (&config.client_cert_file, &config.client_key_file) {
+            options = options.ssl_client_cert(cert).ssl_client_key(key);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_size)
             // A ping before every acquire costs a round trip per request. Only a connection that
@@ -582,12 +593,13 @@ impl RowStore for Database {
         }
     }
 
-    async fn ping(&self) -> bool {
+    async fn ping(&self) -> Result<(), String> {
         let q = sqlx::query("SELECT 1").fetch_one(&self.pool);
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), q).await,
-            Ok(Ok(_))
-        )
+        match tokio::time::timeout(Duration::from_secs(1), q).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(error::unreachable_reason(&e)),
+            Err(_) => Err("no answer within 1 s".into()),
+        }
     }
 }
 

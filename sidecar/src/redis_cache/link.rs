@@ -12,20 +12,25 @@
 //! own new connections; deleting twice is harmless, and nobody records the epoch before the sweep
 //! is complete, so no connection ever serves a restored entry.
 
+use super::source::Source;
 use crate::core::EpochCounters;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, RedisResult};
+use redis::{AsyncConnectionConfig, RedisError, RedisResult};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The key holding the run id the cache was last made safe under. Outside the `wtc:{` pattern of
 /// entries and leases, so the sweep leaves it alone.
 pub const EPOCH_KEY: &str = "wtc:epoch";
 const SWEEP_PATTERN: &str = "wtc:{*";
 
+/// At most one "cannot connect" warning per this long (a Redis that stays away would otherwise
+/// log once per down window).
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
 pub struct Link {
-    client: Client,
+    source: Source,
     config: AsyncConnectionConfig,
     /// The connection in use and its generation (so an error on an old one does not drop a new one).
     current: RwLock<Option<(MultiplexedConnection, u64)>>,
@@ -35,17 +40,20 @@ pub struct Link {
     reconnecting: tokio::sync::Mutex<()>,
     connect_timeout: Duration,
     counters: EpochCounters,
+    /// When the last connect failure was logged (ms since `started`, 0: never).
+    warned_at_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Link {
     pub fn new(
-        client: Client,
+        source: Source,
         connect_timeout: Duration,
         response_timeout: Duration,
         counters: EpochCounters,
     ) -> Self {
         Self {
-            client,
+            source,
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(response_timeout)),
@@ -54,6 +62,8 @@ impl Link {
             reconnecting: tokio::sync::Mutex::new(()),
             connect_timeout,
             counters,
+            warned_at_ms: AtomicU64::new(0),
+            started: Instant::now(),
         }
     }
 
@@ -72,14 +82,45 @@ impl Link {
         if let Some(c) = self.current.read().unwrap().clone() {
             return Ok(Some(c));
         }
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
-        self.make_safe(&mut conn).await?;
+        let conn = match self.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.warn(&e);
+                return Err(e);
+            }
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.current.write().unwrap() = Some((conn.clone(), generation));
         Ok(Some((conn, generation)))
+    }
+
+    async fn connect(&self) -> RedisResult<MultiplexedConnection> {
+        let mut conn = self
+            .source
+            .connect(&self.config, self.connect_timeout)
+            .await?;
+        self.make_safe(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Says why Redis cannot be reached (a TLS or sentinel problem must not look like a slow
+    /// cache), at most once per `WARN_EVERY`. redis' messages carry no password.
+    fn warn(&self, e: &RedisError) {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.warned_at_ms.load(Ordering::Relaxed);
+        if last != 0 && now - last < WARN_EVERY.as_millis() as u64 {
+            return;
+        }
+        if self
+            .warned_at_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(
+                error = %e,
+                "cannot connect to Redis; reads go to the database until it answers"
+            );
+        }
     }
 
     /// Forgets a connection that failed, unless it was already replaced.

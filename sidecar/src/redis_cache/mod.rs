@@ -11,8 +11,10 @@
 
 mod link;
 mod scripts;
+mod source;
 
 pub use link::EPOCH_KEY;
+pub use source::SourceError;
 
 use crate::core::EpochCounters;
 use crate::core::ports::{
@@ -50,11 +52,10 @@ impl RedisStore {
         config: &RedisConfig,
         down_backoff: Duration,
         epoch: EpochCounters,
-    ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(config.url.as_str())?;
+    ) -> Result<Self, SourceError> {
         Ok(Self {
             link: Link::new(
-                client,
+                source::Source::new(config)?,
                 Duration::from_millis(config.connect_timeout_ms),
                 Duration::from_millis(config.response_timeout_ms),
                 epoch,
@@ -97,8 +98,10 @@ impl RedisStore {
     }
 
     /// Records a failed call on `generation`: a connection that broke or timed out is replaced
-    /// (the replacement passes the epoch check), and the down window opens. Server replies that
-    /// are errors (a script bug, a wrong type) do not mean Redis is unreachable.
+    /// (the replacement passes the epoch check), and the down window opens. So is one to a
+    /// server that is no longer a master (`READONLY` after a failover: the replacement asks the
+    /// sentinels again). Other server errors (a script bug, a wrong type) do not mean Redis is
+    /// unreachable.
     fn note<T>(&self, generation: u64, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
         r.map_err(|e| {
             if e.is_io_error()
@@ -106,6 +109,7 @@ impl RedisStore {
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
                 || e.is_unrecoverable_error()
+                || matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
             {
                 self.link.drop_connection(generation);
                 self.open_down_window();
@@ -159,6 +163,14 @@ fn bytes(v: Value) -> Result<Option<Vec<u8>>, CacheError> {
 impl CacheStore for RedisStore {
     fn is_up(&self) -> bool {
         self.now_ms() >= self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        match self.link.get().await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("no connection within the connect timeout".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn get(

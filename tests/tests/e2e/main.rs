@@ -17,3 +17,4 @@ mod read_your_writes;
 mod recovery;
 mod sampler;
 mod shedding;
+mod tls;

@@ -12,6 +12,7 @@ mod history;
 mod overload;
 mod postgres_faults;
 mod redis_faults;
+mod sentinel_failover;
 mod sidecar_faults;
 
 use serde_json::Value;

@@ -1,0 +1,223 @@
+//! Where a new Redis connection comes from: the one server of a `redis://`/`rediss://` URL, or
+//! the master the sentinels name at the moment of connecting (`redis+sentinel://`), so that a
+//! connection replaced after a failover reaches the promoted master. TLS settings (a private CA,
+//! a client certificate) are read here, once, at start.
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, RedisError, RedisResult,
+    TlsCertificates, TlsMode,
+};
+use std::time::Duration;
+use wtc_config::{RedisConfig, RedisTarget};
+
+/// Why the Redis settings cannot be used; never repeats the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Url(String),
+    #[error("redis.url is not a valid Redis URL")]
+    BadUrl,
+    #[error("cannot read {setting} {path}: {kind}")]
+    File {
+        setting: &'static str,
+        path: String,
+        kind: std::io::ErrorKind,
+    },
+    #[error("redis TLS settings are not usable: {0}")]
+    Tls(String),
+}
+
+pub enum Source {
+    Node(Client),
+    /// `SentinelClient` asks with `&mut self`; reconnects are one at a time anyway (`Link`).
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl Source {
+    pub fn new(config: &RedisConfig) -> Result<Self, SourceError> {
+        let target = RedisTarget::parse(&config.url).map_err(SourceError::Url)?;
+        let certs = certificates(config)?;
+        match target {
+            RedisTarget::Node { .. } => {
+                let client = match certs {
+                    Some(c) => Client::build_with_tls(config.url.as_str(), c),
+                    None => Client::open(config.url.as_str()),
+                };
+                client.map(Source::Node).map_err(|e| match e.kind() {
+                    redis::ErrorKind::InvalidClientConfig if e.to_string().contains("TLS") => {
+                        SourceError::Tls(e.to_string())
+                    }
+                    _ => SourceError::BadUrl,
+                })
+            }
+            RedisTarget::Sentinel {
+                tls,
+                ref sentinels,
+                ref master,
+                ref credentials,
+            } => {
+                let addrs = sentinels
+                    .iter()
+                    .map(|hp| address(hp, tls))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut b = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                    .map_err(|_| SourceError::BadUrl)?;
+                if let Some((user, password)) = credentials.as_deref().map(split_credentials) {
+                    if !user.is_empty() {
+                        b = b.set_client_to_redis_username(user);
+                    }
+                    if !password.is_empty() {
+                        b = b.set_client_to_redis_password(password);
+                    }
+                }
+                if tls {
+                    b = b
+                        .set_client_to_redis_tls_mode(TlsMode::Secure)
+                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+                    if let Some(c) = certs {
+                        b = b
+                            .set_client_to_redis_certificates(c.clone())
+                            .set_client_to_sentinel_certificates(c);
+                    }
+                }
+                let client = b.build().map_err(|e| SourceError::Tls(e.to_string()))?;
+                Ok(Source::Sentinel(tokio::sync::Mutex::new(client)))
+            }
+            RedisTarget::Cluster { .. } => Err(SourceError::Url(
+                "redis.url: Redis Cluster is not supported yet".into(),
+            )),
+        }
+    }
+
+    /// A new connection: to the URL's server, or to the master the sentinels name now.
+    pub async fn connect(
+        &self,
+        config: &AsyncConnectionConfig,
+        timeout: Duration,
+    ) -> RedisResult<MultiplexedConnection> {
+        match self {
+            Source::Node(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+            }
+            Source::Sentinel(sentinel) => {
+                let ask = async { sentinel.lock().await.async_get_client().await };
+                let client = tokio::time::timeout(timeout, ask).await.map_err(|_| {
+                    RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no sentinel named a master in time",
+                    ))
+                })??;
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+            }
+        }
+    }
+}
+
+/// The PEM files of `config`, read once; `None` when no file is set (a `rediss` URL then trusts
+/// the bundled public roots).
+fn certificates(config: &RedisConfig) -> Result<Option<TlsCertificates>, SourceError> {
+    let read = |setting: &'static str, path: &Option<String>| {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| SourceError::File {
+                    setting,
+                    path: p.clone(),
+                    kind: e.kind(),
+                })
+            })
+            .transpose()
+    };
+    let root_cert = read("redis.ca_file", &config.ca_file)?;
+    let cert = read("redis.client_cert_file", &config.client_cert_file)?;
+    let key = read("redis.client_key_file", &config.client_key_file)?;
+    let client_tls = match (cert, key) {
+        (Some(client_cert), Some(client_key)) => Some(ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// A sentinel's address (`host:port`, IPv6 in brackets) as the `redis` crate takes it.
+fn address(host_port: &str, tls: bool) -> Result<ConnectionAddr, SourceError> {
+    let (host, port) = host_port.rsplit_once(':').ok_or(SourceError::BadUrl)?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = port.parse().map_err(|_| SourceError::BadUrl)?;
+    Ok(if tls {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    })
+}
+
+/// `user:password` from a URL, percent-decoded.
+fn split_credentials(text: &str) -> (String, String) {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    match text.split_once(':') {
+        Some((u, p)) => (decode(u), decode(p)),
+        None => (decode(text), String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_decoded() {
+        assert_eq!(
+            split_credentials("app:s%40cret%3A1"),
+            ("app".into(), "s@cret:1".into())
+        );
+        assert_eq!(split_credentials(":pw"), (String::new(), "pw".into()));
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_is_named_in_the_error() {
+        let config = RedisConfig {
+            url: "rediss://:secret@127.0.0.1:1".into(),
+            connect_timeout_ms: 1,
+            response_timeout_ms: 1,
+            ca_file: Some("/nonexistent/ca.crt".into()),
+            client_cert_file: None,
+            client_key_file: None,
+        };
+        let e = Source::new(&config).err().expect("refused").to_string();
+        assert!(e.contains("redis.ca_file /nonexistent/ca.crt"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_addresses_keep_ipv6_hosts_bare() {
+        match address("[::1]:26379", false).unwrap() {
+            ConnectionAddr::Tcp(h, p) => assert_eq!((h.as_str(), p), ("::1", 26379)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
