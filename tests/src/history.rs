@@ -402,6 +402,64 @@ impl Workload {
     }
 }
 
+/// A connection to `url`: one server, or a `redis+cluster://` list of nodes.
+async fn evictor_connection(url: &str) -> Option<EvictorConnection> {
+    let timeout = Some(Duration::from_millis(200));
+    if let Some(hosts) = url.strip_prefix("redis+cluster://") {
+        let urls: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+        let client = redis::cluster::ClusterClient::builder(urls)
+            .connection_timeout(Duration::from_millis(200))
+            .response_timeout(Duration::from_millis(200))
+            .build()
+            .ok()?;
+        return client
+            .get_async_connection()
+            .await
+            .ok()
+            .map(EvictorConnection::Cluster);
+    }
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    redis::Client::open(url)
+        .ok()?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .ok()
+        .map(EvictorConnection::Node)
+}
+
+enum EvictorConnection {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for EvictorConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Node(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        p: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Node(c) => c.req_packed_commands(p, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(p, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
 /// Deletes random entries (what `maxmemory` eviction or a TTL does) until `done`. Errors (Redis
 /// paused or restarting under a fault) just skip a beat.
 async fn evict_until(
@@ -411,18 +469,11 @@ async fn evict_until(
     hi: Duration,
     done: impl Fn() -> bool,
 ) -> u64 {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(200)))
-        .set_response_timeout(Some(Duration::from_millis(200)));
     let mut conn = None;
     let mut evictions = 0;
     while !done() {
         if conn.is_none() {
-            conn = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .ok();
+            conn = evictor_connection(url).await;
         }
         if let Some(c) = conn.as_mut() {
             let key = crate::entry_key("accounts", &keys[fastrand::usize(..keys.len())]);

@@ -2,6 +2,7 @@
 //! starts), a real redis-server per test, and real sidecar processes (built with hold points).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod history;
 pub mod hooks;
 pub mod proxy;
@@ -353,6 +354,16 @@ impl RedisServer {
             .query_async(&mut c)
             .await
             .unwrap()
+    }
+
+    /// `INFO section`, or `None` when the server does not answer.
+    pub async fn info(&self, section: &str) -> Option<String> {
+        let mut c = self.connection().await.ok()?;
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut c)
+            .await
+            .ok()
     }
 
     /// Commands this server has processed so far (`INFO stats`), to count what a workload costs.

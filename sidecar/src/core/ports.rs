@@ -101,6 +101,10 @@ impl LeaseEnd<'_> {
 pub enum CacheError {
     #[error("the cache is marked unavailable")]
     Down,
+    /// The part of the cache holding this key cannot be used now (a cluster slot whose master
+    /// is failing over); the rest of the cache can.
+    #[error("the cache cannot serve this key now")]
+    KeyUnavailable,
     #[error("cache error: {0}")]
     Failed(String),
     #[error("unexpected reply from a cache script: {0}")]

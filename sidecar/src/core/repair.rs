@@ -13,7 +13,7 @@
 //! behind is gone with the rest.
 
 use super::metrics::Metrics;
-use super::ports::{CacheKey, CacheStore};
+use super::ports::{CacheError, CacheKey, CacheStore};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -78,7 +78,7 @@ impl RepairQueue {
     }
 
     /// One pass: evict every pending key (or, overflowed, sweep the cache); stop at the first
-    /// failure (Redis is still away).
+    /// failure (Redis is still away), skipping keys only their part of the cache cannot take.
     pub async fn drain_once(&self, cache: &impl CacheStore, metrics: &Metrics) {
         let overflowed_since = *self.overflowed.lock().unwrap();
         if let Some(since) = overflowed_since {
@@ -99,9 +99,14 @@ impl RepairQueue {
         let batch: Vec<(CacheKey, Instant)> =
             self.pending.lock().unwrap().values().cloned().collect();
         for (key, since) in batch {
-            if cache.repair_evict(&key).await.is_err() {
-                metrics.redis_errors.inc();
-                break;
+            match cache.repair_evict(&key).await {
+                Ok(()) => {}
+                // Only this key's part of the cache is away: the others can be repaired.
+                Err(CacheError::KeyUnavailable) => continue,
+                Err(_) => {
+                    metrics.redis_errors.inc();
+                    break;
+                }
             }
             let mut p = self.pending.lock().unwrap();
             // A newer failure of the same key may have replaced the entry; it was evicted too.

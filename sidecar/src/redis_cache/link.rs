@@ -1,45 +1,57 @@
-//! The sidecar's connection to Redis: one multiplexed connection, replaced when it breaks, and the
-//! epoch check every new connection passes before it carries a single command.
+//! The sidecar's connection to Redis: one connection (multiplexed; a cluster connection routes by
+//! slot), and the epoch check (`epoch`) it passes before it carries a single command.
 //!
-//! Why the check: a Redis restarted from its persistence files (RDB or AOF) brings back entries
-//! and fill leases from before the crash, while the writes acknowledged after its last save are
-//! gone from it. Those entries are older than acknowledged versions; serving them breaks P2, and a
-//! restored write intent could even let an older writer fill an empty slot. A restart always gives
-//! the server a new `run_id` and always breaks every client connection, so a connection learns the
-//! run id of the one process it talks to. `wtc:epoch` holds the run id under which the cache was
-//! last made safe; when it differs, this sidecar deletes every `wtc:{...}` key (entries and leases)
-//! before using the connection, then records the new run id. Other sidecars do the same on their
-//! own new connections; deleting twice is harmless, and nobody records the epoch before the sweep
-//! is complete, so no connection ever serves a restored entry.
+//! One server (plain or found through Sentinel): a connection is replaced when it breaks, and a
+//! new connection is checked first. A restart or a failover always breaks the connection, so no
+//! command reaches a new process before the check.
+//!
+//! A cluster connection repairs itself (it reconnects to nodes and follows the slot map), so it
+//! is never replaced: instead an error on it makes it suspect, and a suspect connection is handed
+//! out only after a check of every master of every slot. The client is built without internal
+//! retries (`source`): a dead node, a failover's MOVED and a migration's ASK reach the sidecar
+//! as errors instead of being followed quietly to a server not yet checked. Slots whose master
+//! did not answer the check stay unchecked: the store does not use Redis for their keys
+//! (`serves`), the other slots go on, and the check runs again every `UNCHECKED_RETRY` until it
+//! passes them. A check also runs every `CLUSTER_CHECK_EVERY` (one caller runs it, the others go
+//! on): it bounds what an unobserved change (no command was sent to the node meanwhile) can
+//! serve.
 
+use super::connection::{self, Connection};
+use super::epoch::{self, Unchecked};
 use super::source::Source;
 use crate::core::EpochCounters;
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, RedisResult};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// The key holding the run id the cache was last made safe under. Outside the `wtc:{` pattern of
-/// entries and leases, so the sweep leaves it alone.
-pub const EPOCH_KEY: &str = "wtc:epoch";
-const SWEEP_PATTERN: &str = "wtc:{*";
 
 /// At most one "cannot connect" warning per this long (a Redis that stays away would otherwise
 /// log once per down window).
 const WARN_EVERY: Duration = Duration::from_secs(30);
+/// How often a cluster connection is checked again without an error.
+const CLUSTER_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often a check runs again while some slots are unchecked.
+const UNCHECKED_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Link {
     source: Source,
     config: AsyncConnectionConfig,
     /// The connection in use and its generation (so an error on an old one does not drop a new one).
-    current: RwLock<Option<(MultiplexedConnection, u64)>>,
+    current: RwLock<Option<(Connection, u64)>>,
     generation: AtomicU64,
-    /// One reconnect at a time; callers wait for it up to `connect_timeout`, then treat Redis as
-    /// unavailable.
+    /// One reconnect (or cluster check) at a time; callers wait for it up to `connect_timeout`,
+    /// then treat Redis as unavailable.
     reconnecting: tokio::sync::Mutex<()>,
     connect_timeout: Duration,
     counters: EpochCounters,
+    /// A cluster connection saw an error since its last check.
+    suspect: AtomicBool,
+    /// When the cluster connection was last checked (ms since `started`).
+    checked_at_ms: AtomicU64,
+    /// Slot ranges the last check could not pass (`partial` says whether there are any, so the
+    /// hit path reads one atomic).
+    unchecked: RwLock<Unchecked>,
+    partial: AtomicBool,
     /// When the last connect failure was logged (ms since `started`, 0: never).
     warned_at_ms: AtomicU64,
     started: Instant,
@@ -62,16 +74,28 @@ impl Link {
             reconnecting: tokio::sync::Mutex::new(()),
             connect_timeout,
             counters,
+            suspect: AtomicBool::new(false),
+            checked_at_ms: AtomicU64::new(0),
+            unchecked: RwLock::new(vec![]),
+            partial: AtomicBool::new(false),
             warned_at_ms: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// The connection to use, connecting (and checking the epoch) when there is none. `None` when
     /// another task's reconnect takes longer than the connect timeout.
-    pub async fn get(&self) -> RedisResult<Option<(MultiplexedConnection, u64)>> {
-        if let Some(c) = self.current.read().unwrap().clone() {
-            return Ok(Some(c));
+    pub async fn get(&self) -> RedisResult<Option<(Connection, u64)>> {
+        let current = self.current.read().unwrap().clone();
+        if let Some((c, generation)) = current {
+            return match c {
+                Connection::Node(_) => Ok(Some((c, generation))),
+                Connection::Cluster(_) => self.checked(c, generation).await,
+            };
         }
         // Waiting for another task's connect is what lets a herd at startup share one connection
         // (and one lease); a sweep that outlasts the connect timeout is not waited for.
@@ -82,7 +106,7 @@ impl Link {
         if let Some(c) = self.current.read().unwrap().clone() {
             return Ok(Some(c));
         }
-        let conn = match self.connect().await {
+        let (conn, unchecked) = match self.connect().await {
             Ok(c) => c,
             Err(e) => {
                 self.warn(&e);
@@ -90,23 +114,99 @@ impl Link {
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.passed(unchecked);
         *self.current.write().unwrap() = Some((conn.clone(), generation));
         Ok(Some((conn, generation)))
     }
 
-    async fn connect(&self) -> RedisResult<MultiplexedConnection> {
+    /// A cluster connection, checked first when suspect (everyone waits) or due (one caller
+    /// checks, the others go on).
+    async fn checked(
+        &self,
+        mut conn: Connection,
+        generation: u64,
+    ) -> RedisResult<Option<(Connection, u64)>> {
+        let due = || {
+            let every = if self.partial.load(Ordering::Acquire) {
+                UNCHECKED_RETRY
+            } else {
+                CLUSTER_CHECK_EVERY
+            };
+            self.now_ms()
+                .saturating_sub(self.checked_at_ms.load(Ordering::Relaxed))
+                >= every.as_millis() as u64
+        };
+        if !self.suspect.load(Ordering::Acquire) {
+            if !due() {
+                return Ok(Some((conn, generation)));
+            }
+            let Ok(_guard) = self.reconnecting.try_lock() else {
+                return Ok(Some((conn, generation)));
+            };
+            if due() {
+                self.check(&mut conn).await?;
+            }
+            return Ok(Some((conn, generation)));
+        }
+        let Ok(_guard) = tokio::time::timeout(self.connect_timeout, self.reconnecting.lock()).await
+        else {
+            return Ok(None);
+        };
+        if self.suspect.load(Ordering::Acquire) {
+            self.check(&mut conn).await?;
+        }
+        Ok(Some((conn, generation)))
+    }
+
+    async fn check(&self, conn: &mut Connection) -> RedisResult<()> {
+        match epoch::make_safe(conn, &self.counters).await {
+            Ok(unchecked) => {
+                self.passed(unchecked);
+                Ok(())
+            }
+            Err(e) => {
+                self.warn(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A check ended: what it could not pass is left alone until the next one.
+    fn passed(&self, unchecked: Unchecked) {
+        self.partial.store(!unchecked.is_empty(), Ordering::Release);
+        *self.unchecked.write().unwrap() = unchecked;
+        self.checked_at_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.suspect.store(false, Ordering::Release);
+    }
+
+    /// Whether Redis may be used for `key`: false for keys of cluster slots the last check could
+    /// not pass.
+    pub fn serves(&self, key: &str) -> bool {
+        if !self.partial.load(Ordering::Acquire) {
+            return true;
+        }
+        let slot = connection::slot(key);
+        !self
+            .unchecked
+            .read()
+            .unwrap()
+            .iter()
+            .any(|&(a, b)| (a..=b).contains(&slot))
+    }
+
+    async fn connect(&self) -> RedisResult<(Connection, Unchecked)> {
         let mut conn = self
             .source
             .connect(&self.config, self.connect_timeout)
             .await?;
-        self.make_safe(&mut conn).await?;
-        Ok(conn)
+        let unchecked = epoch::make_safe(&mut conn, &self.counters).await?;
+        Ok((conn, unchecked))
     }
 
     /// Says why Redis cannot be reached (a TLS or sentinel problem must not look like a slow
     /// cache), at most once per `WARN_EVERY`. redis' messages carry no password.
     fn warn(&self, e: &RedisError) {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let now = self.now_ms() + 1;
         let last = self.warned_at_ms.load(Ordering::Relaxed);
         if last != 0 && now - last < WARN_EVERY.as_millis() as u64 {
             return;
@@ -123,88 +223,16 @@ impl Link {
         }
     }
 
-    /// Forgets a connection that failed, unless it was already replaced.
+    /// Forgets a connection that failed, unless it was already replaced; a cluster connection
+    /// is kept (it repairs itself) but must pass a check before its next use.
     pub fn drop_connection(&self, generation: u64) {
         let mut cur = self.current.write().unwrap();
-        if cur.as_ref().is_some_and(|(_, g)| *g == generation) {
-            *cur = None;
+        match cur.as_ref() {
+            Some((Connection::Cluster(_), g)) if *g == generation => {
+                self.suspect.store(true, Ordering::Release);
+            }
+            Some((_, g)) if *g == generation => *cur = None,
+            _ => {}
         }
-    }
-
-    /// The epoch check (module doc).
-    async fn make_safe(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
-        let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-        let run_id = run_id(&info).ok_or_else(|| {
-            RedisError::from((redis::ErrorKind::Client, "INFO server has no run_id"))
-        })?;
-        let recorded: Option<String> = redis::cmd("GET").arg(EPOCH_KEY).query_async(conn).await?;
-        if recorded.as_deref() == Some(run_id) {
-            return Ok(());
-        }
-        let swept = sweep(conn).await?;
-        redis::cmd("SET")
-            .arg(EPOCH_KEY)
-            .arg(run_id)
-            .query_async::<()>(conn)
-            .await?;
-        self.counters.swept_keys.inc_by(swept);
-        // A first start of Redis (no epoch yet, nothing swept) is not a restart worth a warning.
-        if recorded.is_some() || swept > 0 {
-            self.counters.changes.inc();
-            tracing::warn!(
-                swept,
-                "Redis is a new process (run id changed): deleted every cached entry and lease \
-                 it may have restored from before its restart"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Deletes every entry and lease (`SCAN` + `UNLINK`, a batch per round trip). Keys restored from
-/// persistence exist for the whole scan, so `SCAN` returns each of them at least once.
-pub(super) async fn sweep(conn: &mut MultiplexedConnection) -> RedisResult<u64> {
-    let mut cursor: u64 = 0;
-    let mut swept = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(SWEEP_PATTERN)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            swept += redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<u64>(conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(swept);
-        }
-        cursor = next;
-    }
-}
-
-/// The `run_id` field of `INFO server`.
-fn run_id(info: &str) -> Option<&str> {
-    info.lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_id_is_read_from_info_server() {
-        let info =
-            "# Server\r\nredis_version:7.0.15\r\nrun_id:4f1c0c0e8c5a1d2b\r\ntcp_port:6379\r\n";
-        assert_eq!(run_id(info), Some("4f1c0c0e8c5a1d2b"));
-        assert_eq!(run_id("# Server\r\nredis_version:7\r\n"), None);
     }
 }

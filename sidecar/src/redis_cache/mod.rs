@@ -9,11 +9,13 @@
 //! script call uses `Script::invoke_async` (EVALSHA, EVAL on NOSCRIPT), which sends no script
 //! text on the hot path.
 
+mod connection;
+mod epoch;
 mod link;
 mod scripts;
 mod source;
 
-pub use link::EPOCH_KEY;
+pub use epoch::{CLUSTER_EPOCH_PREFIX, EPOCH_KEY};
 pub use source::SourceError;
 
 use crate::core::EpochCounters;
@@ -21,16 +23,18 @@ use crate::core::ports::{
     CacheError, CacheKey, CacheStore, FillOutcome, LeaseEnd, LeaseToken, StoreCall, StoreOutcome,
 };
 use crate::core::types::Cached;
+use connection::Connection;
+use futures_util::future::try_join_all;
 use link::Link;
-use redis::aio::MultiplexedConnection;
 use redis::{Pipeline, Script, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use wtc_config::RedisConfig;
 
 /// A connection handed to one call, with the generation that identifies it to `Link`.
+#[derive(Clone)]
 struct Conn {
-    c: MultiplexedConnection,
+    c: Connection,
     generation: u64,
 }
 
@@ -80,6 +84,22 @@ impl RedisStore {
         self.connect().await
     }
 
+    /// `conn`, refused for calls naming a key of a cluster slot the last epoch check could not
+    /// pass (its master did not answer, or is new and not swept yet: `link`). Such a key's
+    /// commands would go to a dead master (errors that open the down window for every key) or
+    /// read from an unswept one.
+    async fn conn_for<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k CacheKey>,
+    ) -> Result<Conn, CacheError> {
+        let c = self.conn().await?;
+        if keys.into_iter().all(|k| self.link.serves(&k.entry)) {
+            Ok(c)
+        } else {
+            Err(CacheError::KeyUnavailable)
+        }
+    }
+
     /// The connection, even inside the down window (the repair loop probes with it).
     async fn connect(&self) -> Result<Conn, CacheError> {
         match self.link.get().await {
@@ -109,6 +129,7 @@ impl RedisStore {
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
                 || e.is_unrecoverable_error()
+                || e.is_cluster_error()
                 || matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
             {
                 self.link.drop_connection(generation);
@@ -127,6 +148,56 @@ impl RedisStore {
         let r = pipe.query_async(&mut c.c).await;
         self.note(c.generation, r)
     }
+
+    /// A call on `n` items as few pipelined round trips as the connection allows: one on a
+    /// server, one per hash slot on a cluster (concurrently). `key(i)` is item `i`'s key,
+    /// `replies(i)` how many replies its commands give (ignored ones give none), `build` adds a
+    /// group's commands. Returns the replies in item order, as one pipeline would.
+    async fn grouped<'k>(
+        &self,
+        c: &Conn,
+        n: usize,
+        key: impl Fn(usize) -> &'k str,
+        replies: impl Fn(usize) -> usize,
+        build: impl Fn(&mut Pipeline, &[usize]),
+    ) -> Result<Vec<Value>, CacheError> {
+        let groups: Vec<Vec<usize>> =
+            c.c.pipeline_groups(n, key)
+                .into_iter()
+                .filter(|g| !g.is_empty())
+                .collect();
+        let runs = groups.iter().map(|g| {
+            let mut pipe = redis::pipe();
+            build(&mut pipe, g);
+            let mut c = c.clone();
+            async move {
+                if pipe.is_empty() {
+                    return Ok(vec![]);
+                }
+                self.query::<Vec<Value>>(&mut c, &pipe).await
+            }
+        });
+        let results = try_join_all(runs).await?;
+        if let [only] = &groups[..]
+            && only.len() == n
+        {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        let mut by_item: Vec<Vec<Value>> = (0..n).map(|_| vec![]).collect();
+        for (g, r) in groups.iter().zip(results) {
+            let mut r = r.into_iter();
+            for &i in g {
+                for _ in 0..replies(i) {
+                    by_item[i].push(r.next().ok_or_else(short_reply)?);
+                }
+            }
+        }
+        Ok(by_item.into_iter().flatten().collect())
+    }
+}
+
+fn short_reply() -> CacheError {
+    CacheError::Protocol("short pipeline reply".into())
 }
 
 /// `SET lease token [NX] PX ttl`: a reader's fill lease (`NX`: only into an empty lease) or a
@@ -178,7 +249,7 @@ impl CacheStore for RedisStore {
         key: &CacheKey,
         with_ttl: bool,
     ) -> Result<(Cached, Option<i64>), CacheError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for([key]).await?;
         if with_ttl {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(&key.entry).cmd("PTTL").arg(&key.entry);
@@ -195,7 +266,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn get_many(&self, keys: &[&CacheKey]) -> Result<Vec<Cached>, CacheError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for(keys.iter().copied()).await?;
         let mut cmd = redis::cmd("MGET");
         for k in keys {
             cmd.arg(&k.entry);
@@ -206,7 +277,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn peek(&self, key: &CacheKey) -> Result<(Cached, bool), CacheError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for([key]).await?;
         let mut pipe = redis::pipe();
         pipe.cmd("GET")
             .arg(&key.entry)
@@ -221,13 +292,22 @@ impl CacheStore for RedisStore {
         leases: &[(&CacheKey, &LeaseToken)],
         ttl: Duration,
     ) -> Result<Vec<(bool, Cached)>, CacheError> {
-        let mut c = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for (key, token) in leases {
-            set_lease(&mut pipe, key, token, ttl, true);
-            pipe.cmd("GET").arg(&key.entry);
-        }
-        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        let c = self.conn_for(leases.iter().map(|(k, _)| *k)).await?;
+        let replies = self
+            .grouped(
+                &c,
+                leases.len(),
+                |i| leases[i].0.entry.as_str(),
+                |_| 2,
+                |pipe, group| {
+                    for &i in group {
+                        let (key, token) = leases[i];
+                        set_lease(pipe, key, token, ttl, true);
+                        pipe.cmd("GET").arg(&key.entry);
+                    }
+                },
+            )
+            .await?;
         let mut out = Vec::with_capacity(leases.len());
         let mut it = replies.into_iter();
         while let (Some(won), Some(entry)) = (it.next(), it.next()) {
@@ -247,13 +327,22 @@ impl CacheStore for RedisStore {
         intents: &[(&CacheKey, &LeaseToken)],
         ttl: Duration,
     ) -> Result<(), CacheError> {
-        let mut c = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for (key, token) in intents {
-            set_lease(&mut pipe, key, token, ttl, false);
-            pipe.ignore();
-        }
-        self.query::<()>(&mut c, &pipe).await
+        let c = self.conn_for(intents.iter().map(|(k, _)| *k)).await?;
+        self.grouped(
+            &c,
+            intents.len(),
+            |i| intents[i].0.entry.as_str(),
+            |_| 0,
+            |pipe, group| {
+                for &i in group {
+                    let (key, token) = intents[i];
+                    set_lease(pipe, key, token, ttl, false);
+                    pipe.ignore();
+                }
+            },
+        )
+        .await
+        .map(drop)
     }
 
     async fn store(
@@ -261,7 +350,7 @@ impl CacheStore for RedisStore {
         stores: &[StoreCall<'_>],
         evict: &[&CacheKey],
     ) -> Result<Vec<StoreOutcome>, CacheError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for(stores.iter().map(|s| s.key)).await?;
         if let ([s], []) = (stores, evict) {
             let r = self
                 .store
@@ -276,24 +365,39 @@ impl CacheStore for RedisStore {
             let reply = self.note(c.generation, r)?;
             return Ok(vec![scripts::store_outcome(&reply)?]);
         }
-        let mut pipe = redis::pipe();
-        if !stores.is_empty() {
-            load(&mut pipe, scripts::STORE);
-        }
-        for s in stores {
-            evalsha(&mut pipe, &self.store, &[&s.key.entry, &s.key.lease])
-                .arg(s.envelope.version.get())
-                .arg(&s.envelope.bytes[..])
-                .arg(s.ttl.as_millis() as u64)
-                .arg(s.intent.map_or("", LeaseToken::as_str));
-        }
-        for key in evict {
-            pipe.cmd("DEL").arg(&key.entry).arg(&key.lease).ignore();
-        }
-        if pipe.is_empty() {
-            return Ok(vec![]);
-        }
-        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        // Items: the stores, then the evictions (no reply).
+        let n = stores.len();
+        let replies = self
+            .grouped(
+                &c,
+                n + evict.len(),
+                |i| match stores.get(i) {
+                    Some(s) => s.key.entry.as_str(),
+                    None => evict[i - n].entry.as_str(),
+                },
+                |i| usize::from(i < n),
+                |pipe, group| {
+                    if group.iter().any(|&i| i < n) {
+                        load(pipe, scripts::STORE);
+                    }
+                    for &i in group {
+                        match stores.get(i) {
+                            Some(s) => {
+                                evalsha(pipe, &self.store, &[&s.key.entry, &s.key.lease])
+                                    .arg(s.envelope.version.get())
+                                    .arg(&s.envelope.bytes[..])
+                                    .arg(s.ttl.as_millis() as u64)
+                                    .arg(s.intent.map_or("", LeaseToken::as_str));
+                            }
+                            None => {
+                                let key = evict[i - n];
+                                pipe.cmd("DEL").arg(&key.entry).arg(&key.lease).ignore();
+                            }
+                        }
+                    }
+                },
+            )
+            .await?;
         replies.iter().map(scripts::store_outcome).collect()
     }
 
@@ -304,7 +408,7 @@ impl CacheStore for RedisStore {
         if ends.is_empty() {
             return Ok(vec![]);
         }
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for(ends.iter().map(LeaseEnd::key)).await?;
         if let [end] = ends {
             let r = match end {
                 LeaseEnd::Fill {
@@ -337,31 +441,46 @@ impl CacheStore for RedisStore {
                 LeaseEnd::Release { .. } => None,
             }]);
         }
-        let mut pipe = redis::pipe();
-        if ends.iter().any(|e| matches!(e, LeaseEnd::Fill { .. })) {
-            load(&mut pipe, scripts::FILL);
-        }
-        load(&mut pipe, scripts::RELEASE);
-        for e in ends {
-            match e {
-                LeaseEnd::Fill {
-                    key,
-                    envelope,
-                    ttl,
-                    token,
-                } => {
-                    evalsha(&mut pipe, &self.fill, &[&key.entry, &key.lease])
-                        .arg(envelope.version.get())
-                        .arg(&envelope.bytes[..])
-                        .arg(ttl.as_millis() as u64)
-                        .arg(token.as_str());
-                }
-                LeaseEnd::Release { key, token } => {
-                    evalsha(&mut pipe, &self.release, &[&key.lease]).arg(token.as_str());
-                }
-            }
-        }
-        let replies: Vec<Value> = self.query(&mut c, &pipe).await?;
+        let replies = self
+            .grouped(
+                &c,
+                ends.len(),
+                |i| match &ends[i] {
+                    LeaseEnd::Fill { key, .. } | LeaseEnd::Release { key, .. } => {
+                        key.lease.as_str()
+                    }
+                },
+                |_| 1,
+                |pipe, group| {
+                    if group
+                        .iter()
+                        .any(|&i| matches!(ends[i], LeaseEnd::Fill { .. }))
+                    {
+                        load(pipe, scripts::FILL);
+                    }
+                    load(pipe, scripts::RELEASE);
+                    for &i in group {
+                        match &ends[i] {
+                            LeaseEnd::Fill {
+                                key,
+                                envelope,
+                                ttl,
+                                token,
+                            } => {
+                                evalsha(pipe, &self.fill, &[&key.entry, &key.lease])
+                                    .arg(envelope.version.get())
+                                    .arg(&envelope.bytes[..])
+                                    .arg(ttl.as_millis() as u64)
+                                    .arg(token.as_str());
+                            }
+                            LeaseEnd::Release { key, token } => {
+                                evalsha(pipe, &self.release, &[&key.lease]).arg(token.as_str());
+                            }
+                        }
+                    }
+                },
+            )
+            .await?;
         ends.iter()
             .zip(&replies)
             .map(|(e, r)| match e {
@@ -372,7 +491,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn_for(keys.iter().copied()).await?;
         let mut cmd = redis::cmd("DEL");
         for k in keys {
             cmd.arg(&k.entry).arg(&k.lease);
@@ -383,7 +502,7 @@ impl CacheStore for RedisStore {
 
     async fn sweep(&self) -> Result<(), CacheError> {
         let mut c = self.connect().await?;
-        let r = link::sweep(&mut c.c).await;
+        let r = epoch::sweep_all(&mut c.c).await;
         self.note(c.generation, r)?;
         self.down_until_ms.store(0, Ordering::Relaxed);
         Ok(())
@@ -391,6 +510,9 @@ impl CacheStore for RedisStore {
 
     async fn repair_evict(&self, key: &CacheKey) -> Result<(), CacheError> {
         let mut c = self.connect().await?;
+        if !self.link.serves(&key.entry) {
+            return Err(CacheError::KeyUnavailable);
+        }
         let r = redis::cmd("DEL")
             .arg(&key.entry)
             .arg(&key.lease)

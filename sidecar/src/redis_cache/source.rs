@@ -1,9 +1,11 @@
-//! Where a new Redis connection comes from: the one server of a `redis://`/`rediss://` URL, or
-//! the master the sentinels name at the moment of connecting (`redis+sentinel://`), so that a
-//! connection replaced after a failover reaches the promoted master. TLS settings (a private CA,
-//! a client certificate) are read here, once, at start.
+//! Where a new Redis connection comes from: the one server of a `redis://`/`rediss://` URL, the
+//! master the sentinels name at the moment of connecting (`redis+sentinel://`), so that a
+//! connection replaced after a failover reaches the promoted master, or a Redis Cluster
+//! (`redis+cluster://`). TLS settings (a private CA, a client certificate) are read here, once,
+//! at start.
 
-use redis::aio::MultiplexedConnection;
+use super::connection::Connection;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, RedisError, RedisResult,
@@ -33,6 +35,7 @@ pub enum Source {
     Node(Client),
     /// `SentinelClient` asks with `&mut self`; reconnects are one at a time anyway (`Link`).
     Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(ClusterClient),
 }
 
 impl Source {
@@ -85,9 +88,29 @@ impl Source {
                 let client = b.build().map_err(|e| SourceError::Tls(e.to_string()))?;
                 Ok(Source::Sentinel(tokio::sync::Mutex::new(client)))
             }
-            RedisTarget::Cluster { .. } => Err(SourceError::Url(
-                "redis.url: Redis Cluster is not supported yet".into(),
-            )),
+            RedisTarget::Cluster { tls, ref seeds, .. } => {
+                let urls: Vec<String> = seeds.iter().map(|hp| target.node_url(hp)).collect();
+                // No internal retries: a dead node, MOVED and ASK come back as errors, so the
+                // connection is checked again before it reaches a server it has not seen
+                // (`link`). Redirects are not followed; the next call uses the new slot map.
+                let mut b = ClusterClientBuilder::new(urls)
+                    .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+                    .response_timeout(Duration::from_millis(config.response_timeout_ms))
+                    .retries(0);
+                if tls {
+                    b = match certs {
+                        Some(c) => b.certs(c),
+                        None => b.tls(TlsMode::Secure),
+                    };
+                }
+                let client = b.build().map_err(|e| match e.kind() {
+                    redis::ErrorKind::InvalidClientConfig if e.to_string().contains("TLS") => {
+                        SourceError::Tls(e.to_string())
+                    }
+                    _ => SourceError::BadUrl,
+                })?;
+                Ok(Source::Cluster(client))
+            }
         }
     }
 
@@ -96,13 +119,13 @@ impl Source {
         &self,
         config: &AsyncConnectionConfig,
         timeout: Duration,
-    ) -> RedisResult<MultiplexedConnection> {
+    ) -> RedisResult<Connection> {
         match self {
-            Source::Node(client) => {
-                client
-                    .get_multiplexed_async_connection_with_config(config)
-                    .await
-            }
+            Source::Node(client) => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Connection::Node),
+            Source::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
             Source::Sentinel(sentinel) => {
                 let ask = async { sentinel.lock().await.async_get_client().await };
                 let client = tokio::time::timeout(timeout, ask).await.map_err(|_| {
@@ -114,6 +137,7 @@ impl Source {
                 client
                     .get_multiplexed_async_connection_with_config(config)
                     .await
+                    .map(Connection::Node)
             }
         }
     }

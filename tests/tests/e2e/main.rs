@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod batch;
 mod bounded;
+mod cluster;
 mod conditional;
 mod early_refresh;
 mod faults;

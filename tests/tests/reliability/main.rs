@@ -7,6 +7,7 @@
 //! Scenarios run one at a time (`serial`): some restart the shared PostgreSQL, and all of them
 //! measure.
 
+mod cluster;
 mod herd;
 mod history;
 mod overload;
