@@ -36,8 +36,9 @@ const USAGE: &str = "usage: wtc-bench [--short] [--seconds S] [--peak-seconds S]
                  [--hit-rates R,R] [--miss-rates R,R] [--write-rates R,R]
                  [--herd N] [--herd-rounds N] [--batches N]
                  [--sidecar PATH|embedded] [--json PATH] [--doc PATH] [--plot PATH]
-                 [--only hit,miss,write,peak,herd,batch] [--sidecar-threads N] [--slices N]
-Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\").
+                 [--only hit,miss,write,peak,herd,batch,tls] [--sidecar-threads N] [--slices N]
+Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\"); the tls part
+(the sidecar on the same Redis over TLS) also WTC_REDIS_TLS_URL and WTC_REDIS_CA_FILE.
 --sidecar defaults to the wtc-sidecar next to this binary (target/release/wtc-sidecar).";
 
 #[derive(Debug, Clone)]
@@ -56,7 +57,7 @@ pub struct Opts {
     pub json: Option<PathBuf>,
     pub doc: Option<PathBuf>,
     pub plot: Option<PathBuf>,
-    /// Parts to run (`hit`, `miss`, `write`, `peak`, `herd`, `batch`); empty: all.
+    /// Parts to run (`hit`, `miss`, `write`, `peak`, `herd`, `batch`, `tls`); empty: all.
     pub only: Vec<String>,
     /// Each phase runs as this many slices, alternating between the targets.
     pub slices: usize,
@@ -301,6 +302,8 @@ struct Bench {
     table: String,
     inproc: Arc<Sidecar>,
     sidecar: ServerProcess,
+    /// The sidecar on Redis over TLS, and its connections (the `tls` part).
+    tls: Option<(ServerProcess, Vec<Client>)>,
     hop: ServerProcess,
     hop_http: Vec<Client>,
     redis_pid: Option<u32>,
@@ -371,6 +374,29 @@ async fn run(opts: Opts) -> Result<(), String> {
         sidecar.binary, sidecar.pid, sidecar.addr
     ));
     let rss_start = procfs::rss_kib(sidecar.pid);
+    let tls = match (
+        opts.runs("tls"),
+        env("WTC_REDIS_TLS_URL"),
+        env("WTC_REDIS_CA_FILE"),
+    ) {
+        (true, Ok(url), Ok(ca)) => {
+            let mut c = config.clone();
+            c.redis.url = url;
+            c.redis.ca_file = Some(ca);
+            let p = ServerProcess::start(opts.sidecar.as_deref(), opts.sidecar_threads, &c).await?;
+            log(&format!(
+                "sidecar on Redis over TLS: pid {} on {}",
+                p.pid, p.addr
+            ));
+            let clients = http_clients(p.addr, conns, "the TLS sidecar").await?;
+            Some((p, clients))
+        }
+        (true, Err(e), _) | (true, _, Err(e)) => {
+            log(&format!("no tls part: {e}"));
+            None
+        }
+        (false, _, _) => None,
+    };
     let hop = ServerProcess::start_hop(opts.sidecar_threads).await?;
     let http = http_clients(sidecar.addr, conns, "the sidecar").await?;
     let hop_http = http_clients(hop.addr, conns, "the HTTP hop").await?;
@@ -381,6 +407,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         table,
         inproc,
         sidecar,
+        tls,
         hop,
         hop_http,
         redis_pid,
@@ -502,6 +529,8 @@ pub enum Target {
     RedisGet,
     InProcess,
     Sidecar,
+    /// A second sidecar, on the same Redis through its TLS port.
+    SidecarTls,
 }
 
 impl Target {
@@ -512,6 +541,7 @@ impl Target {
             Target::RedisGet => "Redis GET",
             Target::InProcess => "in-process",
             Target::Sidecar => "sidecar",
+            Target::SidecarTls => "sidecar, TLS",
         }
     }
 }
@@ -626,6 +656,11 @@ impl Bench {
                 .collect(),
             Target::HttpHop => std::mem::take(&mut self.hop_http),
             Target::Sidecar => std::mem::take(&mut self.http),
+            Target::SidecarTls => self
+                .tls
+                .as_mut()
+                .map(|(_, c)| std::mem::take(c))
+                .unwrap_or_default(),
         }
     }
 
@@ -634,6 +669,11 @@ impl Bench {
         match target {
             Target::Sidecar => self.http = clients,
             Target::HttpHop => self.hop_http = clients,
+            Target::SidecarTls => {
+                if let Some((_, c)) = self.tls.as_mut() {
+                    *c = clients;
+                }
+            }
             _ => {}
         }
     }
@@ -682,7 +722,7 @@ impl Bench {
             let run = Run::merge(a.parts, a.elapsed);
             let requests = run.ok + run.bad;
             let cpu = a.cpu.unwrap_or_default().per_request(requests);
-            let rss = (*t == Target::Sidecar).then_some(a.rss_max);
+            let rss = matches!(t, Target::Sidecar | Target::SidecarTls).then_some(a.rss_max);
             let p = Phase::new(kind, *t, rate, self.opts.conns, &run, cpu, rss);
             log(&p.one_line());
             self.phases.push(p);
@@ -712,13 +752,15 @@ impl Bench {
         }
         let plan = Arc::new(self.plan(kind, cold_count));
         let clients = self.clients(target);
-        let pid = self.sidecar.pid;
-        let is_sidecar = target == Target::Sidecar;
+        let tls_pid = self.tls.as_ref().map(|(p, _)| p.pid);
         let server_pid = match target {
-            Target::Sidecar => Some(pid),
+            Target::Sidecar => Some(self.sidecar.pid),
+            Target::SidecarTls => tls_pid,
             Target::HttpHop => Some(self.hop.pid),
             _ => None,
         };
+        let is_sidecar = matches!(target, Target::Sidecar | Target::SidecarTls);
+        let pid = server_pid.unwrap_or(self.sidecar.pid);
         let cpu0 = CpuSpent::now(self.redis_pid, server_pid);
         let stop = Arc::new(AtomicBool::new(false));
         let rss_max = Arc::new(AtomicU64::new(0));
@@ -769,13 +811,20 @@ impl Bench {
                 .map_err(|e| format!("warm-up read: {e}"))?;
         }
         let warm = Duration::from_secs_f64(if self.opts.short { 0.2 } else { 1.0 });
-        for (target, kind) in [
+        let mut warm_ups = vec![
             (Target::InProcess, Kind::Hit),
             (Target::InProcess, Kind::Write),
             (Target::Sidecar, Kind::Hit),
             (Target::Sidecar, Kind::Write),
             (Target::HttpHop, Kind::Hit),
-        ] {
+        ];
+        if self.tls.is_some() {
+            warm_ups.extend([
+                (Target::SidecarTls, Kind::Hit),
+                (Target::SidecarTls, Kind::Write),
+            ]);
+        }
+        for (target, kind) in warm_ups {
             let plan = Arc::new(self.plan(kind, 0));
             let clients = self.clients(target);
             let (clients, run) = load::closed_loop(clients, plan, warm).await;
@@ -835,6 +884,20 @@ impl Bench {
             };
             self.phases(kind, targets, None).await?;
         }
+        // TLS to Redis against plain TCP: the same sidecar build, the same Redis, slices
+        // alternating; kept apart from the phases above (their tables compare other targets).
+        let before_tls = self.phases.len();
+        if self.tls.is_some() {
+            let both = [Target::Sidecar, Target::SidecarTls];
+            for &rate in opts.hit_rates.iter().take(1) {
+                self.phases(Kind::Hit, &both, Some(rate)).await?;
+            }
+            for &rate in opts.write_rates.iter().take(1) {
+                self.phases(Kind::Write, &both, Some(rate)).await?;
+            }
+            self.phases(Kind::Hit, &both, None).await?;
+        }
+        let tls_phases = self.phases.split_off(before_tls);
         let mut herds = Vec::new();
         if opts.runs("herd") {
             // The sidecar's consistency sampler checks a share of the writes above against the
@@ -872,6 +935,7 @@ impl Bench {
             rss_idle_kib: rss_idle,
             rss_after_kib: rss_after,
             phases: std::mem::take(&mut self.phases),
+            tls: tls_phases,
             herds,
             batches,
             wall_seconds: started.elapsed().as_secs_f64(),

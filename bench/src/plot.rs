@@ -34,6 +34,8 @@ fn color(target: Target, rate_rank: usize) -> RGBColor {
         (Target::InProcess, true) => RGBColor(10, 60, 160),
         (Target::Sidecar, false) => RGBColor(240, 130, 110),
         (Target::Sidecar, true) => RGBColor(170, 20, 20),
+        (Target::SidecarTls, false) => RGBColor(230, 130, 200),
+        (Target::SidecarTls, true) => RGBColor(150, 20, 110),
     }
 }
 

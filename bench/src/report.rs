@@ -257,6 +257,8 @@ pub struct Report {
     pub rss_idle_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub phases: Vec<Phase>,
+    /// The sidecar on plain TCP against the same on TLS to Redis (the `tls` part).
+    pub tls: Vec<Phase>,
     pub herds: Vec<Herd>,
     pub batches: Vec<Batches>,
     pub wall_seconds: f64,
@@ -316,6 +318,7 @@ impl Report {
             "rss_idle_kib": self.rss_idle_kib,
             "rss_after_kib": self.rss_after_kib,
             "phases": self.phases.iter().map(Phase::to_json).collect::<Vec<_>>(),
+            "tls": self.tls.iter().map(Phase::to_json).collect::<Vec<_>>(),
             "herds": self.herds.iter().map(Herd::to_json).collect::<Vec<_>>(),
             "batches": self.batches.iter().map(Batches::to_json).collect::<Vec<_>>(),
             "targets": self.targets().iter().map(|t| json!({
@@ -825,7 +828,53 @@ impl Report {
                 );
             }
         }
+        self.tls_table(w);
         s
+    }
+
+    /// The sidecar with Redis over TLS next to plain TCP (the `tls` part), as ratios.
+    fn tls_table(&self, w: &mut String) {
+        if self.tls.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            w,
+            "\n### TLS to Redis\n\nThe same sidecar build twice on the same redis-server, one on its plain \
+             port, one on its TLS port (`rediss://`, a private CA), slices alternating.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| phase | plain p50 / p99 (µs) | TLS p50 / p99 (µs) | p50 TLS/plain | req/s plain / TLS | sidecar CPU/req plain / TLS (µs) | Redis CPU/req plain / TLS (µs) |"
+        );
+        let _ = writeln!(w, "| --- | --: | --: | --: | --: | --: | --: |");
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
+        for plain in self.tls.iter().filter(|p| p.target == Target::Sidecar) {
+            let Some(tls) = self.tls.iter().find(|p| {
+                p.target == Target::SidecarTls && p.kind == plain.kind && p.rate == plain.rate
+            }) else {
+                continue;
+            };
+            let mode = match plain.rate {
+                Some(r) => format!("{r:.0} req/s"),
+                None => format!("closed loop x{}", plain.conns),
+            };
+            let _ = writeln!(
+                w,
+                "| {} at {mode} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2}x | {:.0} / {:.0} | {} / {} | {} / {} |",
+                plain.kind.name(),
+                plain.pcts_us[0],
+                plain.pcts_us[2],
+                tls.pcts_us[0],
+                tls.pcts_us[2],
+                tls.pcts_us[0] / plain.pcts_us[0].max(f64::MIN_POSITIVE),
+                plain.throughput,
+                tls.throughput,
+                us(plain.cpu.server_us),
+                us(tls.cpu.server_us),
+                us(plain.cpu.redis_us),
+                us(tls.cpu.redis_us),
+            );
+        }
     }
 }
 

@@ -15,8 +15,9 @@ fn num(v: &Value, field: &str) -> f64 {
 fn short_run_reports_sane_figures() {
     assert!(
         std::env::var_os("WTC_DATABASE_URL").is_some()
-            && std::env::var_os("WTC_REDIS_URL").is_some(),
-        "WTC_DATABASE_URL / WTC_REDIS_URL are not set: run the tests through scripts/test (it starts PostgreSQL and Redis)"
+            && std::env::var_os("WTC_REDIS_URL").is_some()
+            && std::env::var_os("WTC_REDIS_TLS_URL").is_some(),
+        "WTC_DATABASE_URL / WTC_REDIS_URL / WTC_REDIS_TLS_URL are not set: run the tests through scripts/test (it starts PostgreSQL and Redis)"
     );
     let dir = std::env::temp_dir().join(format!("wtc-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -82,10 +83,22 @@ fn short_run_reports_sane_figures() {
         assert!(num(b, "batches") > 0.0 && num(b, "p50_ms") > 0.0, "{b}");
         assert_eq!(num(b, "bad_writes"), 0.0, "{b}");
     }
+    // The tls part (scripts/local-services gives Redis a TLS port): a hit rate, a write rate and
+    // peak hits, on plain TCP and on TLS.
+    let tls = report["tls"].as_array().expect("tls");
+    assert_eq!(tls.len(), 6, "{tls:?}\n{stderr}");
+    for p in tls {
+        assert!(
+            num(p, "ok") > 0.0 && num(p, "bad") <= 0.1 * num(p, "ok"),
+            "{p}"
+        );
+        assert!(num(&p["cpu_us_per_req"], "server") > 0.0, "{p}");
+    }
+    assert!(tls.iter().any(|p| p["target"] == "sidecar, TLS"), "{tls:?}");
     assert!(!report["targets"].as_array().unwrap().is_empty());
     let md = std::fs::read_to_string(&doc).unwrap();
     assert!(
-        md.contains("wtc-bench:begin") && md.contains("| hit |"),
+        md.contains("wtc-bench:begin") && md.contains("| hit |") && md.contains("### TLS to Redis"),
         "{md}"
     );
     let png_bytes = std::fs::read(&png).unwrap();

@@ -172,7 +172,8 @@ impl EvictionPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRedis {
     /// Secret key holding the Redis URL: `redis://:password@host:6379` (`rediss://` for TLS),
-    /// `redis+sentinel://:password@s1:26379,s2:26379/<master>` for a master watched by Sentinel.
+    /// `redis+sentinel://:password@s1:26379,s2:26379/<master>` for a master watched by Sentinel,
+    /// `redis+cluster://:password@n1:6379,n2:6379` for a Redis Cluster.
     pub url_secret: SecretKeySelector,
     /// Certificates for a `rediss` URL: a private CA (instead of the public roots), and a client
     /// certificate if Redis asks for one.
