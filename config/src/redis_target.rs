@@ -10,8 +10,8 @@
 //!
 //! `rediss`, `rediss+sentinel` and `rediss+cluster` speak TLS to every node (and to the
 //! sentinels). Credentials are those of the data nodes; sentinels are asked without them.
-//! Parsed here, without the `redis` crate, so the operator refuses a bad URL the same way the
-//! sidecar does; errors never repeat the URL (it may carry a password).
+//! Parsed here, without the `redis` crate, in the crate the operator shares; errors never repeat
+//! the URL or its credentials (it may carry a password).
 
 /// How the sidecar reaches its Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,11 +69,13 @@ impl RedisTarget {
                 "redis.url: a {scheme} URL takes no query or fragment"
             ));
         }
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, hosts) = match authority.rsplit_once('@') {
-            Some((c, h)) => (Some(c.to_string()).filter(|c| !c.is_empty()), h),
-            None => (None, authority),
+        // Credentials end at the last '@' (a password may hold an unencoded '/' or '@'); hosts
+        // and the path come after it.
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((c, r)) => (Some(c.to_string()).filter(|c| !c.is_empty()), r),
+            None => (None, rest),
         };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
         let default_port = if kind == "sentinel" {
             SENTINEL_PORT
         } else {
@@ -199,6 +201,20 @@ mod tests {
     }
 
     #[test]
+    fn a_password_may_hold_slashes_and_at_signs() {
+        let t = RedisTarget::parse("redis+sentinel://u:p/a@ss@s1:1/m").unwrap();
+        assert_eq!(
+            t,
+            RedisTarget::Sentinel {
+                tls: false,
+                sentinels: vec!["s1:1".into()],
+                master: "m".into(),
+                credentials: Some("u:p/a@ss".into()),
+            }
+        );
+    }
+
+    #[test]
     fn cluster_urls_list_seed_nodes() {
         let t = RedisTarget::parse("redis+cluster://n1:7000,n2:7001").unwrap();
         assert_eq!(
@@ -224,10 +240,16 @@ mod tests {
             ("redis+cluster://:pw@a,,b", "not host:port"),
             ("redis+cluster://:pw@a/1", "no path"),
             ("redis+cluster://:pw@a?x=1", "no query"),
+            ("redis+cluster://u:pa/ss@h:0", "not 1-65535"),
+            ("redis+sentinel://:p/w@h", "master-name"),
+            ("redis+sentinel://:p/w@[::1/m", "no closing"),
         ] {
             let e = RedisTarget::parse(url).unwrap_err();
             assert!(e.contains(says), "{url}: {e}");
-            assert!(!e.contains("pw"), "{url}: {e}");
+            assert!(
+                !["pw", "pa/ss", "p/w"].iter().any(|p| e.contains(p)),
+                "{url}: {e}"
+            );
         }
     }
 }

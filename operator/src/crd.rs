@@ -62,17 +62,22 @@ pub struct DatabaseSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.certKey) == has(self.keyKey)").message("set both tls.certKey and tls.keyKey, or neither"))]
+#[x_kube(validation = Rule::new("has(self.caKey) || has(self.certKey)").message("tls names a CA (caKey), a client certificate (certKey, keyKey), or both"))]
 pub struct TlsFiles {
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
-    /// Key of the PEM certificate of the CA that signed the server's certificate.
-    #[serde(default = "default_ca_key")]
-    #[schemars(length(min = 1, max = 253))]
-    pub ca_key: String,
-    /// Keys of a PEM client certificate and its key, for servers that ask for one.
+    /// Key of the PEM certificate of the CA that signed the server's certificate (e.g.
+    /// `ca.crt`). Unset: the public roots bundled with the sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_key: Option<String>,
+    /// Keys of a PEM client certificate and its key (e.g. `tls.crt`, `tls.key`), for servers
+    /// that ask for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub cert_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub key_key: Option<String>,
 }
 
@@ -257,10 +262,6 @@ fn default_version_column() -> String {
 fn default_ttl_seconds() -> u64 {
     wtc_config::defaults::TTL_SECONDS
 }
-fn default_ca_key() -> String {
-    "ca.crt".into()
-}
-
 fn default_one() -> i32 {
     1
 }

@@ -124,11 +124,14 @@ fn tls_mounts(cache: &WriteThroughCache) -> impl Iterator<Item = (TlsPeer, &TlsF
 /// (`resources::sidecar_config`). Default file mode (0644): the sidecar's non-root user reads
 /// them without an `fsGroup` on the application's pod.
 fn tls_volume(peer: TlsPeer, files: &TlsFiles) -> Volume {
-    let mut items = vec![KeyToPath {
-        key: files.ca_key.clone(),
-        path: TLS_CA.into(),
-        mode: None,
-    }];
+    let mut items = vec![];
+    if let Some(ca) = &files.ca_key {
+        items.push(KeyToPath {
+            key: ca.clone(),
+            path: TLS_CA.into(),
+            mode: None,
+        });
+    }
     if let (Some(cert), Some(key)) = (&files.cert_key, &files.key_key) {
         items.push(KeyToPath {
             key: cert.clone(),
@@ -406,7 +409,7 @@ mod tests {
         let mut cache = CacheBuilder::new("orders").external().build();
         let files = |secret: &str, client: bool| crate::crd::TlsFiles {
             secret_name: secret.into(),
-            ca_key: "ca.pem".into(),
+            ca_key: Some("ca.pem".into()),
             cert_key: client.then(|| "client.pem".into()),
             key_key: client.then(|| "client-key.pem".into()),
         };

@@ -120,6 +120,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                 .database
                 .tls
                 .as_ref()
+                .and_then(|t| t.ca_key.as_ref())
                 .map(|_| tls_file(TlsPeer::Database, TLS_CA)),
             client_cert_file: db_client.map(|_| tls_file(TlsPeer::Database, TLS_CERT)),
             client_key_file: db_client.map(|_| tls_file(TlsPeer::Database, TLS_KEY)),
@@ -131,7 +132,9 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                 url: String::new(),
                 connect_timeout_ms: 500,
                 response_timeout_ms: 250,
-                ca_file: tls.map(|_| tls_file(TlsPeer::Redis, TLS_CA)),
+                ca_file: tls
+                    .and_then(|t| t.ca_key.as_ref())
+                    .map(|_| tls_file(TlsPeer::Redis, TLS_CA)),
                 client_cert_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_CERT)),
                 client_key_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_KEY)),
             }

@@ -177,6 +177,15 @@ impl RedisServer {
     /// A server on TLS only (`--port 0 --tls-port`), with the certificates of `certs`; with
     /// `client_certs`, it refuses clients without a certificate signed by the CA.
     pub async fn start_tls(certs: &tls::Certs, client_certs: bool) -> Self {
+        Self::start_tls_with_args(certs, client_certs, &[]).await
+    }
+
+    /// `start_tls` with more arguments (`--tls-cluster yes`...).
+    pub async fn start_tls_with_args(
+        certs: &tls::Certs,
+        client_certs: bool,
+        args: &[&str],
+    ) -> Self {
         let tls = RedisTls {
             cert: certs.path("server.crt"),
             key: certs.path("server.key"),
@@ -189,7 +198,7 @@ impl RedisServer {
             child: None,
             persistence: Persistence::None,
             tls: Some(tls),
-            args: vec![],
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn().await;
         s

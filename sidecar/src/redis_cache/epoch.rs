@@ -5,17 +5,18 @@
 //! leases from before the crash, while the writes acknowledged after its last save are gone from
 //! it; a replica promoted after its master died lacks what the master acknowledged but had not
 //! sent yet. Either way entries older than acknowledged versions would be served (breaking P2),
-//! and a restored write intent could even let an older writer fill an empty slot. A restart or a
-//! promotion always puts another process (another `run_id`) behind the address, so the check
-//! compares each server's run id with the one recorded when the cache was last made safe there,
-//! and when they differ deletes every `wtc:{...}` key (entries and leases) of that server before
-//! recording the new run id. Other sidecars do the same; deleting twice is harmless, and nobody
-//! records the run id before the sweep is complete.
+//! and a restored write intent could even let an older writer fill an empty slot. A restart gives
+//! the server a new `run_id`, a promotion a new `master_replid` (also for a server demoted and
+//! promoted again without a restart), so the check compares the pair (`epoch`) with the one
+//! recorded when the cache was last made safe there, and when they differ deletes every
+//! `wtc:{...}` key (entries and leases) of that server before recording the new pair. Other
+//! sidecars do the same; deleting twice is harmless, and nobody records the pair before the sweep
+//! is complete.
 //!
 //! One server: the record is `wtc:epoch`. A cluster: every master named by `CLUSTER SLOTS` is
 //! checked (and only a changed one swept), its record kept on itself (`wtc:epoch:{tag}`, a tag
 //! hashing into one of its slots), so that a dead master does not stop the check of the others
-//! and a promoted replica carries its old master's record (a run id that is not its own). The
+//! and a promoted replica carries its old master's record (a pair that is not its own). The
 //! slots of a master that does not answer (dead, failing over), and slots no master serves, come
 //! back as unchecked: the sidecar leaves them alone (their keys are read from the database)
 //! until a later check passes them.
@@ -49,16 +50,18 @@ async fn make_node_safe(
     conn: &mut MultiplexedConnection,
     counters: &EpochCounters,
 ) -> RedisResult<()> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    let run_id = run_id(&info)?;
-    let recorded: Option<String> = redis::cmd("GET").arg(EPOCH_KEY).query_async(conn).await?;
-    if recorded.as_deref() == Some(run_id) {
+    let mut pipe = redis::pipe();
+    ask(&mut pipe, EPOCH_KEY);
+    let (server, replication, recorded): (String, String, Option<String>) =
+        pipe.query_async(conn).await?;
+    let epoch = epoch(&server, &replication)?;
+    if recorded.as_deref() == Some(epoch.as_str()) {
         return Ok(());
     }
     let swept = sweep(Scope::Node(conn)).await?;
     redis::cmd("SET")
         .arg(EPOCH_KEY)
-        .arg(run_id)
+        .arg(&epoch)
         .query_async::<()>(conn)
         .await?;
     record(counters, recorded.is_some(), swept, "Redis");
@@ -92,26 +95,20 @@ async fn check_master(
     ranges: &[(u16, u16)],
 ) -> RedisResult<()> {
     let key = epoch_key(ranges);
-    let (info, recorded) = {
-        let mut pipe = redis::pipe();
-        pipe.cmd("INFO").arg("server").cmd("GET").arg(&key);
-        let replies = conn
-            .route_pipeline(pipe, 0, 2, by_address(host, port))
-            .await?;
-        let [info, recorded]: [Value; 2] = replies
-            .try_into()
-            .map_err(|_| unexpected("epoch check reply"))?;
-        let info: String = redis::from_redis_value(info)?;
-        let recorded: Option<String> = redis::from_redis_value(recorded)?;
-        (info, recorded)
-    };
-    let run_id = run_id(&info)?;
-    if recorded.as_deref() == Some(run_id) {
+    let mut pipe = redis::pipe();
+    ask(&mut pipe, &key);
+    let replies = conn
+        .route_pipeline(pipe, 0, 3, by_address(host, port))
+        .await?;
+    let (server, replication, recorded): (String, String, Option<String>) =
+        redis::from_redis_value(Value::Array(replies))?;
+    let epoch = epoch(&server, &replication)?;
+    if recorded.as_deref() == Some(epoch.as_str()) {
         return Ok(());
     }
-    let swept = sweep(Scope::ClusterNode(conn, at(host, port))).await?;
+    let swept = sweep(Scope::ClusterNode(conn, host, port)).await?;
     let mut set = redis::cmd("SET");
-    set.arg(&key).arg(run_id);
+    set.arg(&key).arg(&epoch);
     conn.route_command(set, at(host, port)).await?;
     record(
         counters,
@@ -218,10 +215,10 @@ fn unexpected(what: &'static str) -> RedisError {
     ))
 }
 
-/// What a sweep deletes from: one server, or one node of a cluster.
+/// What a sweep deletes from: one server, or one node of a cluster (by address).
 enum Scope<'c> {
     Node(&'c mut MultiplexedConnection),
-    ClusterNode(&'c mut ClusterConnection, RoutingInfo),
+    ClusterNode(&'c mut ClusterConnection, &'c str, u16),
 }
 
 /// Deletes every entry and lease of `scope` (`SCAN` + `UNLINK`, a batch per round trip; on a
@@ -239,16 +236,39 @@ async fn sweep(mut scope: Scope<'_>) -> RedisResult<u64> {
             .arg(1000);
         let (next, keys): (u64, Vec<String>) = match &mut scope {
             Scope::Node(c) => scan.query_async(*c).await?,
-            Scope::ClusterNode(c, at) => {
-                redis::from_redis_value(c.route_command(scan, at.clone()).await?)?
+            Scope::ClusterNode(c, host, port) => {
+                redis::from_redis_value(c.route_command(scan, at(host, *port)).await?)?
             }
         };
         if !keys.is_empty() {
-            let mut unlink = redis::cmd("UNLINK");
-            unlink.arg(&keys);
             swept += match &mut scope {
-                Scope::Node(c) => unlink.query_async::<u64>(*c).await?,
-                Scope::ClusterNode(c, _) => unlink.query_async::<u64>(*c).await?,
+                Scope::Node(c) => {
+                    redis::cmd("UNLINK")
+                        .arg(&keys)
+                        .query_async::<u64>(*c)
+                        .await?
+                }
+                // To the node scanned, not wherever the client's slot map says (it may lag
+                // behind a failover); one UNLINK per slot, as a cluster node wants.
+                Scope::ClusterNode(c, host, port) => {
+                    let mut by_slot: Vec<(u16, Vec<&String>)> = vec![];
+                    for k in &keys {
+                        let slot = super::connection::slot(k);
+                        match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                            Some((_, ks)) => ks.push(k),
+                            None => by_slot.push((slot, vec![k])),
+                        }
+                    }
+                    let mut pipe = redis::pipe();
+                    for (_, ks) in &by_slot {
+                        pipe.cmd("UNLINK").arg(ks);
+                    }
+                    let replies = c
+                        .route_pipeline(pipe, 0, by_slot.len(), by_address(host, *port))
+                        .await?;
+                    let counts: Vec<u64> = redis::from_redis_value(Value::Array(replies))?;
+                    counts.iter().sum()
+                }
             };
         }
         if next == 0 {
@@ -276,20 +296,40 @@ pub async fn sweep_all(conn: &mut Connection) -> RedisResult<u64> {
         Connection::Cluster(c) => {
             let mut swept = 0;
             for ((host, port), _) in slot_map(c).await?.masters {
-                swept += sweep(Scope::ClusterNode(c, at(&host, port))).await?;
+                swept += sweep(Scope::ClusterNode(c, &host, port)).await?;
             }
             Ok(swept)
         }
     }
 }
 
-/// The `run_id` field of `INFO server`.
-fn run_id(info: &str) -> RedisResult<&str> {
-    info.lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "INFO server has no run_id")))
+/// Asks for what `epoch` needs, and the record at `key`.
+fn ask(pipe: &mut redis::Pipeline, key: &str) {
+    pipe.cmd("INFO")
+        .arg("server")
+        .cmd("INFO")
+        .arg("replication")
+        .cmd("GET")
+        .arg(key);
+}
+
+/// What the record holds: `run_id` (a new process) and `master_replid` (a new replication
+/// history: it changes whenever a server is promoted, also one demoted earlier and promoted
+/// again without a restart, which keeps its run id and may still hold its own old record).
+fn epoch(server: &str, replication: &str) -> RedisResult<String> {
+    let field = |info: &str, name: &'static str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "INFO lacks", name.into())))
+    };
+    Ok(format!(
+        "{}:{}",
+        field(server, "run_id:")?,
+        field(replication, "master_replid:")?
+    ))
 }
 
 #[cfg(test)]
@@ -297,10 +337,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn run_id_is_read_from_info_server() {
-        let info =
+    fn the_epoch_is_the_run_id_and_the_replication_id() {
+        let server =
             "# Server\r\nredis_version:7.0.15\r\nrun_id:4f1c0c0e8c5a1d2b\r\ntcp_port:6379\r\n";
-        assert_eq!(run_id(info).unwrap(), "4f1c0c0e8c5a1d2b");
-        assert!(run_id("# Server\r\nredis_version:7\r\n").is_err());
+        let replication =
+            "# Replication\r\nrole:master\r\nmaster_replid:9a8b\r\nmaster_replid2:0000\r\n";
+        assert_eq!(epoch(server, replication).unwrap(), "4f1c0c0e8c5a1d2b:9a8b");
+        assert!(epoch("# Server\r\nredis_version:7\r\n", replication).is_err());
+        assert!(epoch(server, "# Replication\r\nrole:master\r\n").is_err());
     }
 }

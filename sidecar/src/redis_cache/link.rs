@@ -46,6 +46,9 @@ pub struct Link {
     counters: EpochCounters,
     /// A cluster connection saw an error since its last check.
     suspect: AtomicBool,
+    /// Errors seen on the cluster connection so far: a check clears `suspect` only if none came
+    /// while it ran, and a read discards its reply if one came while it was in flight.
+    errors: AtomicU64,
     /// When the cluster connection was last checked (ms since `started`).
     checked_at_ms: AtomicU64,
     /// Slot ranges the last check could not pass (`partial` says whether there are any, so the
@@ -75,6 +78,7 @@ impl Link {
             connect_timeout,
             counters,
             suspect: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
             checked_at_ms: AtomicU64::new(0),
             unchecked: RwLock::new(vec![]),
             partial: AtomicBool::new(false),
@@ -114,7 +118,7 @@ impl Link {
             }
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.passed(unchecked);
+        self.passed(unchecked, false);
         *self.current.write().unwrap() = Some((conn.clone(), generation));
         Ok(Some((conn, generation)))
     }
@@ -143,8 +147,8 @@ impl Link {
             let Ok(_guard) = self.reconnecting.try_lock() else {
                 return Ok(Some((conn, generation)));
             };
-            if due() {
-                self.check(&mut conn).await?;
+            if due() && !self.check(&mut conn).await? {
+                return Ok(None);
             }
             return Ok(Some((conn, generation)));
         }
@@ -152,31 +156,41 @@ impl Link {
         else {
             return Ok(None);
         };
-        if self.suspect.load(Ordering::Acquire) {
-            self.check(&mut conn).await?;
+        if self.suspect.load(Ordering::Acquire) && !self.check(&mut conn).await? {
+            return Ok(None);
         }
         Ok(Some((conn, generation)))
     }
 
-    async fn check(&self, conn: &mut Connection) -> RedisResult<()> {
+    /// Runs the epoch check on a cluster connection. `Ok(false)`: it passed, but an error came
+    /// while it ran, perhaps from a change it did not see (a failover after it read the slot
+    /// map): the connection stays suspect and this use is skipped. A failed check leaves it
+    /// suspect too.
+    async fn check(&self, conn: &mut Connection) -> RedisResult<bool> {
+        let errors = self.errors();
         match epoch::make_safe(conn, &self.counters).await {
             Ok(unchecked) => {
-                self.passed(unchecked);
-                Ok(())
+                let clean = self.errors() == errors;
+                self.passed(unchecked, !clean);
+                Ok(clean)
             }
             Err(e) => {
+                self.suspect.store(true, Ordering::Release);
                 self.warn(&e);
                 Err(e)
             }
         }
     }
 
-    /// A check ended: what it could not pass is left alone until the next one.
-    fn passed(&self, unchecked: Unchecked) {
-        self.partial.store(!unchecked.is_empty(), Ordering::Release);
+    /// A check ended: what it could not pass is left alone until the next one; `suspect`: an
+    /// error came while it ran.
+    fn passed(&self, unchecked: Unchecked, suspect: bool) {
+        // The ranges first: `partial` is what `serves` reads before them.
+        let partial = !unchecked.is_empty();
         *self.unchecked.write().unwrap() = unchecked;
+        self.partial.store(partial, Ordering::Release);
         self.checked_at_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.suspect.store(false, Ordering::Release);
+        self.suspect.store(suspect, Ordering::Release);
     }
 
     /// Whether Redis may be used for `key`: false for keys of cluster slots the last check could
@@ -203,12 +217,17 @@ impl Link {
         Ok((conn, unchecked))
     }
 
+    /// Errors seen on a cluster connection so far (see `errors`).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Acquire)
+    }
+
     /// Says why Redis cannot be reached (a TLS or sentinel problem must not look like a slow
     /// cache), at most once per `WARN_EVERY`. redis' messages carry no password.
     fn warn(&self, e: &RedisError) {
-        let now = self.now_ms() + 1;
         let last = self.warned_at_ms.load(Ordering::Relaxed);
-        if last != 0 && now - last < WARN_EVERY.as_millis() as u64 {
+        let now = self.now_ms() + 1;
+        if last != 0 && now.saturating_sub(last) < WARN_EVERY.as_millis() as u64 {
             return;
         }
         if self
@@ -229,6 +248,7 @@ impl Link {
         let mut cur = self.current.write().unwrap();
         match cur.as_ref() {
             Some((Connection::Cluster(_), g)) if *g == generation => {
+                self.errors.fetch_add(1, Ordering::AcqRel);
                 self.suspect.store(true, Ordering::Release);
             }
             Some((_, g)) if *g == generation => *cur = None,

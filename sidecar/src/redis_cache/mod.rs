@@ -100,6 +100,19 @@ impl RedisStore {
         }
     }
 
+    /// For a read on a cluster: `Err` when an error reached the connection while the read was
+    /// in flight (`before`: `link.errors()` when it was sent). The client may have re-routed it
+    /// after that error to a node the epoch check has not passed yet (a promoted replica), so
+    /// what it read is not used.
+    fn still_checked(&self, c: &Conn, before: u64) -> Result<(), CacheError> {
+        match c.c {
+            Connection::Cluster(_) if self.link.errors() != before => {
+                Err(CacheError::KeyUnavailable)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The connection, even inside the down window (the repair loop probes with it).
     async fn connect(&self) -> Result<Conn, CacheError> {
         match self.link.get().await {
@@ -120,8 +133,8 @@ impl RedisStore {
     /// Records a failed call on `generation`: a connection that broke or timed out is replaced
     /// (the replacement passes the epoch check), and the down window opens. So is one to a
     /// server that is no longer a master (`READONLY` after a failover: the replacement asks the
-    /// sentinels again). Other server errors (a script bug, a wrong type) do not mean Redis is
-    /// unreachable.
+    /// sentinels again). A cluster's redirections only make the connection suspect. Other server
+    /// errors (a script bug, a wrong type) do not mean Redis is unreachable.
     fn note<T>(&self, generation: u64, r: Result<T, redis::RedisError>) -> Result<T, CacheError> {
         r.map_err(|e| {
             if e.is_io_error()
@@ -129,11 +142,15 @@ impl RedisStore {
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
                 || e.is_unrecoverable_error()
-                || e.is_cluster_error()
                 || matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
             {
                 self.link.drop_connection(generation);
                 self.open_down_window();
+            } else if e.is_cluster_error() {
+                // MOVED, ASK, TRYAGAIN, CLUSTERDOWN: the slot map changed or is changing. The
+                // connection is checked again before its next use; the other slots need not
+                // wait out a down window.
+                self.link.drop_connection(generation);
             }
             CacheError::Failed(e.to_string())
         })
@@ -250,10 +267,12 @@ impl CacheStore for RedisStore {
         with_ttl: bool,
     ) -> Result<(Cached, Option<i64>), CacheError> {
         let mut c = self.conn_for([key]).await?;
+        let before = self.link.errors();
         if with_ttl {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(&key.entry).cmd("PTTL").arg(&key.entry);
             let (v, pttl): (Option<Vec<u8>>, i64) = self.query(&mut c, &pipe).await?;
+            self.still_checked(&c, before)?;
             Ok((Cached::from_stored(v), Some(pttl)))
         } else {
             let r = redis::cmd("GET")
@@ -261,6 +280,7 @@ impl CacheStore for RedisStore {
                 .query_async(&mut c.c)
                 .await;
             let v: Option<Vec<u8>> = self.note(c.generation, r)?;
+            self.still_checked(&c, before)?;
             Ok((Cached::from_stored(v), None))
         }
     }
@@ -271,8 +291,10 @@ impl CacheStore for RedisStore {
         for k in keys {
             cmd.arg(&k.entry);
         }
+        let before = self.link.errors();
         let r = cmd.query_async(&mut c.c).await;
         let values: Vec<Option<Vec<u8>>> = self.note(c.generation, r)?;
+        self.still_checked(&c, before)?;
         Ok(values.into_iter().map(Cached::from_stored).collect())
     }
 
@@ -283,7 +305,9 @@ impl CacheStore for RedisStore {
             .arg(&key.entry)
             .cmd("EXISTS")
             .arg(&key.lease);
+        let before = self.link.errors();
         let (v, held): (Option<Vec<u8>>, bool) = self.query(&mut c, &pipe).await?;
+        self.still_checked(&c, before)?;
         Ok((Cached::from_stored(v), held))
     }
 
@@ -293,6 +317,7 @@ impl CacheStore for RedisStore {
         ttl: Duration,
     ) -> Result<Vec<(bool, Cached)>, CacheError> {
         let c = self.conn_for(leases.iter().map(|(k, _)| *k)).await?;
+        let before = self.link.errors();
         let replies = self
             .grouped(
                 &c,
@@ -308,6 +333,7 @@ impl CacheStore for RedisStore {
                 },
             )
             .await?;
+        self.still_checked(&c, before)?;
         let mut out = Vec::with_capacity(leases.len());
         let mut it = replies.into_iter();
         while let (Some(won), Some(entry)) = (it.next(), it.next()) {

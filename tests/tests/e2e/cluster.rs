@@ -82,3 +82,40 @@ async fn batches_and_bulk_reads_across_slots() {
         );
     }
 }
+
+/// `rediss+cluster://` with a private CA: the nodes, their bus and their replication on TLS only.
+#[tokio::test]
+async fn a_cluster_over_tls_with_a_private_ca() {
+    let pool = pg().await;
+    let table = unique("cluster_tls");
+    create_table(&pool, &table).await;
+    let certs = wtc_tests::tls::Certs::make();
+    let redis = RedisCluster::start_tls(3, &certs).await;
+    assert!(redis.url().starts_with("rediss+cluster://"));
+    let sc = Fixture::new(&redis.url())
+        .entity("accounts", &table)
+        .with(|c| c.redis.ca_file = Some(certs.path("ca.crt").display().to_string()))
+        .start()
+        .await;
+    for i in 0..12 {
+        let k = format!("k{i}");
+        let put = sc.put("accounts", &k, json!({"n": i})).await;
+        assert_eq!(
+            (put.status, put.cache.as_deref()),
+            (201, Some("ok")),
+            "{}",
+            put.raw
+        );
+        assert_eq!(
+            redis.cached_version("accounts", &k).await,
+            Some(put.version())
+        );
+        let got = sc.get("accounts", &k).await;
+        assert_eq!(
+            (got.status, got.cache.as_deref()),
+            (200, Some("hit")),
+            "{}",
+            got.raw
+        );
+    }
+}

@@ -1,8 +1,9 @@
 //! Redis Cluster (3 masters, a replica each) behind two sidecars (`redis+cluster://`): a history
-//! under an eviction storm, and a master killed under load with its replica promoted while it
-//! lags (stopped, its link cut, while the master acknowledged writes). The promise holds: no
-//! lost write, no read older than a clean acknowledgement. Figures: the failover's length and
-//! how long reads were served from the database.
+//! under an eviction storm, the slots of hot keys migrated to another master under load (clients
+//! meet `ASK` while a slot is half moved, then `MOVED`), and a master killed under load with its
+//! replica promoted while it lags (stopped, its link cut, while the master acknowledged writes).
+//! The promise holds: no lost write, no read older than a clean acknowledgement. Figures: the
+//! failover's length and how long reads were served from the database.
 
 use crate::{history_figures, report, serial, stop};
 use serde_json::json;
@@ -62,6 +63,70 @@ async fn a_cluster_history_under_an_eviction_storm_keeps_the_promise() {
         r.summary()
     );
     r.assert_promise(Duration::ZERO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_migrations_under_load_keep_the_promise() {
+    let _serial = serial().await;
+    let pool = pg().await;
+    let (table, audit) = history::audited_table(&pool, "cmig").await;
+    let redis = RedisCluster::start(3, 0).await;
+    let sidecars = sidecars(&redis, &table).await;
+    let mut workload = Workload::new(9, stop((2_000, 1_000), (300_000, 100_000)));
+    for k in &workload.keys {
+        assert!(sidecars[0].put("accounts", k, json!({"n": 0})).await.status < 300);
+    }
+    // The slots of three hot keys, each moved to the next master while the workload runs.
+    let mut moves = vec![];
+    for k in workload.keys.iter().take(3) {
+        let from = redis.master_of("accounts", k).await;
+        moves.push((redis.slot_of("accounts", k).await, from, (from + 1) % 3));
+    }
+    let migrated = Arc::new(AtomicBool::new(false));
+    workload.until_also = Some(Arc::clone(&migrated));
+    let recorded = History::default();
+    let url = redis.url();
+    let (stats, took) = tokio::join!(workload.run(&sidecars, &url, &recorded), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        for &(slot, from, to) in &moves {
+            redis
+                .migrate_slot(slot, from, to, Duration::from_millis(150))
+                .await;
+        }
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        migrated.store(true, Ordering::Relaxed);
+        took
+    });
+    for (k, &(_, _, to)) in workload.keys.iter().zip(&moves) {
+        assert_eq!(redis.master_of("accounts", k).await, to, "{k} moved");
+    }
+    let ops = recorded.ops();
+    let r = history::check(&workload.keys, &ops, &audit.committed(&pool).await);
+    // After the moves, reads of the moved keys hit the cache on their new master.
+    let end_of_moves = ops.iter().map(|o| o.start).min().unwrap() + took;
+    let moved_hits = ops
+        .iter()
+        .filter(|o| o.kind == Kind::Read && (o.key as usize) < moves.len())
+        .filter(|o| o.start > end_of_moves + Duration::from_millis(500))
+        .filter(|o| matches!(o.outcome, Outcome::Ok { clean: true, .. }))
+        .count();
+    let w = Duration::from_secs(TTL_SECONDS);
+    let mut figures = history_figures(&r, &stats, w);
+    figures["migration_ms"] = json!(took.as_millis() as u64);
+    figures["moved_keys_hits_after"] = json!(moved_hits);
+    report(
+        "cluster_migration",
+        "Redis Cluster: the slots of 3 hot keys migrated to another master, key by key, under load",
+        figures,
+    );
+    assert!(
+        r.writes_acked() > 100 && moved_hits > 0,
+        "too little happened, or the moved keys never hit again: {}",
+        r.summary()
+    );
+    r.assert_promise(w);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
