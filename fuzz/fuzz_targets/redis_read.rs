@@ -369,8 +369,10 @@ fn answer(cmd: &[Vec<u8>]) -> Vec<u8> {
         }
         (b"SCAN", _) => b"*2\r\n$1\r\n0\r\n*0\r\n".to_vec(),
         (b"PING", _) => b"+PONG\r\n".to_vec(),
+        // Both sections the epoch check reads (`run_id`, `master_replid`), whatever is asked.
         (b"INFO", _) => bulk(Some(
-            &b"# Server\r\nredis_version:7.0.15\r\nrun_id:0123456789abcdef0123456789abcdef01234567\r\n"
+            &b"# Server\r\nredis_version:7.0.15\r\nrun_id:0123456789abcdef0123456789abcdef01234567\r\n\
+               # Replication\r\nrole:master\r\nmaster_replid:89abcdef0123456789abcdef0123456789abcdef\r\n"
                 .to_vec(),
         )),
         (b"CLIENT" | b"SELECT", _) => b"+OK\r\n".to_vec(),
