@@ -15,17 +15,51 @@ pub struct Sentinels {
     ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
+    /// The CA of a set on TLS (servers, replication, sentinels all on TLS only).
+    ca: Option<PathBuf>,
 }
 
 impl Sentinels {
     /// Starts everything and waits until the sentinels know the replica and each other (a
     /// failover needs both).
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Everything on TLS only, with the certificates of `certs`.
+    pub async fn start_tls(certs: &crate::tls::Certs) -> Self {
+        Self::start_with(Some(certs)).await
+    }
+
+    async fn start_with(tls: Option<&crate::tls::Certs>) -> Self {
         // No 5 s wait before a full sync (Redis' default for diskless replication).
-        let master = RedisServer::start_with_args(&["--repl-diskless-sync-delay", "0"]).await;
-        let replica =
-            RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &master.port.to_string()])
+        let master_args = ["--repl-diskless-sync-delay", "0"];
+        let (master, replica) = match tls {
+            None => {
+                let master = RedisServer::start_with_args(&master_args).await;
+                let port = master.port.to_string();
+                let replica =
+                    RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &port]).await;
+                (master, replica)
+            }
+            Some(certs) => {
+                let master = RedisServer::start_tls_with_args(certs, false, &master_args).await;
+                let port = master.port.to_string();
+                let replica = RedisServer::start_tls_with_args(
+                    certs,
+                    false,
+                    &[
+                        "--replicaof",
+                        "127.0.0.1",
+                        &port,
+                        "--tls-replication",
+                        "yes",
+                    ],
+                )
                 .await;
+                (master, replica)
+            }
+        };
         let synced = crate::eventually(Duration::from_secs(20), || async {
             let Ok(mut c) = replica.connection().await else {
                 return false;
@@ -46,6 +80,7 @@ impl Sentinels {
             ports: vec![],
             children: vec![],
             dir,
+            ca: tls.map(|c| c.path("ca.crt")),
         };
         for i in 0..3 {
             let port = free_port();
@@ -53,11 +88,21 @@ impl Sentinels {
             std::fs::write(
                 &conf,
                 format!(
-                    "bind 127.0.0.1\nport {port}\ndir {}\n\
+                    "bind 127.0.0.1\n{}dir {}\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                      sentinel failover-timeout {MASTER_NAME} 4000\n\
                      sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    match tls {
+                        None => format!("port {port}\n"),
+                        Some(c) => format!(
+                            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                             tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                            c.path("server.crt").display(),
+                            c.path("server.key").display(),
+                            c.path("ca.crt").display()
+                        ),
+                    },
                     s.dir.display(),
                     s.master.port
                 ),
@@ -78,7 +123,7 @@ impl Sentinels {
             let mut all = true;
             for &p in &s.ports {
                 let known = async {
-                    let mut c = sentinel_conn(p).await.ok()?;
+                    let mut c = sentinel_conn(p, s.ca.as_ref()).await.ok()?;
                     let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
                         .arg("replicas")
                         .arg(MASTER_NAME)
@@ -109,13 +154,14 @@ impl Sentinels {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}+sentinel://{}/{MASTER_NAME}", hosts.join(","))
     }
 
     /// The master's port as the first sentinel that answers reports it.
     pub async fn master_port(&self) -> Option<u16> {
         for &p in &self.ports {
-            let Ok(mut c) = sentinel_conn(p).await else {
+            let Ok(mut c) = sentinel_conn(p, self.ca.as_ref()).await else {
                 continue;
             };
             let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
@@ -150,11 +196,24 @@ impl Sentinels {
     }
 }
 
-async fn sentinel_conn(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+async fn sentinel_conn(
+    port: u16,
+    ca: Option<&PathBuf>,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(300)))
         .set_response_timeout(Some(Duration::from_millis(300)));
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+    let client = match ca {
+        None => redis::Client::open(format!("redis://127.0.0.1:{port}"))?,
+        Some(ca) => redis::Client::build_with_tls(
+            format!("rediss://127.0.0.1:{port}"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(ca)?),
+            },
+        )?,
+    };
+    client
         .get_multiplexed_async_connection_with_config(&config)
         .await
 }

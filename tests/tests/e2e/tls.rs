@@ -202,3 +202,36 @@ async fn a_wrong_postgres_ca_is_a_clear_reason_not_an_exit() {
     assert!(sc.wait_exit(Duration::from_millis(200)).await.is_none());
     assert!(!sc.logs().contains("wtc:wtc@"), "no password in the logs");
 }
+
+/// `rediss+sentinel://`: the sentinels, the master and the replication all on TLS only, a
+/// private CA; the sidecar asks the sentinels over TLS and reaches the master over TLS.
+#[tokio::test]
+async fn sentinels_and_master_over_tls() {
+    let certs = Certs::make();
+    let redis = wtc_tests::sentinel::Sentinels::start_tls(&certs).await;
+    assert!(redis.url().starts_with("rediss+sentinel://"));
+    let table = table("tls_sentinel").await;
+    let sc = Fixture::new(&redis.url())
+        .entity("accounts", &table)
+        .with(|c| redis_ca(c, certs.path("ca.crt")))
+        .start()
+        .await;
+    let put = sc.put("accounts", "k1", json!({"owner": "ann"})).await;
+    assert_eq!(
+        (put.status, put.cache.as_deref()),
+        (201, Some("ok")),
+        "{}",
+        put.raw
+    );
+    assert_eq!(
+        redis.master.cached_version("accounts", "k1").await,
+        Some(put.version())
+    );
+    let got = sc.get("accounts", "k1").await;
+    assert_eq!(
+        (got.status, got.cache.as_deref()),
+        (200, Some("hit")),
+        "{}",
+        got.raw
+    );
+}
