@@ -5,7 +5,7 @@
 //! The promise holds: no lost write, no read older than a clean acknowledgement. Figures: the
 //! failover's length and how long reads were served from the database.
 
-use crate::{history_figures, report, serial, stop};
+use crate::{history_figures, lag_replica, quiet_keys_read_back, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,20 +171,7 @@ async fn a_cluster_failover_under_load_keeps_the_promise() {
         tokio::join!(workload.run(&sidecars, &url, &recorded), async {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
             let replica_pid = redis.nodes[replica].pid();
-            signal(replica_pid, "STOP");
-            let mut m = redis.nodes[victim].connection().await.unwrap();
-            redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("replica")
-                .query_async::<()>(&mut m)
-                .await
-                .unwrap();
-            for (k, version) in quiet.iter_mut() {
-                let put = sidecars[0].put("accounts", k, json!({"n": 2})).await;
-                assert_eq!(put.cache.as_deref(), Some("ok"), "{}", put.raw);
-                *version = put.version();
-            }
+            lag_replica(replica_pid, &redis.nodes[victim], &sidecars[0], &mut quiet).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let killed_at = Instant::now();
             let (took, ()) = tokio::join!(
@@ -199,23 +186,7 @@ async fn a_cluster_failover_under_load_keeps_the_promise() {
             (killed_at, took)
         },);
 
-    for sc in &sidecars {
-        let repaired = eventually(Duration::from_secs(20), || async {
-            sc.metric("wtc_repair_queue_depth").await == 0.0
-        })
-        .await;
-        assert!(repaired, "the repair queue drained after the failover");
-        for (k, version) in &quiet {
-            let got = sc.get("accounts", k).await;
-            assert_eq!(
-                (got.status, got.version()),
-                (200, *version),
-                "{k} after the failover ({:?}): {}",
-                got.cache,
-                got.raw
-            );
-        }
-    }
+    quiet_keys_read_back(&sidecars, &quiet).await;
     let ops = recorded.ops();
     // Reads after the kill, of the victim's keys and of the others': how long until each hit
     // the cache again.

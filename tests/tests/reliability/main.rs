@@ -83,6 +83,56 @@ impl FaultCycle {
     }
 }
 
+/// Makes a replica lag behind its master, for the failover scenarios: stops it (SIGSTOP) and
+/// cuts its link (stopped, it would still find the replication stream in its socket buffer on
+/// waking, and it cannot reconnect while stopped), then writes the quiet keys' next versions
+/// through `sc` (acknowledged clean; nothing writes them again, so no repair hides an old copy).
+pub async fn lag_replica(
+    replica_pid: u32,
+    master: &wtc_tests::RedisServer,
+    sc: &wtc_tests::Sidecar,
+    quiet: &mut [(String, i64)],
+) {
+    wtc_tests::signal(replica_pid, "STOP");
+    let mut m = master.connection().await.unwrap();
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async::<()>(&mut m)
+        .await
+        .unwrap();
+    for (k, version) in quiet.iter_mut() {
+        let put = sc.put("accounts", k, serde_json::json!({"n": 2})).await;
+        assert_eq!(put.cache.as_deref(), Some("ok"), "{}", put.raw);
+        *version = put.version();
+    }
+}
+
+/// After a failover: every sidecar's repair queue drains, and the quiet keys read back through
+/// each at their acknowledged version, not the older copy the promoted replica held.
+pub async fn quiet_keys_read_back(sidecars: &[Arc<wtc_tests::Sidecar>], quiet: &[(String, i64)]) {
+    for sc in sidecars {
+        let repaired = wtc_tests::eventually(Duration::from_secs(20), || async {
+            sc.metric("wtc_repair_queue_depth").await == 0.0
+        })
+        .await;
+        assert!(repaired, "the repair queue drained after the failover");
+    }
+    for sc in sidecars {
+        for (k, version) in quiet {
+            let got = sc.get("accounts", k).await;
+            assert_eq!(
+                (got.status, got.version()),
+                (200, *version),
+                "{k} after the failover ({:?}): {}",
+                got.cache,
+                got.raw
+            );
+        }
+    }
+}
+
 /// Appends a scenario's figures to the report file, when one is asked for.
 pub fn report(scenario: &str, faults: &str, figures: Value) {
     println!("{scenario}: {figures}");

@@ -7,7 +7,7 @@
 //! than a clean acknowledgement. Figures: the failover's length, and how long reads were served
 //! from the database before they hit the cache again.
 
-use crate::{history_figures, report, serial, stop};
+use crate::{history_figures, lag_replica, quiet_keys_read_back, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,25 +61,9 @@ async fn a_sentinel_failover_under_load_keeps_the_promise() {
             // Load first, with the cache warm.
             tokio::time::sleep(Duration::from_millis(1_500)).await;
             // The replica misses what the master acknowledges meanwhile: the hot keys' writes,
-            // and the quiet keys' second versions (nothing writes those again, so no repair
-            // hides an old copy of them).
+            // and the quiet keys' second versions.
             let replica = redis.replica.pid();
-            signal(replica, "STOP");
-            // Stopped, it would still find the stream in its socket buffer on waking: cut the
-            // link too (it cannot reconnect while stopped).
-            let mut m = redis.master.connection().await.unwrap();
-            redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("replica")
-                .query_async::<()>(&mut m)
-                .await
-                .unwrap();
-            for (k, version) in quiet.iter_mut() {
-                let put = sidecars[0].put("accounts", k, json!({"n": 2})).await;
-                assert_eq!(put.cache.as_deref(), Some("ok"), "{}", put.raw);
-                *version = put.version();
-            }
+            lag_replica(replica, &redis.master, &sidecars[0], &mut quiet).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let killed_at = Instant::now();
             let (took, ()) = tokio::join!(
@@ -95,27 +79,7 @@ async fn a_sentinel_failover_under_load_keeps_the_promise() {
             (killed_at, took)
         },);
 
-    for sc in &sidecars {
-        let repaired = eventually(Duration::from_secs(20), || async {
-            sc.metric("wtc_repair_queue_depth").await == 0.0
-        })
-        .await;
-        assert!(repaired, "the repair queue drained after the failover");
-    }
-    // The quiet keys, read through both sidecars after the failover: the acknowledged version,
-    // not the older copy the promoted replica holds.
-    for sc in &sidecars {
-        for (k, version) in &quiet {
-            let got = sc.get("accounts", k).await;
-            assert_eq!(
-                (got.status, got.version()),
-                (200, *version),
-                "{k} after the failover ({:?}): {}",
-                got.cache,
-                got.raw
-            );
-        }
-    }
+    quiet_keys_read_back(&sidecars, &quiet).await;
     let ops = recorded.ops();
     // Reads hit the cache again after the failover: the sidecars found the new master.
     let hit_again = ops
