@@ -20,20 +20,23 @@ impl Connection {
     pub fn pipeline_groups<'k>(&self, n: usize, key: impl Fn(usize) -> &'k str) -> Vec<Vec<usize>> {
         match self {
             Connection::Node(_) => vec![(0..n).collect()],
-            Connection::Cluster(_) => {
-                let mut at: HashMap<u16, usize> = HashMap::new();
-                let mut groups: Vec<Vec<usize>> = vec![];
-                for i in 0..n {
-                    let g = *at.entry(slot(key(i))).or_insert_with(|| {
-                        groups.push(vec![]);
-                        groups.len() - 1
-                    });
-                    groups[g].push(i);
-                }
-                groups
-            }
+            Connection::Cluster(_) => by_slot(n, key),
         }
     }
+}
+
+/// Indices `0..n` grouped by the hash slot of `key(i)`, each group in index order.
+pub fn by_slot<'k>(n: usize, key: impl Fn(usize) -> &'k str) -> Vec<Vec<usize>> {
+    let mut at: HashMap<u16, usize> = HashMap::new();
+    let mut groups: Vec<Vec<usize>> = vec![];
+    for i in 0..n {
+        let g = *at.entry(slot(key(i))).or_insert_with(|| {
+            groups.push(vec![]);
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
 }
 
 /// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first

@@ -251,20 +251,16 @@ async fn sweep(mut scope: Scope<'_>) -> RedisResult<u64> {
                 // To the node scanned, not wherever the client's slot map says (it may lag
                 // behind a failover); one UNLINK per slot, as a cluster node wants.
                 Scope::ClusterNode(c, host, port) => {
-                    let mut by_slot: Vec<(u16, Vec<&String>)> = vec![];
-                    for k in &keys {
-                        let slot = super::connection::slot(k);
-                        match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-                            Some((_, ks)) => ks.push(k),
-                            None => by_slot.push((slot, vec![k])),
+                    let groups = super::connection::by_slot(keys.len(), |i| keys[i].as_str());
+                    let mut pipe = redis::pipe();
+                    for group in &groups {
+                        let unlink = pipe.cmd("UNLINK");
+                        for &i in group {
+                            unlink.arg(&keys[i]);
                         }
                     }
-                    let mut pipe = redis::pipe();
-                    for (_, ks) in &by_slot {
-                        pipe.cmd("UNLINK").arg(ks);
-                    }
                     let replies = c
-                        .route_pipeline(pipe, 0, by_slot.len(), by_address(host, *port))
+                        .route_pipeline(pipe, 0, groups.len(), by_address(host, *port))
                         .await?;
                     let counts: Vec<u64> = redis::from_redis_value(Value::Array(replies))?;
                     counts.iter().sum()
