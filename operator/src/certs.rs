@@ -7,7 +7,7 @@
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -36,6 +36,8 @@ pub enum CertError {
     Generate(#[from] rcgen::Error),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the webhook certificate Secret kept changing under this replica")]
+    Contended,
 }
 
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
@@ -152,7 +154,10 @@ impl WebhookCerts {
     }
 }
 
-/// Loads the certificates from their Secret, creating or renewing them as needed.
+/// Loads the certificates from their Secret, creating or renewing them as needed. Safe with
+/// several replicas starting at once: the Secret is created (not applied), so the first replica
+/// makes the CA and the others, refused with a conflict, read and use it; a renewal carries the
+/// resourceVersion it read, so two replicas renewing at once end up with the same certificate.
 pub async fn ensure(
     client: &Client,
     namespace: &str,
@@ -160,31 +165,52 @@ pub async fn ensure(
     names: &[String],
 ) -> Result<WebhookCerts, CertError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let now = OffsetDateTime::now_utc();
-    let current = api
-        .get_opt(secret)
-        .await?
-        .as_ref()
-        .and_then(WebhookCerts::from_secret);
-    let certs = match current {
-        Some(c) if !c.needs_renewal(now) => return Ok(c),
-        Some(c) => {
-            tracing::info!("renewing the webhook serving certificate");
-            c.renew(names, now)?
+    // A lost race means the other replica's certificates are there now: read again.
+    for _ in 0..5 {
+        let now = OffsetDateTime::now_utc();
+        let stored = api.get_opt(secret).await?;
+        let current = stored.as_ref().and_then(WebhookCerts::from_secret);
+        let written = match (&stored, current) {
+            (_, Some(c)) if !c.needs_renewal(now) => return Ok(c),
+            (Some(s), Some(c)) => {
+                tracing::info!("renewing the webhook serving certificate");
+                let renewed = c.renew(names, now)?;
+                let mut next = renewed.to_secret(secret, namespace);
+                next.metadata.resource_version = s.metadata.resource_version.clone();
+                let patch = Patch::Merge(&next);
+                (
+                    api.patch(secret, &PatchParams::default(), &patch).await,
+                    renewed,
+                )
+            }
+            (Some(s), None) => {
+                // Not ours or damaged: make new ones in its place, with the same precondition.
+                tracing::warn!("the webhook certificate Secret is incomplete: making a new CA");
+                let fresh = WebhookCerts::generate(names, now)?;
+                let mut next = fresh.to_secret(secret, namespace);
+                next.metadata.resource_version = s.metadata.resource_version.clone();
+                let patch = Patch::Merge(&next);
+                (
+                    api.patch(secret, &PatchParams::default(), &patch).await,
+                    fresh,
+                )
+            }
+            (None, _) => {
+                tracing::info!("creating the webhook CA and serving certificate");
+                let fresh = WebhookCerts::generate(names, now)?;
+                let made = api
+                    .create(&PostParams::default(), &fresh.to_secret(secret, namespace))
+                    .await;
+                (made, fresh)
+            }
+        };
+        match written {
+            (Ok(_), certs) => return Ok(certs),
+            (Err(kube::Error::Api(e)), _) if e.code == 409 => continue,
+            (Err(e), _) => return Err(e.into()),
         }
-        None => {
-            tracing::info!("creating the webhook CA and serving certificate");
-            WebhookCerts::generate(names, now)?
-        }
-    };
-    let pp = PatchParams::apply(crate::reconcile::FIELD_MANAGER).force();
-    api.patch(
-        secret,
-        &pp,
-        &Patch::Apply(certs.to_secret(secret, namespace)),
-    )
-    .await?;
-    Ok(certs)
+    }
+    Err(CertError::Contended)
 }
 
 #[cfg(test)]

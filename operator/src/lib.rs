@@ -4,13 +4,15 @@
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
 //! patch), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
 //! cache's conditions and events from what was applied and observed); then `reconcile` (apply,
-//! patch the status), `webhook` and `certs` (the admission server), `run` (command line, wiring).
+//! patch the status), `webhook` and `certs` (the admission server), `lease` (leader election),
+//! `run` (command line, wiring).
 #![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod conditions;
 pub mod crd;
 pub mod injection;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;
 pub mod resources;

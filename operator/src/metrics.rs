@@ -1,7 +1,8 @@
 //! The operator's own metrics (`wtc_operator_` prefix).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -10,6 +11,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     pub reconcile_duration: Histogram,
     pub injections: IntCounterVec,
+    /// 1 on the replica that holds the leader lease and reconciles.
+    pub leader: IntGauge,
 }
 
 impl Default for Metrics {
@@ -54,12 +57,19 @@ impl Default for Metrics {
             .register(Box::new(reconcile_duration.clone()))
             .unwrap();
         registry.register(Box::new(injections.clone())).unwrap();
+        let leader = IntGauge::new(
+            "wtc_operator_leader",
+            "1 when this replica holds the leader lease and runs the controller.",
+        )
+        .unwrap();
+        registry.register(Box::new(leader.clone())).unwrap();
         Self {
             registry,
             reconciliations,
             reconcile_errors,
             reconcile_duration,
             injections,
+            leader,
         }
     }
 }

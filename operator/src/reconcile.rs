@@ -241,7 +241,14 @@ async fn publish(ctx: &Context, cr: &WriteThroughCache, notice: status::Notice) 
 }
 
 /// Runs the controller until the stream ends (shutdown signal).
-pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String>, images: Images) {
+/// Runs the controller until `stop` completes (graceful: reconciles in flight finish).
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    namespace: Option<String>,
+    images: Images,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let caches: Api<WriteThroughCache> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -284,7 +291,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, namespace: Option<String
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(config_maps, owned)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {

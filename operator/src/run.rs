@@ -1,17 +1,26 @@
-//! Process wiring: command line, the controller, the webhook with its certificates, `/metrics`
-//! and `/healthz`.
+//! Process wiring: command line, the webhook with its certificates (every replica), the
+//! controller (the replica holding the leader lease), `/metrics`, `/healthz` (alive) and
+//! `/readyz` (the webhook serves and the process is not draining).
+//!
+//! Shutdown (SIGTERM): `/readyz` turns 503, every webhook answer closes its connection, the
+//! controller stops and the lease is released at once; the webhook keeps answering for
+//! `--drain-seconds` while the Service's endpoints drop this replica, so no pod created during a
+//! rollout finds the webhook gone.
 
 use crate::certs::{self, WebhookCerts};
 use crate::crd::WriteThroughCache;
+use crate::lease::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::resources::Images;
-use crate::webhook::{self, Endpoint, Webhook};
+use crate::webhook::{self, Calling, Endpoint, FailurePolicy, Webhook};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use kube::{Client, CustomResourceExt};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::sync::watch;
 use warp::Filter;
 
 /// `wtc-operator [run] [options]` or `wtc-operator crdgen`. `run`'s flags are on the top level
@@ -95,6 +104,30 @@ pub struct Options {
     /// Run the controller only
     #[arg(long = "no-webhook", action = ArgAction::SetFalse)]
     pub webhook: bool,
+    /// What the API server does when no replica answers: Ignore (admit the pod without the
+    /// sidecar) or Fail (refuse it)
+    #[arg(
+        long,
+        value_name = "POLICY",
+        value_enum,
+        ignore_case = true,
+        default_value = "ignore"
+    )]
+    pub webhook_failure_policy: FailurePolicy,
+    /// How long the API server waits for the webhook
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(i32).range(1..=30))]
+    pub webhook_timeout_seconds: i32,
+    /// After SIGTERM, how long the webhook keeps answering (closing each connection) while the
+    /// Service stops sending to this replica
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+    /// The Lease (in the operator's namespace) whose holder runs the controller
+    #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
+    pub leader_election_lease: String,
+    /// This replica's name in the lease, before a suffix of its own (default: the host name)
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pub identity: Option<String>,
     /// The sidecar injected where a cache pins none
     #[arg(
         long,
@@ -129,6 +162,23 @@ impl Options {
             sidecar: self.sidecar_image.clone(),
             redis: self.redis_image.clone(),
         }
+    }
+
+    fn calling(&self) -> Calling {
+        Calling {
+            failure_policy: self.webhook_failure_policy,
+            timeout_seconds: self.webhook_timeout_seconds,
+        }
+    }
+
+    /// The pod's name (or the host's) and a suffix of this process's own: a container restarted
+    /// in the same pod is a new candidate, not the holder of its predecessor's lease.
+    fn identity(&self) -> String {
+        let base = self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            host.trim().to_string()
+        });
+        format!("{base}_{:08x}", fastrand::u32(..))
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -208,30 +258,95 @@ pub async fn run(options: Options) -> Result<(), String> {
         .map_err(|e| format!("no Kubernetes client: {e}"))?;
     let metrics = Arc::new(Metrics::default());
 
-    // The webhook first: `/healthz` is the pod's readiness, and the Service sends admission
+    // The webhook first: `/readyz` is the pod's readiness, and the Service sends admission
     // requests only to ready pods, so a pod created meanwhile is not silently left uninjected
     // because this replica was ready before it served.
-    if options.webhook {
-        start_webhook(&client, &options, Arc::clone(&metrics)).await?;
-    }
+    let hook = match options.webhook {
+        true => Some(start_webhook(&client, &options, Arc::clone(&metrics)).await?),
+        false => None,
+    };
+    let draining = Arc::new(AtomicBool::new(false));
     let m = Arc::clone(&metrics);
+    let d = Arc::clone(&draining);
     let routes = warp::path("metrics")
         .map(move || m.render())
-        .or(warp::path("healthz").map(|| "ok"));
+        .or(warp::path("healthz").map(|| "ok"))
+        .or(warp::path("readyz").map(move || {
+            let (status, body) = match d.load(Ordering::Relaxed) {
+                true => (warp::http::StatusCode::SERVICE_UNAVAILABLE, "draining"),
+                false => (warp::http::StatusCode::OK, "ok"),
+            };
+            warp::reply::with_status(body, status)
+        }));
     let listener = tokio::net::TcpListener::bind(options.metrics_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.metrics_addr))?;
     tokio::spawn(warp::serve(routes).incoming(listener).run());
-    tracing::info!(namespace = ?options.namespace, "wtc-operator running");
-    crate::reconcile::run(client, metrics, options.namespace.clone(), options.images()).await;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let drain = hook.clone();
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("shutting down: draining the webhook, stopping the controller");
+        draining.store(true, Ordering::Relaxed);
+        if let Some(hook) = drain {
+            hook.drain();
+        }
+        let _ = shutdown.send(true);
+    });
+
+    let identity = options.identity();
+    tracing::info!(namespace = ?options.namespace, %identity, "wtc-operator running");
+    let elector = Elector::new(
+        kube::Api::namespaced(client.clone(), &options.operator_namespace),
+        &options.leader_election_lease,
+        &identity,
+        Timing::default(),
+    );
+    let leader = metrics.leader.clone();
+    let (namespace, images) = (options.namespace.clone(), options.images());
+    elector
+        .run(
+            shutdown_rx,
+            move |on| leader.set(i64::from(on)),
+            move |stop| {
+                crate::reconcile::run(
+                    client.clone(),
+                    Arc::clone(&metrics),
+                    namespace.clone(),
+                    images.clone(),
+                    stop.wait(),
+                )
+            },
+        )
+        .await;
+    if hook.is_some() {
+        tokio::time::sleep(Duration::from_secs(options.drain_seconds)).await;
+    }
     Ok(())
+}
+
+/// SIGTERM (the kubelet) or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 async fn start_webhook(
     client: &Client,
     options: &Options,
     metrics: Arc<Metrics>,
-) -> Result<(), String> {
+) -> Result<Arc<Webhook>, String> {
     let names = options.serving_names();
     let certs = match &options.cert_manager {
         Some(_) => read_tls_dir(&options.tls_dir)?,
@@ -254,6 +369,7 @@ async fn start_webhook(
         ca_bundle,
         &options.operator_namespace,
         options.cert_manager.as_deref(),
+        options.calling(),
     );
     let config = match &options.owner_cluster_role {
         Some(role) => webhook::owned_by_cluster_role(client, config, role)
@@ -276,6 +392,7 @@ async fn start_webhook(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.webhook_addr))?;
     tokio::spawn(Arc::clone(&hook).serve(listener));
+    let serving = Arc::clone(&hook);
 
     // Renewal: check twice a day; a renewed certificate serves new connections at once.
     let (client, options) = (client.clone(), options.clone());
@@ -299,7 +416,7 @@ async fn start_webhook(
             }
         }
     });
-    Ok(())
+    Ok(serving)
 }
 
 fn read_tls_dir(dir: &str) -> Result<WebhookCerts, String> {

@@ -1,6 +1,7 @@
 //! The injection webhook's I/O: its MutatingWebhookConfiguration, and an HTTPS server (hyper +
 //! tokio-rustls, since warp 0.4 has no TLS) that answers AdmissionReviews with `injection::plan`.
-//! Every failure admits the pod unchanged: a broken operator must never block pod creation.
+//! Every failure of the webhook itself admits the pod unchanged; whether the API server admits a
+//! pod when no replica answers is the configuration's `failurePolicy` (chart value).
 
 use crate::certs::WebhookCerts;
 use crate::crd::WriteThroughCache;
@@ -23,6 +24,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
 
@@ -44,6 +46,31 @@ pub enum Endpoint {
     Url(String),
 }
 
+/// What the API server does when no replica answers in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Admit the pod without the sidecar (it is reported: an Event, the cache's status).
+    Ignore,
+    /// Refuse the pod: opted-in and other pods in matched namespaces wait for the webhook.
+    Fail,
+}
+
+/// How the API server calls the webhook.
+#[derive(Debug, Clone, Copy)]
+pub struct Calling {
+    pub failure_policy: FailurePolicy,
+    pub timeout_seconds: i32,
+}
+
+impl Default for Calling {
+    fn default() -> Self {
+        Self {
+            failure_policy: FailurePolicy::Ignore,
+            timeout_seconds: 5,
+        }
+    }
+}
+
 /// The configuration the operator keeps applied. `ca_bundle`: `None` under cert-manager, whose CA
 /// injector fills it from `inject_ca_from`.
 pub fn configuration(
@@ -52,6 +79,7 @@ pub fn configuration(
     ca_bundle: Option<&str>,
     operator_namespace: &str,
     inject_ca_from: Option<&str>,
+    calling: Calling,
 ) -> MutatingWebhookConfiguration {
     let client_config = WebhookClientConfig {
         ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
@@ -86,8 +114,14 @@ pub fn configuration(
             name: "inject.wtc.dev".into(),
             admission_review_versions: vec!["v1".into()],
             side_effects: "None".into(),
-            failure_policy: Some("Ignore".into()),
-            timeout_seconds: Some(5),
+            failure_policy: Some(
+                match calling.failure_policy {
+                    FailurePolicy::Ignore => "Ignore",
+                    FailurePolicy::Fail => "Fail",
+                }
+                .into(),
+            ),
+            timeout_seconds: Some(calling.timeout_seconds),
             reinvocation_policy: Some("Never".into()),
             client_config,
             rules: Some(vec![RuleWithOperations {
@@ -164,6 +198,9 @@ pub struct Webhook {
     native_sidecars: bool,
     images: Images,
     tls: RwLock<TlsAcceptor>,
+    /// Shutting down: every answer closes its connection, so the API server's next call opens a
+    /// new one, which the Service sends to a replica that stays.
+    draining: AtomicBool,
 }
 
 pub fn acceptor(certs: &WebhookCerts) -> Result<TlsAcceptor, String> {
@@ -198,7 +235,12 @@ impl Webhook {
             native_sidecars,
             images,
             tls: RwLock::new(acceptor(certs)?),
+            draining: AtomicBool::new(false),
         })
+    }
+
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Serves new connections with the renewed certificate.
@@ -220,7 +262,16 @@ impl Webhook {
                 };
                 let svc = hyper::service::service_fn(move |req| {
                     let me = Arc::clone(&me);
-                    async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+                    async move {
+                        let mut answer = me.handle(req).await;
+                        if me.draining.load(Ordering::Relaxed) {
+                            answer.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok::<_, std::convert::Infallible>(answer)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)

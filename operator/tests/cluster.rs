@@ -192,6 +192,7 @@ async fn controller_creates_owned_objects_reports_ready_and_follows_changes() {
         Arc::new(Metrics::default()),
         Some(ns.name().to_string()),
         Images::default(),
+        std::future::pending(),
     ));
     let out = kubectl_apply(
         cp,
@@ -382,6 +383,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         Some(&certs.ca_pem),
         "wtc-system",
         None,
+        webhook::Calling::default(),
     );
     webhook::apply_configuration(&client, &config)
         .await
@@ -515,6 +517,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         Some(&certs.ca_pem),
         "wtc-system",
         None,
+        webhook::Calling::default(),
     );
     webhook::apply_configuration(&client, &down).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -745,6 +748,7 @@ async fn invalid_spec_is_reported_and_not_retried_in_a_loop() {
         Arc::clone(&metrics),
         Some(ns.name().to_string()),
         Images::default(),
+        std::future::pending(),
     ));
     let yaml = cache_yaml("odd", "    managed: {}").replace(
         "table: accounts",

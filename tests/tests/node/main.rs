@@ -4,6 +4,8 @@
 //!
 //! - `journey`: the README's Kubernetes section, step by step, from `kubectl apply -f crds/` to
 //!   the application writing and reading through `127.0.0.1:7480` inside its pod.
+//! - `availability`: the operator's replicas through a rollout (no pod admitted without its
+//!   sidecar), leader election (one controller; a killed leader replaced within the lease).
 //! - `failures`: what breaks in real pods: the start order, a database outage (pods stay Ready),
 //!   the managed Redis pod deleted under load (history checker), the sidecar killed (kubelet
 //!   restarts it, the application keeps running), a sidecar image that does not exist (visible
@@ -12,6 +14,7 @@
 //! The node is shared by the tests of this binary, which run one at a time (`serial`): the
 //! database outage cuts every pod off PostgreSQL. `scripts/test` stops the node at the end.
 
+mod availability;
 mod failures;
 mod journey;
 
@@ -241,16 +244,8 @@ impl Node {
         // A name of its own: an earlier run's namespace may still be terminating.
         let ns = &format!("wtc-probe-{:x}", fastrand::u32(..));
         self.kubectl(&["create", "namespace", ns]).await;
-        let cache = format!(
-            "apiVersion: wtc.dev/v1alpha1\nkind: WriteThroughCache\nmetadata: {{name: probe, namespace: {ns}}}\n\
-             spec:\n  database: {{urlSecret: {{name: none, key: url}}}}\n  entities: [{{name: probe, table: probe}}]\n  \
-             redis: {{external: {{urlSecret: {{name: none, key: url}}}}}}\n"
-        );
-        self.apply(&cache).await;
-        let pod = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: probe, namespace: {ns}, annotations: {{wtc.dev/inject: probe}}}}\n\
-             spec: {{containers: [{{name: app, image: {LOCAL_REGISTRY}/wtc-dev/wtc-demo-app:0.1.0}}]}}\n"
-        );
+        self.apply(&probe_cache(ns, "probe")).await;
+        let pod = probe_pod(ns, "probe", "probe");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let out = self
@@ -358,6 +353,32 @@ impl Node {
         all.extend(["-o", "json"]);
         serde_json::from_str(&self.kubectl(&all).await).unwrap()
     }
+}
+
+/// A cache that only has to exist for injection (its database and Redis are never reached).
+pub fn probe_cache(ns: &str, name: &str) -> String {
+    format!(
+        "apiVersion: wtc.dev/v1alpha1\nkind: WriteThroughCache\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  database: {{urlSecret: {{name: none, key: url}}}}\n  entities: [{{name: probe, table: probe}}]\n  \
+         redis: {{external: {{urlSecret: {{name: none, key: url}}}}}}\n"
+    )
+}
+
+/// A pod opted in to `cache`.
+pub fn probe_pod(ns: &str, name: &str, cache: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{wtc.dev/inject: {cache}}}}}\n\
+         spec: {{containers: [{{name: app, image: {LOCAL_REGISTRY}/wtc-dev/wtc-demo-app:0.1.0}}]}}\n"
+    )
+}
+
+/// Whether a pod (as the API server returned it) carries the sidecar.
+pub fn has_sidecar(pod: &Value) -> bool {
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| pod["spec"][k].as_array())
+        .flatten()
+        .any(|c| c["name"] == "wtc-sidecar")
 }
 
 /// One application deployed the README's way in a namespace of its own: a database Secret, a
