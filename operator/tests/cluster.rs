@@ -565,7 +565,9 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     let name = "wtc-wtc-operator";
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), release_ns);
     let d = deployments.get(name).await.unwrap();
-    let pod_spec = d.spec.unwrap().template.spec.unwrap();
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2), "two replicas serve the webhook");
+    let pod_spec = spec.template.spec.unwrap();
     let sc = pod_spec.containers[0].security_context.clone().unwrap();
     assert_eq!(
         (
@@ -585,6 +587,8 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     );
     let args = operator.args.clone().unwrap();
     for arg in [
+        "--leader-election-lease=wtc-wtc-operator",
+        "--webhook-failure-policy=Ignore",
         "--sidecar-image=ghcr.io/wtc-dev/wtc-sidecar:0.1.0",
         "--redis-image=ghcr.io/wtc-dev/redis:7.0.15",
     ] {
@@ -615,6 +619,7 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
             &format!("{name}-webhook-tls"),
         ])
         .args(["--owner-cluster-role", name])
+        .args(["--leader-election-lease", name])
         // Scoped to this test's namespace so the other tests' caches do not reach its metrics;
         // the permissions used are still the chart's cluster-wide ones.
         .args(["--namespace", ns.name()])
@@ -692,6 +697,11 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     let metrics = reqwest_like_get(metrics_port, "/metrics").await;
     assert!(
         metrics.contains("wtc_operator_reconciliations_total"),
+        "{metrics}"
+    );
+    // It took the leader lease with the chart's Role (namespaced, by name).
+    assert!(
+        metrics.lines().any(|l| l == "wtc_operator_leader 1"),
         "{metrics}"
     );
     assert!(
@@ -793,4 +803,38 @@ async fn invalid_spec_is_reported_and_not_retried_in_a_loop() {
         metrics.reconciliations.get() - before
     );
     controller.abort();
+}
+
+/// Replicas starting together on a first install: each calls `certs::ensure` on the same
+/// missing Secret at once; all must come back with the one CA and certificate that was stored
+/// (otherwise a replica serves a certificate the published caBundle does not sign).
+#[tokio::test]
+async fn replicas_starting_together_share_one_webhook_ca() {
+    use wtc_operator::certs::ensure;
+    let cp = cluster();
+    let client = cp.client();
+    let ns = cp.namespace("wtc-ca").await.unwrap();
+    let names = vec!["wtc-operator.wtc-system.svc".to_string()];
+    for round in 0..5 {
+        let secret = format!("webhook-tls-{round}");
+        let (a, b, c) = tokio::join!(
+            ensure(&client, ns.name(), &secret, &names),
+            ensure(&client, ns.name(), &secret, &names),
+            ensure(&client, ns.name(), &secret, &names),
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert!(
+            a.ca_pem == b.ca_pem && b.ca_pem == c.ca_pem,
+            "round {round}: the replicas made different CAs"
+        );
+        assert!(
+            a == b && b == c,
+            "round {round}: different serving certificates"
+        );
+        let stored = ensure(&client, ns.name(), &secret, &names).await.unwrap();
+        assert!(
+            stored == a,
+            "round {round}: what the replicas serve is not what is stored"
+        );
+    }
 }
