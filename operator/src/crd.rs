@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Redis","type":"string","jsonPath":".status.redisEndpoint"}"#,
     printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injectedPods"}"#,
     printcolumn = r#"{"name":"Sidecars Ready","type":"integer","jsonPath":".status.readySidecars"}"#,
+    printcolumn = r#"{"name":"Without Sidecar","type":"integer","jsonPath":".status.uninjectedPods"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -227,6 +228,13 @@ pub struct InjectionSpec {
     /// Only pods matching this selector get the sidecar (in addition to the opt-in annotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// Evict pods that asked for this cache's sidecar but run without it because the webhook
+    /// did not see them (down or too slow at their creation), so their controller recreates
+    /// them with it (as Dapr's watchdog does). Only pods that have a controller (ReplicaSet,
+    /// StatefulSet, Job...), a few at a time, through the eviction API (PodDisruptionBudgets
+    /// hold). Pods skipped on purpose (selector, host network) are reported, never evicted.
+    #[serde(default)]
+    pub restart_pods_without_sidecar: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -246,6 +254,10 @@ pub struct WriteThroughCacheStatus {
     /// Injected pods whose sidecar is running and ready.
     #[serde(default)]
     pub ready_sidecars: i32,
+    /// Pods that asked for this cache's sidecar and run without it (Events on them say why).
+    /// Counted by the operator's watchdog, which owns this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninjected_pods: Option<i32>,
 }
 
 // The sidecar's defaults come from its configuration type, so a cache that leaves a field out

@@ -18,6 +18,10 @@ pub const INJECT_ANNOTATION: &str = "wtc.dev/inject";
 pub const SIDECAR_NAME: &str = "wtc-sidecar";
 /// Set on injected pods (value: the cache) so the operator counts them with a label selector.
 pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
+/// Set by the webhook on a pod that asked for the sidecar and did not get it: why.
+pub const SKIPPED_ANNOTATION: &str = "wtc.dev/injection-skipped";
+/// The webhook's answer when it could not read the cache (an API error, not the pod's fault).
+pub const CACHE_UNREADABLE: &str = "the operator could not read the cache";
 const CONFIG_VOLUME: &str = "wtc-sidecar-config";
 const CONFIG_DIR: &str = "/etc/wtc";
 
@@ -27,6 +31,20 @@ pub enum Decision {
     Skip(&'static str),
     /// Apply this JSON patch.
     Inject(json_patch::Patch),
+}
+
+/// For a skip the user must hear about (the pod asked for the sidecar), the patch that records
+/// the reason on the pod; `None` when there is nothing to report.
+pub fn skip_report(reason: &str) -> Option<json_patch::Patch> {
+    if matches!(reason, "not opted in" | "already injected") {
+        return None;
+    }
+    // The opt-in annotation is there, so the map is: add one key to it.
+    let path = format!(
+        "/metadata/annotations/{}",
+        SKIPPED_ANNOTATION.replace('/', "~1")
+    );
+    serde_json::from_value(json!([{"op": "add", "path": path, "value": reason}])).ok()
 }
 
 /// The cache a pod asks for, if any.
@@ -290,6 +308,30 @@ mod tests {
         let mut v = serde_json::to_value(p).unwrap();
         json_patch::patch(&mut v, patch).unwrap();
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_skip_the_pod_asked_against_is_written_on_it() {
+        let p = pod(true);
+        let reason = "pod does not match the cache's pod selector";
+        let noted = apply(&p, &skip_report(reason).unwrap());
+        assert_eq!(
+            noted
+                .annotations()
+                .get(SKIPPED_ANNOTATION)
+                .map(String::as_str),
+            Some(reason)
+        );
+        assert_eq!(
+            noted
+                .annotations()
+                .get(INJECT_ANNOTATION)
+                .map(String::as_str),
+            Some("orders"),
+            "the opt-in stays"
+        );
+        assert!(skip_report("not opted in").is_none());
+        assert!(skip_report("already injected").is_none());
     }
 
     #[test]

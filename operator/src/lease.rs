@@ -257,6 +257,7 @@ impl Elector {
 }
 
 /// Completes when the leader must stop.
+#[derive(Clone)]
 pub struct Stop(watch::Receiver<bool>);
 
 impl Stop {

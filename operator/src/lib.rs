@@ -3,9 +3,10 @@
 //!
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
 //! patch), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
-//! cache's conditions and events from what was applied and observed); then `reconcile` (apply,
-//! patch the status), `webhook` and `certs` (the admission server), `lease` (leader election),
-//! `run` (command line, wiring).
+//! cache's conditions and events from what was applied and observed), `uninjected` (pods that
+//! asked for a sidecar and run without it); then `reconcile` (apply, patch the status),
+//! `watchdog` (reports and restarts such pods), `webhook` and `certs` (the admission server),
+//! `lease` (leader election), `run` (command line, wiring).
 #![forbid(unsafe_code)]
 
 pub mod certs;
@@ -19,6 +20,8 @@ pub mod resources;
 pub mod run;
 pub mod sidecars;
 pub mod status;
+pub mod uninjected;
+pub mod watchdog;
 pub mod webhook;
 
 pub use run::main_entry;

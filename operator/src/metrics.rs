@@ -13,6 +13,10 @@ pub struct Metrics {
     pub injections: IntCounterVec,
     /// 1 on the replica that holds the leader lease and reconciles.
     pub leader: IntGauge,
+    /// Pods that asked for a sidecar and run without it (the watchdog's last round).
+    pub uninjected_pods: IntGauge,
+    /// Such pods evicted so their controller recreates them with the sidecar.
+    pub uninjected_restarts: IntCounter,
 }
 
 impl Default for Metrics {
@@ -63,6 +67,22 @@ impl Default for Metrics {
         )
         .unwrap();
         registry.register(Box::new(leader.clone())).unwrap();
+        let uninjected_pods = IntGauge::new(
+            "wtc_operator_pods_without_sidecar",
+            "Pods that asked for the sidecar and run without it (the watchdog's last round).",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(uninjected_pods.clone()))
+            .unwrap();
+        let uninjected_restarts = IntCounter::new(
+            "wtc_operator_pods_without_sidecar_evicted_total",
+            "Pods without their sidecar evicted so their controller recreates them with it.",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(uninjected_restarts.clone()))
+            .unwrap();
         Self {
             registry,
             reconciliations,
@@ -70,6 +90,8 @@ impl Default for Metrics {
             reconcile_duration,
             injections,
             leader,
+            uninjected_pods,
+            uninjected_restarts,
         }
     }
 }

@@ -240,7 +240,6 @@ async fn publish(ctx: &Context, cr: &WriteThroughCache, notice: status::Notice) 
     }
 }
 
-/// Runs the controller until the stream ends (shutdown signal).
 /// Runs the controller until `stop` completes (graceful: reconciles in flight finish).
 pub async fn run(
     client: Client,

@@ -1,5 +1,5 @@
 //! Process wiring: command line, the webhook with its certificates (every replica), the
-//! controller (the replica holding the leader lease), `/metrics`, `/healthz` (alive) and
+//! controller and the watchdog (the replica holding the leader lease), `/metrics`, `/healthz` (alive) and
 //! `/readyz` (the webhook serves and the process is not draining).
 //!
 //! Shutdown (SIGTERM): `/readyz` turns 503, every webhook answer closes its connection, the
@@ -12,6 +12,7 @@ use crate::crd::WriteThroughCache;
 use crate::lease::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::resources::Images;
+use crate::watchdog::Watchdog;
 use crate::webhook::{self, Calling, Endpoint, FailurePolicy, Webhook};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use kube::{Client, CustomResourceExt};
@@ -122,6 +123,10 @@ pub struct Options {
     /// Service stops sending to this replica
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
+    /// How often the leader looks for pods that asked for a sidecar and run without it
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub watchdog_interval_seconds: u64,
     /// The Lease (in the operator's namespace) whose holder runs the controller
     #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
     pub leader_election_lease: String,
@@ -305,18 +310,25 @@ pub async fn run(options: Options) -> Result<(), String> {
     );
     let leader = metrics.leader.clone();
     let (namespace, images) = (options.namespace.clone(), options.images());
+    let watchdog_every = Duration::from_secs(options.watchdog_interval_seconds);
     elector
         .run(
             shutdown_rx,
             move |on| leader.set(i64::from(on)),
             move |stop| {
-                crate::reconcile::run(
+                let controller = crate::reconcile::run(
                     client.clone(),
                     Arc::clone(&metrics),
                     namespace.clone(),
                     images.clone(),
-                    stop.wait(),
-                )
+                    stop.clone().wait(),
+                );
+                let watchdog =
+                    Watchdog::new(client.clone(), namespace.clone(), Arc::clone(&metrics))
+                        .run(watchdog_every, stop.wait());
+                async move {
+                    tokio::join!(controller, watchdog);
+                }
             },
         )
         .await;

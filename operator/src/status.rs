@@ -139,6 +139,8 @@ pub fn desired(o: &Observed, old: &[Condition], now: &Time) -> WriteThroughCache
         redis_endpoint: o.redis_endpoint.clone().or_else(|| Some("external".into())),
         injected_pods: o.sidecars.injected,
         ready_sidecars: o.sidecars.ready,
+        // The watchdog's field (its own field manager): left out of the controller's apply.
+        uninjected_pods: None,
     }
 }
 

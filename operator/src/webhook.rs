@@ -350,14 +350,14 @@ impl Webhook {
             Err(e) => {
                 tracing::warn!(%namespace, cache = cache_name, error = %e, "cache lookup failed; admitting unchanged");
                 self.count("error");
-                return allowed;
+                return self.reported(allowed, injection::CACHE_UNREADABLE);
             }
         };
         match injection::plan(pod, cache.as_ref(), self.native_sidecars, &self.images) {
             Decision::Skip(reason) => {
                 tracing::info!(%namespace, cache = cache_name, reason, "not injecting");
                 self.count("skipped");
-                allowed
+                self.reported(allowed, reason)
             }
             Decision::Inject(patch) => match allowed.clone().with_patch(patch) {
                 Ok(r) => {
@@ -370,6 +370,15 @@ impl Webhook {
                     allowed
                 }
             },
+        }
+    }
+
+    /// The pod admitted without the sidecar, the reason written on it for the watchdog and the
+    /// user (`kubectl describe pod`).
+    fn reported(&self, allowed: AdmissionResponse, reason: &str) -> AdmissionResponse {
+        match injection::skip_report(reason) {
+            Some(patch) => allowed.clone().with_patch(patch).unwrap_or(allowed),
+            None => allowed,
         }
     }
 

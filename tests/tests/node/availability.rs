@@ -1,5 +1,6 @@
 //! The operator's availability on the real node: two replicas behind the webhook's Service, one
-//! of them the leader.
+//! of them the leader; pods that asked for the sidecar and run without it, reported and (when
+//! the cache asks) recreated.
 
 use crate::{Node, has_sidecar, node, probe_cache, probe_pod, serial, wait_for};
 use serde_json::Value;
@@ -307,6 +308,170 @@ async fn a_killed_leader_is_replaced_within_the_lease() {
     // The killed replica's connections were cut mid-call: the API server admits those pods
     // without the sidecar (failurePolicy Ignore). Reported, not hidden; see the rollout test for
     // the planned path, where there are none.
+    let _ = node
+        .try_kubectl(&["delete", "namespace", &ns, "--wait=false"])
+        .await;
+}
+
+async fn uninjected_count(node: &Node, ns: &str, cache: &str) -> Option<i64> {
+    let c = node.json(&["-n", ns, "get", "wtc", cache]).await;
+    c["status"]["uninjectedPods"].as_i64()
+}
+
+/// Events of `reason` about the object `name` in `ns`, their messages.
+async fn events(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let list = node
+        .json(&[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name},reason={reason}"),
+        ])
+        .await;
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e["message"]
+                .as_str()
+                .or(e["note"].as_str())
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// Pods the webhook never saw (created while their namespace was opted out, which then opted
+/// back in: what a webhook down at their creation leaves): an Event on each pod and on the
+/// cache, counted in the cache's status; once the cache asks for restarts, they are evicted and
+/// their ReplicaSet recreates them with the sidecar. A pod skipped on purpose (the cache's pod
+/// selector) is reported with that reason and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_without_their_sidecar_are_reported_and_restarted_on_request() {
+    let _serial = serial().await;
+    let node = node().await;
+    let ns = format!("missed-{:x}", fastrand::u32(..));
+    node.kubectl(&["create", "namespace", &ns]).await;
+    node.apply(&probe_cache(&ns, "probe")).await;
+    node.kubectl(&["label", "namespace", &ns, "wtc.dev/injection=disabled"])
+        .await;
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\n\
+         spec:\n  replicas: 2\n  selector: {{matchLabels: {{app: missed}}}}\n  template:\n    \
+         metadata: {{labels: {{app: missed}}, annotations: {{wtc.dev/inject: probe}}}}\n    \
+         spec: {{containers: [{{name: app, image: {}/wtc-dev/wtc-demo-app:0.1.0}}]}}\n",
+        crate::LOCAL_REGISTRY
+    );
+    node.apply(&deployment).await;
+    let live = || async {
+        let list = node
+            .json(&["-n", &ns, "get", "pods", "-l", "app=missed"])
+            .await;
+        list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .collect::<Vec<Value>>()
+    };
+    let missed = wait_for(Duration::from_secs(60), "two pods created", || async {
+        let pods = live().await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await;
+    assert!(missed.iter().all(|p| !has_sidecar(p)));
+    node.kubectl(&["label", "namespace", &ns, "wtc.dev/injection-"])
+        .await;
+
+    // A pod the cache's selector leaves out.
+    let picky = probe_cache(&ns, "picky").replace(
+        "  entities:",
+        "  injection: {podSelector: {matchLabels: {tier: cache-users}}}\n  entities:",
+    );
+    node.apply(&picky).await;
+    node.apply(&probe_pod(&ns, "odd", "picky")).await;
+
+    let started = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "status.uninjectedPods 2 and 1",
+        || async {
+            (uninjected_count(node, &ns, "probe").await == Some(2)
+                && uninjected_count(node, &ns, "picky").await == Some(1))
+            .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "missed pods counted in the caches' status {:.1} s after they were created",
+        started.elapsed().as_secs_f64()
+    );
+    let pod = missed[0]["metadata"]["name"].as_str().unwrap();
+    let on_pod = wait_for(Duration::from_secs(30), "the Event on the pod", || async {
+        let e = events(node, &ns, pod, "SidecarNotInjected").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert!(on_pod[0].contains("\"probe\""), "{on_pod:?}");
+    let described = node.kubectl(&["-n", &ns, "describe", "pod", pod]).await;
+    assert!(
+        described.contains("SidecarNotInjected"),
+        "kubectl describe pod does not show why:\n{described}"
+    );
+    let on_cache = events(node, &ns, "probe", "PodWithoutSidecar").await;
+    assert!(on_cache.iter().any(|m| m.contains(pod)), "{on_cache:?}");
+    let odd = events(node, &ns, "odd", "SidecarNotInjected").await;
+    assert!(
+        odd.iter()
+            .any(|m| m.contains("does not match the cache's pod selector")),
+        "{odd:?}"
+    );
+    eprintln!(
+        "event on the pod: {}\nevent on the odd pod: {}",
+        on_pod[0], odd[0]
+    );
+
+    // Restarts, on request.
+    for cache in ["probe", "picky"] {
+        node.kubectl(&[
+            "-n",
+            &ns,
+            "patch",
+            "wtc",
+            cache,
+            "--type=merge",
+            "-p",
+            r#"{"spec": {"injection": {"restartPodsWithoutSidecar": true}}}"#,
+        ])
+        .await;
+    }
+    let asked = Instant::now();
+    wait_for(
+        Duration::from_secs(90),
+        "the missed pods recreated with the sidecar",
+        || async {
+            let pods = live().await;
+            (pods.len() == 2 && pods.iter().all(has_sidecar)).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "status.uninjectedPods 0",
+        || async { (uninjected_count(node, &ns, "probe").await == Some(0)).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "missed pods evicted and recreated with the sidecar {:.1} s after the cache asked",
+        asked.elapsed().as_secs_f64()
+    );
+    // The pod skipped on purpose is still there, still counted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    node.kubectl(&["-n", &ns, "get", "pod", "odd"]).await;
+    assert_eq!(uninjected_count(node, &ns, "picky").await, Some(1));
     let _ = node
         .try_kubectl(&["delete", "namespace", &ns, "--wait=false"])
         .await;

@@ -212,6 +212,8 @@ impl Node {
             .args(["-n", "wtc-system", "--create-namespace"])
             .args(["--set", &format!("image.registry={LOCAL_REGISTRY}")])
             .args(tag_overrides())
+            // The watchdog's rounds, every 30 s by default: short enough for the tests' waits.
+            .args(["--set", "watchdog.intervalSeconds=5"])
             .args(["--wait", "--timeout", "180s"]))
         .await;
         if let Err(e) = installed {

@@ -1,0 +1,230 @@
+//! The watchdog, on the leader: every interval it lists pods' metadata (paged, in the watched
+//! namespaces), finds those that asked for a sidecar and run without it (`uninjected`), and
+//! makes that visible: an Event on the pod and on its cache (once per pod), the cache's
+//! `status.uninjectedPods` (a field this loop alone owns), a metric; with the cache's
+//! `injection.restartPodsWithoutSidecar`, it evicts those the webhook merely missed, a few per
+//! round, so their controller recreates them through the webhook.
+//!
+//! A poll, not a watch: a watch of every pod's metadata would hold the whole cluster's pods in
+//! memory for a case that a working webhook makes rare.
+
+use crate::crd::WriteThroughCache;
+use crate::metrics::Metrics;
+use crate::uninjected::{self, Uninjected};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+const FIELD_MANAGER: &str = "wtc-operator-watchdog";
+/// Evictions per round, over all caches: a missed burst is recreated gradually.
+const MAX_EVICTIONS: usize = 5;
+
+pub struct Watchdog {
+    client: Client,
+    namespace: Option<String>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Pods already reported (by uid).
+    reported: HashSet<String>,
+}
+
+impl Watchdog {
+    pub fn new(client: Client, namespace: Option<String>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
+            client,
+            namespace,
+            metrics,
+            reported: HashSet::new(),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// Rounds every `interval` until `stop` completes.
+    pub async fn run(mut self, interval: Duration, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "watchdog: cannot list pods or caches");
+            }
+        }
+    }
+
+    pub async fn round(&mut self) -> Result<(), kube::Error> {
+        let pods: Api<Pod> = self.api();
+        let mut found: Vec<Uninjected> = vec![];
+        let mut lp = ListParams::default().limit(500);
+        loop {
+            let page = pods.list_metadata(&lp).await?;
+            found.extend(
+                page.items
+                    .iter()
+                    .filter_map(|p| uninjected::find(&p.metadata)),
+            );
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => lp = lp.continue_token(&token),
+                _ => break,
+            }
+        }
+        // What the pods' namespaces say (opted out of injection): one read per namespace.
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let mut excluded: HashMap<String, Option<&'static str>> = HashMap::new();
+        for u in &found {
+            if !excluded.contains_key(&u.namespace) {
+                let ns = namespaces.get_opt(&u.namespace).await?;
+                let labels = ns.as_ref().and_then(|n| n.metadata.labels.as_ref());
+                excluded.insert(
+                    u.namespace.clone(),
+                    uninjected::namespace_excluded(&u.namespace, labels),
+                );
+            }
+        }
+        let found: Vec<Uninjected> = found
+            .into_iter()
+            .map(|u| {
+                let why = excluded.get(&u.namespace).copied().flatten();
+                uninjected::in_namespace(u, why)
+            })
+            .collect();
+        self.metrics.uninjected_pods.set(found.len() as i64);
+        let caches: Api<WriteThroughCache> = self.api();
+        let caches = caches.list(&ListParams::default()).await?.items;
+        let counts = uninjected::counts(&found);
+        for cache in &caches {
+            let key = (cache.namespace().unwrap_or_default(), cache.name_any());
+            let n = counts.get(&key).copied().unwrap_or(0);
+            let current = cache.status.as_ref().and_then(|s| s.uninjected_pods);
+            if current.unwrap_or(0) != n || (current.is_none() && n > 0) {
+                self.count(cache, n).await;
+            }
+        }
+        let by_key: HashMap<(String, String), &WriteThroughCache> = caches
+            .iter()
+            .map(|c| ((c.namespace().unwrap_or_default(), c.name_any()), c))
+            .collect();
+        let present: HashSet<&str> = found.iter().map(|u| u.uid.as_str()).collect();
+        self.reported.retain(|uid| present.contains(uid.as_str()));
+        let mut evicted = 0;
+        for u in &found {
+            let cache = by_key.get(&(u.namespace.clone(), u.cache.clone())).copied();
+            if self.reported.insert(u.uid.clone()) {
+                self.report(u, cache).await;
+            }
+            let restart = cache.is_some_and(|c| c.spec.injection.restart_pods_without_sidecar);
+            if restart && u.transient && u.controlled && evicted < MAX_EVICTIONS {
+                evicted += usize::from(self.evict(u, cache).await);
+            }
+        }
+        Ok(())
+    }
+
+    async fn count(&self, cache: &WriteThroughCache, n: i32) {
+        let api: Api<WriteThroughCache> =
+            Api::namespaced(self.client.clone(), &cache.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "apiVersion": "wtc.dev/v1alpha1",
+            "kind": "WriteThroughCache",
+            "status": {"uninjectedPods": n},
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER);
+        if let Err(e) = api
+            .patch_status(&cache.name_any(), &pp, &Patch::Apply(&patch))
+            .await
+        {
+            tracing::warn!(cache = %cache.name_any(), error = %e, "watchdog: cannot update the count");
+        }
+    }
+
+    async fn report(&self, u: &Uninjected, cache: Option<&WriteThroughCache>) {
+        tracing::warn!(namespace = %u.namespace, pod = %u.pod, cache = %u.cache, reason = %u.reason, "a pod runs without the sidecar it asked for");
+        let on_pod = Event {
+            type_: EventType::Warning,
+            reason: "SidecarNotInjected".into(),
+            note: Some(format!(
+                "asked for the sidecar of cache {:?} and runs without it: {}",
+                u.cache, u.reason
+            )),
+            action: "Inject".into(),
+            secondary: None,
+        };
+        self.publish(&on_pod, &pod_ref(u)).await;
+        if let Some(cache) = cache {
+            let on_cache = Event {
+                type_: EventType::Warning,
+                reason: "PodWithoutSidecar".into(),
+                note: Some(format!(
+                    "pod {} runs without the sidecar: {}",
+                    u.pod, u.reason
+                )),
+                action: "Inject".into(),
+                secondary: Some(pod_ref(u)),
+            };
+            self.publish(&on_cache, &cache.object_ref(&())).await;
+        }
+    }
+
+    /// Whether the pod was evicted (a PodDisruptionBudget may refuse: next round).
+    async fn evict(&self, u: &Uninjected, cache: Option<&WriteThroughCache>) -> bool {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &u.namespace);
+        match pods.evict(&u.pod, &EvictParams::default()).await {
+            Ok(_) => {
+                tracing::info!(namespace = %u.namespace, pod = %u.pod, "evicted a pod without its sidecar, to be recreated with it");
+                self.metrics.uninjected_restarts.inc();
+                if let Some(cache) = cache {
+                    let ev = Event {
+                        type_: EventType::Normal,
+                        reason: "PodRestarted".into(),
+                        note: Some(format!(
+                            "evicted pod {} (no sidecar: {}); its controller recreates it",
+                            u.pod, u.reason
+                        )),
+                        action: "Evict".into(),
+                        secondary: Some(pod_ref(u)),
+                    };
+                    self.publish(&ev, &cache.object_ref(&())).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::info!(namespace = %u.namespace, pod = %u.pod, error = %e, "cannot evict a pod without its sidecar yet");
+                false
+            }
+        }
+    }
+
+    async fn publish(&self, ev: &Event, on: &ObjectReference) {
+        if let Err(e) = self.recorder.publish(ev, on).await {
+            tracing::warn!(error = %e, "watchdog: could not publish an event");
+        }
+    }
+}
+
+fn pod_ref(u: &Uninjected) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(u.pod.clone()),
+        namespace: Some(u.namespace.clone()),
+        uid: Some(u.uid.clone()),
+        ..ObjectReference::default()
+    }
+}
