@@ -113,7 +113,8 @@ impl Watchdog {
             let key = (cache.namespace().unwrap_or_default(), cache.name_any());
             let n = counts.get(&key).copied().unwrap_or(0);
             let current = cache.status.as_ref().and_then(|s| s.uninjected_pods);
-            if current.unwrap_or(0) != n || (current.is_none() && n > 0) {
+            // Written once as 0 too, so `kubectl get wtc` shows a number, not a blank.
+            if current != Some(n) {
                 self.count(cache, n).await;
             }
         }

@@ -122,12 +122,12 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
     // What `kubectl get wtc` shows (the operator follows the pod's status changes).
     let status = wait_for(
         Duration::from_secs(30),
-        "readySidecars 1 on the cache",
+        "readySidecars 1 and uninjectedPods 0 on the cache",
         || {
             let shop = &shop;
             async move {
                 let status = shop.cache_status(node).await;
-                (status["readySidecars"] == 1).then_some(status)
+                (status["readySidecars"] == 1 && status["uninjectedPods"] == 0).then_some(status)
             }
         },
     )
