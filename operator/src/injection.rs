@@ -2,8 +2,9 @@
 //! whether to inject and build the JSON patch. The webhook server (`webhook.rs`) only does I/O.
 
 use crate::crd::{TlsFiles, WriteThroughCache};
+use crate::pod_settings::{self, PodSettings};
 use crate::resources::{
-    CONFIG_KEY, Images, PASSWORD_KEY, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer, auth_secret_name,
+    CONFIG_KEY, PASSWORD_KEY, Release, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer, auth_secret_name,
     config_map_name, redis_endpoint, restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
@@ -31,6 +32,8 @@ pub enum Decision {
     Skip(&'static str),
     /// Apply this JSON patch.
     Inject(json_patch::Patch),
+    /// Refuse the pod: its per-pod settings are not valid (the message names the annotation).
+    Deny(String),
 }
 
 /// For a skip the user must hear about (the pod asked for the sidecar), the patch that records
@@ -58,7 +61,7 @@ pub fn plan(
     pod: &Pod,
     cache: Option<&WriteThroughCache>,
     native: bool,
-    images: &Images,
+    images: &Release,
 ) -> Decision {
     if requested_cache(pod).is_none() {
         return Decision::Skip("not opted in");
@@ -82,8 +85,12 @@ pub fn plan(
     {
         return Decision::Skip("pod does not match the cache's pod selector");
     }
+    let settings = match pod_settings::parse(pod.annotations()) {
+        Ok(s) => s,
+        Err(e) => return Decision::Deny(e),
+    };
 
-    let mut container = sidecar_container(cache, images);
+    let mut container = sidecar_container(cache, images, &settings);
     let mut ops: Vec<Value> = vec![];
     if native {
         container.restart_policy = Some("Always".into());
@@ -182,7 +189,11 @@ fn tls_volume(peer: TlsPeer, files: &TlsFiles) -> Volume {
 /// after it); readiness does not follow the database, so a PostgreSQL outage does not take every
 /// injected pod out of its Services (the sidecar answers 503 with `Retry-After` meanwhile); the
 /// liveness probe restarts a sidecar that stopped answering.
-pub fn sidecar_container(cache: &WriteThroughCache, images: &Images) -> Container {
+pub fn sidecar_container(
+    cache: &WriteThroughCache,
+    images: &Release,
+    settings: &PodSettings,
+) -> Container {
     let spec = &cache.spec;
     let mut env = vec![secret_env(
         "WTC_DATABASE_URL",
@@ -210,7 +221,18 @@ pub fn sidecar_container(cache: &WriteThroughCache, images: &Images) -> Containe
         }
         (None, None) => {}
     }
-    let port = spec.sidecar.port;
+    let port = settings.port.unwrap_or(spec.sidecar.port);
+    let plain = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    if settings.port.is_some() {
+        env.push(plain("WTC_LISTEN", format!("127.0.0.1:{port}")));
+    }
+    if let Some(level) = &settings.log_level {
+        env.push(plain("RUST_LOG", level.clone()));
+    }
     // The API listens on loopback only, out of the kubelet's reach: the binary probes itself.
     let probe = |period: i32, failures: i32| Probe {
         exec: Some(ExecAction {
@@ -238,7 +260,10 @@ pub fn sidecar_container(cache: &WriteThroughCache, images: &Images) -> Containe
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         ]),
         env: Some(env),
-        resources: spec.sidecar.resources.clone(),
+        resources: settings.resources(
+            spec.sidecar.resources.as_ref(),
+            images.sidecar_resources.as_ref(),
+        ),
         volume_mounts: Some(
             std::iter::once(VolumeMount {
                 name: CONFIG_VOLUME.into(),
@@ -290,6 +315,7 @@ fn selector_matches(
 mod tests {
     use super::*;
     use crate::resources::fixtures::CacheBuilder;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     fn pod(annotated: bool) -> Pod {
         let mut p: Pod = serde_json::from_value(json!({
@@ -335,9 +361,56 @@ mod tests {
     }
 
     #[test]
+    fn per_pod_annotations_set_port_log_level_and_resources_or_refuse_the_pod() {
+        let cache = CacheBuilder::new("orders").build();
+        let mut p = pod(true);
+        for (k, v) in [
+            (pod_settings::PORT, "7481"),
+            (pod_settings::LOG_LEVEL, "debug"),
+            (pod_settings::MEMORY_LIMIT, "64Mi"),
+        ] {
+            p.annotations_mut().insert(k.into(), v.into());
+        }
+        let release = Release {
+            sidecar_resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                limits: Some([("cpu".to_string(), Quantity("1".into()))].into()),
+                ..Default::default()
+            }),
+            ..Release::default()
+        };
+        let Decision::Inject(patch) = plan(&p, Some(&cache), true, &release) else {
+            panic!("no injection")
+        };
+        let sc = apply(&p, &patch).spec.unwrap().init_containers.unwrap()[0].clone();
+        let env = |n: &str| {
+            sc.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(env("WTC_LISTEN").as_deref(), Some("127.0.0.1:7481"));
+        assert_eq!(env("RUST_LOG").as_deref(), Some("debug"));
+        let probe = sc.startup_probe.unwrap().exec.unwrap().command.unwrap();
+        assert_eq!(probe[2], "http://127.0.0.1:7481/healthz");
+        let limits = sc.resources.unwrap().limits.unwrap();
+        assert_eq!(
+            (limits["cpu"].0.as_str(), limits["memory"].0.as_str()),
+            ("1", "64Mi")
+        );
+
+        p.annotations_mut()
+            .insert(pod_settings::CPU_REQUEST.into(), "fast".into());
+        match plan(&p, Some(&cache), true, &release) {
+            Decision::Deny(m) => assert!(m.contains(pod_settings::CPU_REQUEST), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn injects_a_native_sidecar_with_secret_refs_and_config() {
         let cache = CacheBuilder::new("orders").build();
-        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Images::default())
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Release::default())
         else {
             panic!("no injection")
         };
@@ -381,7 +454,7 @@ mod tests {
                 ["/wtc-sidecar", "--probe", "http://127.0.0.1:7480/healthz"]
             );
         }
-        assert_eq!(sc.image, Some(Images::default().sidecar));
+        assert_eq!(sc.image, Some(Release::default().sidecar));
         assert_eq!(
             spec.volumes.unwrap()[0].config_map.as_ref().unwrap().name,
             "orders-sidecar"
@@ -392,16 +465,17 @@ mod tests {
             &apply(&pod(true), &patch),
             Some(&cache),
             true,
-            &Images::default(),
+            &Release::default(),
         );
         assert_eq!(again, Decision::Skip("already injected"));
     }
 
     #[test]
     fn the_sidecar_image_is_the_operators_unless_the_cache_pins_one() {
-        let images = Images {
+        let images = Release {
             sidecar: "registry.example/wtc-dev/wtc-sidecar:9.9.9".into(),
             redis: "registry.example/wtc-dev/redis:7".into(),
+            sidecar_resources: None,
         };
         let mut cache = CacheBuilder::new("orders").build();
         let image = |cache: &WriteThroughCache| {
@@ -425,7 +499,7 @@ mod tests {
     #[test]
     fn regular_container_on_older_clusters() {
         let cache = CacheBuilder::new("orders").external().build();
-        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), false, &Images::default())
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), false, &Release::default())
         else {
             panic!()
         };
@@ -457,7 +531,7 @@ mod tests {
         };
         cache.spec.database.tls = Some(files("pg-ca", false));
         cache.spec.redis.external.as_mut().unwrap().tls = Some(files("redis-tls", true));
-        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Images::default())
+        let Decision::Inject(patch) = plan(&pod(true), Some(&cache), true, &Release::default())
         else {
             panic!("no injection")
         };
@@ -510,30 +584,30 @@ mod tests {
     fn leaves_alone_what_it_should() {
         let cache = CacheBuilder::new("orders").build();
         assert_eq!(
-            plan(&pod(false), Some(&cache), true, &Images::default()),
+            plan(&pod(false), Some(&cache), true, &Release::default()),
             Decision::Skip("not opted in")
         );
         assert_eq!(
-            plan(&pod(true), None, true, &Images::default()),
+            plan(&pod(true), None, true, &Release::default()),
             Decision::Skip("no such cache in this namespace")
         );
         let mut host = pod(true);
         host.spec.as_mut().unwrap().host_network = Some(true);
         assert_eq!(
-            plan(&host, Some(&cache), true, &Images::default()),
+            plan(&host, Some(&cache), true, &Release::default()),
             Decision::Skip("host network")
         );
         let mut selective = cache.clone();
         selective.spec.injection.pod_selector =
             Some(serde_json::from_value(json!({"matchLabels": {"tier": "api"}})).unwrap());
         assert!(matches!(
-            plan(&pod(true), Some(&selective), true, &Images::default()),
+            plan(&pod(true), Some(&selective), true, &Release::default()),
             Decision::Skip(_)
         ));
         let mut labelled = pod(true);
         labelled.labels_mut().insert("tier".into(), "api".into());
         assert!(matches!(
-            plan(&labelled, Some(&selective), true, &Images::default()),
+            plan(&labelled, Some(&selective), true, &Release::default()),
             Decision::Inject(_)
         ));
     }

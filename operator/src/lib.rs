@@ -2,7 +2,7 @@
 //! configuration, and injects the sidecar into pods that opt in.
 //!
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
-//! patch), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
+//! patch; `pod_settings`, the per-pod annotations), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
 //! cache's conditions and events from what was applied and observed), `uninjected` (pods that
 //! asked for a sidecar and run without it); then `reconcile` (apply, patch the status),
 //! `watchdog` (reports and restarts such pods), `webhook` and `certs` (the admission server),
@@ -15,6 +15,7 @@ pub mod crd;
 pub mod injection;
 pub mod lease;
 pub mod metrics;
+pub mod pod_settings;
 pub mod reconcile;
 pub mod resources;
 pub mod run;

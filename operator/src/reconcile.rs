@@ -4,7 +4,7 @@
 use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
-use crate::resources::{self, Desired, Images, InvalidSpec, PASSWORD_KEY};
+use crate::resources::{self, Desired, InvalidSpec, PASSWORD_KEY, Release};
 use crate::sidecars;
 use crate::status::{self, Applied, Observed, RedisHealth};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// The operator's release: what caches that pin no image run.
-    pub images: Images,
+    pub images: Release,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +245,7 @@ pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     namespace: Option<String>,
-    images: Images,
+    images: Release,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let caches: Api<WriteThroughCache> = match &namespace {

@@ -6,8 +6,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,23 +23,26 @@ pub const CONFIG_KEY: &str = "sidecar.toml";
 pub const PASSWORD_KEY: &str = "password";
 pub const CACHE_LABEL: &str = "wtc.dev/cache";
 
-/// The images the operator runs where a cache pins none: those of the operator's own release,
-/// set by the chart (`--sidecar-image`, `--redis-image`).
+/// What the operator's release puts in pods where a cache says nothing: the images
+/// (`--sidecar-image`, `--redis-image`) and the injected sidecar's resources (`--sidecar-*`
+/// flags from the chart's `sidecarResources`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Images {
+pub struct Release {
     pub sidecar: String,
     pub redis: String,
+    pub sidecar_resources: Option<ResourceRequirements>,
 }
 
 /// Redis as packaged by `scripts/images` (Debian's redis-server).
 pub const REDIS_VERSION: &str = "7.0.15";
 
-impl Default for Images {
+impl Default for Release {
     fn default() -> Self {
         let version = env!("CARGO_PKG_VERSION");
         Self {
             sidecar: format!("ghcr.io/wtc-dev/wtc-sidecar:{version}"),
             redis: format!("ghcr.io/wtc-dev/redis:{REDIS_VERSION}"),
+            sidecar_resources: None,
         }
     }
 }
@@ -191,7 +195,7 @@ fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
 pub fn desired(
     cr: &WriteThroughCache,
     redis_password: &str,
-    images: &Images,
+    images: &Release,
 ) -> Result<Desired, InvalidSpec> {
     if cr.meta().uid.is_none() || cr.namespace().is_none() {
         return Err(InvalidSpec(
@@ -223,7 +227,7 @@ fn managed_redis(
     cr: &WriteThroughCache,
     m: &ManagedRedis,
     password: &str,
-    images: &Images,
+    images: &Release,
 ) -> ManagedObjects {
     let name = redis_name(cr);
     let selector = BTreeMap::from([
@@ -460,7 +464,7 @@ mod tests {
     #[test]
     fn managed_cache_gets_redis_objects_owned_by_the_resource() {
         let cr = CacheBuilder::new("orders").build();
-        let d = desired(&cr, "pw", &Images::default()).unwrap();
+        let d = desired(&cr, "pw", &Release::default()).unwrap();
         let r = d.redis.expect("managed Redis");
         assert_eq!(r.deployment.metadata.name.as_deref(), Some("orders-redis"));
         assert_eq!(r.service.metadata.name.as_deref(), Some("orders-redis"));
@@ -499,7 +503,7 @@ mod tests {
     #[test]
     fn rendered_config_is_what_the_sidecar_parses() {
         let cr = CacheBuilder::new("orders").entity("items").build();
-        let d = desired(&cr, "pw", &Images::default()).unwrap();
+        let d = desired(&cr, "pw", &Release::default()).unwrap();
         let toml = &d.config_map.data.unwrap()[CONFIG_KEY];
         let overrides = wtc_config::Overrides {
             database_url: Some("postgres://db/app".into()),
@@ -514,9 +518,10 @@ mod tests {
 
     #[test]
     fn managed_redis_runs_the_operators_image_unless_the_cache_pins_one() {
-        let images = Images {
+        let images = Release {
             sidecar: "r.example/wtc-dev/wtc-sidecar:2".into(),
             redis: "r.example/wtc-dev/redis:7".into(),
+            sidecar_resources: None,
         };
         let mut cr = CacheBuilder::new("orders").build();
         let image = |cr: &WriteThroughCache| {
@@ -538,7 +543,7 @@ mod tests {
     #[test]
     fn external_redis_has_no_managed_objects() {
         let cr = CacheBuilder::new("orders").external().build();
-        let d = desired(&cr, "pw", &Images::default()).unwrap();
+        let d = desired(&cr, "pw", &Release::default()).unwrap();
         assert!(d.redis.is_none());
         assert_eq!(redis_endpoint(&cr), None);
     }
@@ -547,7 +552,7 @@ mod tests {
     fn specs_the_sidecar_would_refuse_are_invalid() {
         let mut cr = CacheBuilder::new("orders").build();
         cr.spec.entities[0].key_column = "version".into();
-        let err = desired(&cr, "pw", &Images::default()).unwrap_err();
+        let err = desired(&cr, "pw", &Release::default()).unwrap_err();
         assert!(err.0.contains("same column"), "{err}");
     }
 

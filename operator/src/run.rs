@@ -11,11 +11,14 @@ use crate::certs::{self, WebhookCerts};
 use crate::crd::WriteThroughCache;
 use crate::lease::{Elector, Timing};
 use crate::metrics::Metrics;
-use crate::resources::Images;
+use crate::resources::Release;
 use crate::watchdog::Watchdog;
 use crate::webhook::{self, Calling, Endpoint, FailurePolicy, Webhook};
 use clap::{ArgAction, Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Client, CustomResourceExt};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -138,15 +141,27 @@ pub struct Options {
         long,
         value_name = "IMAGE",
         env = "WTC_SIDECAR_IMAGE",
-        default_value_t = Images::default().sidecar
+        default_value_t = Release::default().sidecar
     )]
     pub sidecar_image: String,
+    /// The injected sidecar's CPU request where neither the cache nor the pod sets one
+    #[arg(long, value_name = "QUANTITY", value_parser = quantity)]
+    pub sidecar_cpu_request: Option<String>,
+    /// The injected sidecar's memory request (same precedence)
+    #[arg(long, value_name = "QUANTITY", value_parser = quantity)]
+    pub sidecar_memory_request: Option<String>,
+    /// The injected sidecar's CPU limit (same precedence)
+    #[arg(long, value_name = "QUANTITY", value_parser = quantity)]
+    pub sidecar_cpu_limit: Option<String>,
+    /// The injected sidecar's memory limit (same precedence)
+    #[arg(long, value_name = "QUANTITY", value_parser = quantity)]
+    pub sidecar_memory_limit: Option<String>,
     /// Managed Redis where a cache pins none
     #[arg(
         long,
         value_name = "IMAGE",
         env = "WTC_REDIS_IMAGE",
-        default_value_t = Images::default().redis
+        default_value_t = Release::default().redis
     )]
     pub redis_image: String,
 }
@@ -162,10 +177,32 @@ impl Options {
             .ok_or_else(|| "crdgen does not run the operator".into())
     }
 
-    pub fn images(&self) -> Images {
-        Images {
+    pub fn release(&self) -> Release {
+        let map = |pairs: [(&str, &Option<String>); 2]| {
+            let m: BTreeMap<String, Quantity> = pairs
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), Quantity(v.clone()?))))
+                .collect();
+            (!m.is_empty()).then_some(m)
+        };
+        let requests = map([
+            ("cpu", &self.sidecar_cpu_request),
+            ("memory", &self.sidecar_memory_request),
+        ]);
+        let limits = map([
+            ("cpu", &self.sidecar_cpu_limit),
+            ("memory", &self.sidecar_memory_limit),
+        ]);
+        Release {
             sidecar: self.sidecar_image.clone(),
             redis: self.redis_image.clone(),
+            sidecar_resources: (requests.is_some() || limits.is_some()).then(|| {
+                ResourceRequirements {
+                    requests,
+                    limits,
+                    ..ResourceRequirements::default()
+                }
+            }),
         }
     }
 
@@ -217,6 +254,16 @@ impl Options {
                 ]
             }
         }
+    }
+}
+
+/// A Kubernetes quantity, for the resource flags.
+fn quantity(s: &str) -> Result<String, String> {
+    match crate::pod_settings::is_quantity(s) {
+        true => Ok(s.to_string()),
+        false => Err(format!(
+            "{s:?} is not a Kubernetes quantity (like 100m, 64Mi)"
+        )),
     }
 }
 
@@ -309,7 +356,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         Timing::default(),
     );
     let leader = metrics.leader.clone();
-    let (namespace, images) = (options.namespace.clone(), options.images());
+    let (namespace, images) = (options.namespace.clone(), options.release());
     let watchdog_every = Duration::from_secs(options.watchdog_interval_seconds);
     elector
         .run(
@@ -397,7 +444,7 @@ async fn start_webhook(
         client.clone(),
         metrics,
         native,
-        options.images(),
+        options.release(),
         &certs,
     )?);
     let listener = Webhook::bind(options.webhook_addr)
@@ -482,7 +529,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.operator_namespace, "ops");
-        assert_eq!(o.images().sidecar, "r.example/wtc-dev/wtc-sidecar:1");
+        assert_eq!(o.release().sidecar, "r.example/wtc-dev/wtc-sidecar:1");
         assert_eq!(o.webhook_addr.port(), 9443);
     }
 
@@ -527,7 +574,24 @@ mod tests {
         assert_eq!(o.namespace.as_deref(), Some("shop"));
         assert_eq!(o.cert_manager.as_deref(), Some("ops/wtc-webhook"));
         assert_eq!(o.owner_cluster_role.as_deref(), Some("wtc"));
-        assert_eq!(o.images().redis, "r.example/redis:7");
+        assert_eq!(o.release().redis, "r.example/redis:7");
+        assert_eq!(o.release().sidecar_resources, None);
+        let o = parse(&[
+            "--sidecar-memory-limit=128Mi",
+            "--sidecar-cpu-request",
+            "50m",
+        ])
+        .unwrap();
+        let r = o.release().sidecar_resources.unwrap();
+        assert_eq!(
+            (
+                r.requests.unwrap()["cpu"].0.as_str(),
+                r.limits.unwrap()["memory"].0.as_str()
+            ),
+            ("50m", "128Mi")
+        );
+        let e = parse(&["--sidecar-memory-limit=lots"]).unwrap_err();
+        assert!(e.contains("lots") && e.contains("quantity"), "{e}");
 
         let e = parse(&["--bogus"]).unwrap_err();
         assert!(e.contains("--bogus"), "{e}");
@@ -578,10 +642,11 @@ mod tests {
         let o = parse(&[]).unwrap();
         assert_eq!(o.operator_namespace, "from-env");
         assert_eq!(
-            o.images(),
-            Images {
+            o.release(),
+            Release {
                 sidecar: "env.example/sidecar:1".into(),
-                redis: "env.example/redis:1".into()
+                redis: "env.example/redis:1".into(),
+                sidecar_resources: None,
             }
         );
         let o = parse(&[
@@ -591,7 +656,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.operator_namespace, "ops");
-        assert_eq!(o.images().sidecar, "flag.example/sidecar:2");
-        assert_eq!(o.images().redis, "env.example/redis:1");
+        assert_eq!(o.release().sidecar, "flag.example/sidecar:2");
+        assert_eq!(o.release().redis, "env.example/redis:1");
     }
 }

@@ -7,7 +7,7 @@ use crate::certs::WebhookCerts;
 use crate::crd::WriteThroughCache;
 use crate::injection::{self, Decision};
 use crate::metrics::Metrics;
-use crate::resources::Images;
+use crate::resources::Release;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -196,7 +196,7 @@ pub struct Webhook {
     metrics: Arc<Metrics>,
     /// Native sidecars (init containers with `restartPolicy: Always`) are available.
     native_sidecars: bool,
-    images: Images,
+    images: Release,
     tls: RwLock<TlsAcceptor>,
     /// Shutting down: every answer closes its connection, so the API server's next call opens a
     /// new one, which the Service sends to a replica that stays.
@@ -226,7 +226,7 @@ impl Webhook {
         client: Client,
         metrics: Arc<Metrics>,
         native_sidecars: bool,
-        images: Images,
+        images: Release,
         certs: &WebhookCerts,
     ) -> Result<Self, String> {
         Ok(Self {
@@ -358,6 +358,11 @@ impl Webhook {
                 tracing::info!(%namespace, cache = cache_name, reason, "not injecting");
                 self.count("skipped");
                 self.reported(allowed, reason)
+            }
+            Decision::Deny(message) => {
+                tracing::info!(%namespace, cache = cache_name, %message, "refusing a pod");
+                self.count("denied");
+                allowed.deny(message)
             }
             Decision::Inject(patch) => match allowed.clone().with_patch(patch) {
                 Ok(r) => {

@@ -14,7 +14,7 @@ use wtc_k8s_harness::{ControlPlane, shared};
 use wtc_operator::certs::WebhookCerts;
 use wtc_operator::crd::WriteThroughCache;
 use wtc_operator::metrics::Metrics;
-use wtc_operator::resources::Images;
+use wtc_operator::resources::Release;
 use wtc_operator::webhook::{self, Endpoint, Webhook};
 
 const CRD_FILE: &str = concat!(
@@ -191,7 +191,7 @@ async fn controller_creates_owned_objects_reports_ready_and_follows_changes() {
         client.clone(),
         Arc::new(Metrics::default()),
         Some(ns.name().to_string()),
-        Images::default(),
+        Release::default(),
         std::future::pending(),
     ));
     let out = kubectl_apply(
@@ -368,7 +368,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
             client.clone(),
             Arc::new(Metrics::default()),
             native,
-            Images::default(),
+            Release::default(),
             &certs,
         )
         .unwrap(),
@@ -757,7 +757,7 @@ async fn invalid_spec_is_reported_and_not_retried_in_a_loop() {
         cp.client(),
         Arc::clone(&metrics),
         Some(ns.name().to_string()),
-        Images::default(),
+        Release::default(),
         std::future::pending(),
     ));
     let yaml = cache_yaml("odd", "    managed: {}").replace(

@@ -6,6 +6,8 @@
 //!   the application writing and reading through `127.0.0.1:7480` inside its pod.
 //! - `availability`: the operator's replicas through a rollout (no pod admitted without its
 //!   sidecar), leader election (one controller; a killed leader replaced within the lease).
+//! - `settings`: per-pod settings of the sidecar (annotations) in a namespace whose
+//!   ResourceQuota requires requests and limits.
 //! - `failures`: what breaks in real pods: the start order, a database outage (pods stay Ready),
 //!   the managed Redis pod deleted under load (history checker), the sidecar killed (kubelet
 //!   restarts it, the application keeps running), a sidecar image that does not exist (visible
@@ -17,6 +19,7 @@
 mod availability;
 mod failures;
 mod journey;
+mod settings;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -400,6 +403,10 @@ pub struct ShopOptions<'a> {
     pub ttl_seconds: Option<u64>,
     /// Wait for the application's rollout (not for a sidecar that cannot start).
     pub no_wait: bool,
+    /// Objects applied in the namespace before the cache (a ResourceQuota).
+    pub first: &'a str,
+    /// Edits the README's YAML after the changes above.
+    pub edit: Option<fn(String) -> String>,
 }
 
 impl Shop {
@@ -432,6 +439,14 @@ impl Shop {
                 "  redis:\n",
                 &format!("  sidecar:\n{}\n  redis:\n", opts.sidecar),
             );
+        }
+        if let Some(edit) = opts.edit {
+            yaml = edit(yaml);
+        }
+        if !opts.first.is_empty() {
+            node.kubectl_stdin(&["-n", &ns, "apply", "-f", "-"], opts.first)
+                .await
+                .unwrap();
         }
         node.apply(&yaml).await;
         node.kubectl(&[
