@@ -6,6 +6,7 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use rcgen::{
@@ -163,7 +164,13 @@ pub async fn ensure(
     namespace: &str,
     secret: &str,
     names: &[String],
+    owner: Option<&OwnerReference>,
 ) -> Result<WebhookCerts, CertError> {
+    let to_secret = |c: &WebhookCerts| {
+        let mut s = c.to_secret(secret, namespace);
+        s.metadata.owner_references = owner.map(|o| vec![o.clone()]);
+        s
+    };
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     // A lost race means the other replica's certificates are there now: read again.
     for _ in 0..5 {
@@ -175,7 +182,7 @@ pub async fn ensure(
             (Some(s), Some(c)) => {
                 tracing::info!("renewing the webhook serving certificate");
                 let renewed = c.renew(names, now)?;
-                let mut next = renewed.to_secret(secret, namespace);
+                let mut next = to_secret(&renewed);
                 next.metadata.resource_version = s.metadata.resource_version.clone();
                 let patch = Patch::Merge(&next);
                 (
@@ -187,7 +194,7 @@ pub async fn ensure(
                 // Not ours or damaged: make new ones in its place, with the same precondition.
                 tracing::warn!("the webhook certificate Secret is incomplete: making a new CA");
                 let fresh = WebhookCerts::generate(names, now)?;
-                let mut next = fresh.to_secret(secret, namespace);
+                let mut next = to_secret(&fresh);
                 next.metadata.resource_version = s.metadata.resource_version.clone();
                 let patch = Patch::Merge(&next);
                 (
@@ -198,9 +205,7 @@ pub async fn ensure(
             (None, _) => {
                 tracing::info!("creating the webhook CA and serving certificate");
                 let fresh = WebhookCerts::generate(names, now)?;
-                let made = api
-                    .create(&PostParams::default(), &fresh.to_secret(secret, namespace))
-                    .await;
+                let made = api.create(&PostParams::default(), &to_secret(&fresh)).await;
                 (made, fresh)
             }
         };

@@ -13,7 +13,7 @@
 //!   next try instead of waiting out the duration.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use std::future::Future;
@@ -85,17 +85,26 @@ pub struct Elector {
     name: String,
     me: String,
     timing: Timing,
+    /// Set on the Lease when this replica creates it (cleanup on uninstall).
+    owner: Option<OwnerReference>,
     /// The record last read, and when it was first seen.
     seen: Option<(Record, Instant)>,
 }
 
 impl Elector {
-    pub fn new(api: Api<Lease>, name: &str, me: &str, timing: Timing) -> Self {
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        me: &str,
+        timing: Timing,
+        owner: Option<OwnerReference>,
+    ) -> Self {
         Self {
             api,
             name: name.into(),
             me: me.into(),
             timing,
+            owner,
             seen: None,
         }
     }
@@ -123,6 +132,7 @@ impl Elector {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    owner_references: self.owner.clone().map(|o| vec![o]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(None, 0)),

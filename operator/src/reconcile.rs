@@ -1,5 +1,11 @@
 //! The controller: desired objects (from `resources`), applied server-side with one field manager,
 //! leftovers removed, then status. `error_policy` backs off; an invalid spec waits for a change.
+//!
+//! Deleting a cache that pods still use waits (the finalizer `wtc.dev/in-use-by-pods`): its
+//! ConfigMap, Secret and managed Redis stay, so those pods keep working and restart with their
+//! sidecar, until no injected pod names the cache; then the finalizer goes and the garbage
+//! collector removes the rest. The webhook keeps injecting into pods of a cache being deleted:
+//! such a pod uses it like the others.
 
 use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
@@ -13,7 +19,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -23,6 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const FIELD_MANAGER: &str = "wtc-operator";
+/// Held on every cache while the operator runs it; removed once no injected pod uses the cache.
+pub const FINALIZER: &str = "wtc.dev/in-use-by-pods";
 
 /// What every reconcile shares.
 pub struct Context {
@@ -39,6 +48,11 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the resource has no namespace")]
     NoNamespace,
+    /// Not a failure: the cache is being deleted and these pods still use it.
+    #[error("{0} pods still use the cache")]
+    InUse(usize),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -48,6 +62,24 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "client",
             Error::NoNamespace => "no_namespace",
+            Error::InUse(_) => "in_use",
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.metric_label()
+                }
+                _ => "finalizer",
+            },
+        }
+    }
+
+    fn in_use(&self) -> Option<usize> {
+        match self {
+            Error::InUse(n) => Some(*n),
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::CleanupFailed(inner) => inner.in_use(),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }
@@ -55,7 +87,16 @@ impl Error {
 pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciliations.inc();
-    let result = apply_all(&cr, &ctx).await;
+    let ns = cr.namespace().ok_or(Error::NoNamespace)?;
+    let caches: Api<WriteThroughCache> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&caches, FINALIZER, cr, |event| async {
+        match event {
+            finalizer::Event::Apply(cr) => apply_all(&cr, &ctx).await,
+            finalizer::Event::Cleanup(cr) => release(&cr, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -63,6 +104,11 @@ pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<
 }
 
 pub fn error_policy(cr: Arc<WriteThroughCache>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Some(pods) = error.in_use() {
+        // Waiting, not failing: the pods' comings and goings bring the next try sooner.
+        tracing::info!(cache = %cr.name_any(), pods, "deletion waits for the pods that use the cache");
+        return Action::requeue(Duration::from_secs(10));
+    }
     ctx.metrics
         .reconcile_errors
         .with_label_values(&[error.metric_label()])
@@ -114,6 +160,41 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     update_status(cr, ctx, Applied::Valid(redis_ready)).await?;
     // Watches on the owned objects bring changes; the periodic pass refreshes the pod count.
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// The cache is being deleted: done once no injected pod uses it (the finalizer goes, the
+/// garbage collector removes what the cache owned); until then an Event says which pods.
+async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error> {
+    let ns = cr.namespace().ok_or(Error::NoNamespace)?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!("{INJECTED_LABEL}={}", cr.name_any());
+    let users = pods.list(&ListParams::default().labels(&selector)).await?;
+    if users.items.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let n = users.items.len();
+    let plural = if n == 1 {
+        "pod still uses"
+    } else {
+        "pods still use"
+    };
+    let names: Vec<String> = users.items.iter().take(5).map(|p| p.name_any()).collect();
+    let more = if n > names.len() { ", ..." } else { "" };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "DeletionWaiting".into(),
+        note: Some(format!(
+            "{n} {plural} this cache ({}{more}): it is deleted once they are gone \
+             (kubectl -n {ns} get pods -l {selector})",
+            names.join(", ")
+        )),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+    Err(Error::InUse(n))
 }
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>

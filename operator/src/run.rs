@@ -17,6 +17,7 @@ use crate::webhook::{self, Calling, Endpoint, FailurePolicy, Webhook};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Client, CustomResourceExt};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -309,12 +310,20 @@ pub async fn run(options: Options) -> Result<(), String> {
         .await
         .map_err(|e| format!("no Kubernetes client: {e}"))?;
     let metrics = Arc::new(Metrics::default());
+    let owner = match &options.owner_cluster_role {
+        Some(role) => Some(
+            webhook::cluster_role_owner(&client, role)
+                .await
+                .map_err(|e| format!("cannot read ClusterRole {role}: {e}"))?,
+        ),
+        None => None,
+    };
 
     // The webhook first: `/readyz` is the pod's readiness, and the Service sends admission
     // requests only to ready pods, so a pod created meanwhile is not silently left uninjected
     // because this replica was ready before it served.
     let hook = match options.webhook {
-        true => Some(start_webhook(&client, &options, Arc::clone(&metrics)).await?),
+        true => Some(start_webhook(&client, &options, Arc::clone(&metrics), owner.clone()).await?),
         false => None,
     };
     let draining = Arc::new(AtomicBool::new(false));
@@ -354,6 +363,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         &options.leader_election_lease,
         &identity,
         Timing::default(),
+        owner,
     );
     let leader = metrics.leader.clone();
     let (namespace, images) = (options.namespace.clone(), options.release());
@@ -405,6 +415,7 @@ async fn start_webhook(
     client: &Client,
     options: &Options,
     metrics: Arc<Metrics>,
+    owner: Option<OwnerReference>,
 ) -> Result<Arc<Webhook>, String> {
     let names = options.serving_names();
     let certs = match &options.cert_manager {
@@ -414,6 +425,7 @@ async fn start_webhook(
             &options.operator_namespace,
             &options.webhook_cert_secret,
             &names,
+            owner.as_ref(),
         )
         .await
         .map_err(|e| e.to_string())?,
@@ -422,7 +434,7 @@ async fn start_webhook(
         .cert_manager
         .is_none()
         .then_some(certs.ca_pem.as_str());
-    let config = webhook::configuration(
+    let mut config = webhook::configuration(
         &options.webhook_config,
         &options.endpoint(),
         ca_bundle,
@@ -430,12 +442,7 @@ async fn start_webhook(
         options.cert_manager.as_deref(),
         options.calling(),
     );
-    let config = match &options.owner_cluster_role {
-        Some(role) => webhook::owned_by_cluster_role(client, config, role)
-            .await
-            .map_err(|e| format!("cannot read ClusterRole {role}: {e}"))?,
-        None => config,
-    };
+    config.metadata.owner_references = owner.clone().map(|o| vec![o]);
     webhook::apply_configuration(client, &config)
         .await
         .map_err(|e| format!("cannot apply the MutatingWebhookConfiguration: {e}"))?;
@@ -465,6 +472,7 @@ async fn start_webhook(
                     &options.operator_namespace,
                     &options.webhook_cert_secret,
                     &names,
+                    owner.as_ref(),
                 )
                 .await
                 .map_err(|e| e.to_string()),

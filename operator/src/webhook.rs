@@ -18,7 +18,9 @@ use k8s_openapi::api::admissionregistration::v1::{
     WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, OwnerReference,
+};
 use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::core::DynamicObject;
@@ -161,23 +163,24 @@ pub fn configuration(
     }
 }
 
-/// Makes the configuration owned by the operator's ClusterRole, so uninstalling the chart (which
-/// deletes the ClusterRole) lets the garbage collector remove the webhook as well.
-pub async fn owned_by_cluster_role(
+/// A non-controller reference to the operator's ClusterRole. What the operator makes outside a
+/// cache (the webhook configuration, its certificate Secret, the leader Lease) is owned by it,
+/// so uninstalling the chart (which deletes the ClusterRole) lets the garbage collector remove
+/// them too.
+pub async fn cluster_role_owner(
     client: &Client,
-    mut config: MutatingWebhookConfiguration,
     cluster_role: &str,
-) -> Result<MutatingWebhookConfiguration, kube::Error> {
+) -> Result<OwnerReference, kube::Error> {
     use k8s_openapi::api::rbac::v1::ClusterRole;
     use kube::Resource;
     let role = Api::<ClusterRole>::all(client.clone())
         .get(cluster_role)
         .await?;
-    config.metadata.owner_references = role.controller_owner_ref(&()).map(|mut o| {
-        o.controller = Some(false);
-        vec![o]
-    });
-    Ok(config)
+    let mut owner = role
+        .controller_owner_ref(&())
+        .expect("a ClusterRole read from the API server has a name and uid");
+    owner.controller = Some(false);
+    Ok(owner)
 }
 
 pub async fn apply_configuration(

@@ -723,11 +723,26 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         .output()
         .unwrap();
     assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     eventually(
         "webhook configuration collected",
         Duration::from_secs(60),
         || async { configs.get_opt(name).await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+    // What the operator made in its namespace goes too: the CA Secret and the leader Lease.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), release_ns);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), release_ns);
+    let tls = format!("{name}-webhook-tls");
+    eventually(
+        "the webhook's Secret and the Lease collected",
+        Duration::from_secs(60),
+        || async {
+            (secrets.get_opt(&tls).await.unwrap().is_none()
+                && leases.get_opt(name).await.unwrap().is_none())
+            .then_some(())
+        },
     )
     .await;
 }
@@ -818,9 +833,9 @@ async fn replicas_starting_together_share_one_webhook_ca() {
     for round in 0..5 {
         let secret = format!("webhook-tls-{round}");
         let (a, b, c) = tokio::join!(
-            ensure(&client, ns.name(), &secret, &names),
-            ensure(&client, ns.name(), &secret, &names),
-            ensure(&client, ns.name(), &secret, &names),
+            ensure(&client, ns.name(), &secret, &names, None),
+            ensure(&client, ns.name(), &secret, &names, None),
+            ensure(&client, ns.name(), &secret, &names, None),
         );
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         assert!(
@@ -831,7 +846,9 @@ async fn replicas_starting_together_share_one_webhook_ca() {
             a == b && b == c,
             "round {round}: different serving certificates"
         );
-        let stored = ensure(&client, ns.name(), &secret, &names).await.unwrap();
+        let stored = ensure(&client, ns.name(), &secret, &names, None)
+            .await
+            .unwrap();
         assert!(
             stored == a,
             "round {round}: what the replicas serve is not what is stored"

@@ -2,7 +2,7 @@
 //! of them the leader; pods that asked for the sidecar and run without it, reported and (when
 //! the cache asks) recreated.
 
-use crate::{Node, has_sidecar, node, probe_cache, probe_pod, serial, wait_for};
+use crate::{Node, events, has_sidecar, node, probe_cache, probe_pod, serial, wait_for};
 use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -316,31 +316,6 @@ async fn a_killed_leader_is_replaced_within_the_lease() {
 async fn uninjected_count(node: &Node, ns: &str, cache: &str) -> Option<i64> {
     let c = node.json(&["-n", ns, "get", "wtc", cache]).await;
     c["status"]["uninjectedPods"].as_i64()
-}
-
-/// Events of `reason` about the object `name` in `ns`, their messages.
-async fn events(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<String> {
-    let list = node
-        .json(&[
-            "-n",
-            ns,
-            "get",
-            "events",
-            "--field-selector",
-            &format!("involvedObject.name={name},reason={reason}"),
-        ])
-        .await;
-    list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| {
-            e["message"]
-                .as_str()
-                .or(e["note"].as_str())
-                .map(String::from)
-        })
-        .collect()
 }
 
 /// Pods the webhook never saw (created while their namespace was opted out, which then opted

@@ -6,6 +6,7 @@
 //!   the application writing and reading through `127.0.0.1:7480` inside its pod.
 //! - `availability`: the operator's replicas through a rollout (no pod admitted without its
 //!   sidecar), leader election (one controller; a killed leader replaced within the lease).
+//! - `lifecycle`: deleting a cache that pods use waits for them.
 //! - `settings`: per-pod settings of the sidecar (annotations) in a namespace whose
 //!   ResourceQuota requires requests and limits.
 //! - `failures`: what breaks in real pods: the start order, a database outage (pods stay Ready),
@@ -19,6 +20,7 @@
 mod availability;
 mod failures;
 mod journey;
+mod lifecycle;
 mod settings;
 
 use serde_json::Value;
@@ -629,6 +631,31 @@ impl Target for App {
     fn row_url(&self, entity: &str, key: &str) -> String {
         format!("{}/{entity}/{key}", self.base)
     }
+}
+
+/// Events of `reason` about the object `name` in `ns`, their messages.
+pub async fn events(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let list = node
+        .json(&[
+            "-n",
+            ns,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name},reason={reason}"),
+        ])
+        .await;
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e["message"]
+                .as_str()
+                .or(e["note"].as_str())
+                .map(String::from)
+        })
+        .collect()
 }
 
 /// Polls `check` every 250 ms until it returns `Some` or `timeout` passes.
