@@ -19,6 +19,10 @@ pub struct SidecarConfig {
     /// Address the HTTP API binds to. Must be a loopback address.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// A second listener for `/metrics`, `/healthz` and `/readyz` only, on an address others
+    /// reach (`0.0.0.0:9464` in a pod, for Prometheus); the API stays on `listen`. Unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// File holding the API token (e.g. a mounted Secret). When a token is set (here or by
     /// `WTC_API_TOKEN`, which wins), every request but `/healthz` and `/readyz` needs
     /// `Authorization: Bearer <token>`.
@@ -192,6 +196,8 @@ pub mod defaults {
     pub const VERSION_COLUMN: &str = "version";
     pub const TTL_SECONDS: u64 = 300;
     pub const LISTEN_PORT: u16 = 7480;
+    /// The pod-facing metrics listener the operator configures (`metrics_listen`).
+    pub const METRICS_PORT: u16 = 9464;
 }
 
 fn default_pool_size() -> u32 {
@@ -267,12 +273,14 @@ pub enum ConfigError {
 }
 
 /// Values from the environment that override the file (`WTC_DATABASE_URL`, `WTC_REDIS_URL`,
-/// `WTC_LISTEN`). Passed in rather than read here so the rules are testable.
+/// `WTC_LISTEN`, `WTC_METRICS_LISTEN`). Passed in rather than read here so the rules are
+/// testable.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Overrides {
@@ -282,6 +290,7 @@ impl Overrides {
             database_url: get("WTC_DATABASE_URL"),
             redis_url: get("WTC_REDIS_URL"),
             listen: get("WTC_LISTEN"),
+            metrics_listen: get("WTC_METRICS_LISTEN"),
         }
     }
 }
@@ -298,6 +307,9 @@ impl SidecarConfig {
         }
         if let Some(listen) = &overrides.listen {
             config.listen = listen.clone();
+        }
+        if let Some(listen) = &overrides.metrics_listen {
+            config.metrics_listen = Some(listen.clone());
         }
         config.validate()?;
         Ok(config)
@@ -367,6 +379,16 @@ impl SidecarConfig {
                 ));
             }
             Err(_) => return invalid(format!("listen = {:?} is not host:port", self.listen)),
+        }
+        if let Some(m) = &self.metrics_listen {
+            let Ok(addr) = m.parse::<std::net::SocketAddr>() else {
+                return invalid(format!("metrics_listen = {m:?} is not host:port"));
+            };
+            if addr.port() != 0 && self.listen.parse::<std::net::SocketAddr>().ok() == Some(addr) {
+                return invalid(format!(
+                    "metrics_listen = {addr} is the API's own address (listen); pick another port"
+                ));
+            }
         }
         if self.database.pool_size == 0 {
             return invalid("database.pool_size must be at least 1".into());
@@ -506,11 +528,32 @@ mod tests {
             database_url: Some("postgres://other/db".into()),
             redis_url: Some("redis://127.0.0.1:7000".into()),
             listen: Some("127.0.0.1:9000".into()),
+            metrics_listen: Some("0.0.0.0:9464".into()),
         };
         let c = SidecarConfig::parse(MINIMAL, &o).unwrap();
         assert_eq!(c.database.url, "postgres://other/db");
         assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
         assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.metrics_listen.as_deref(), Some("0.0.0.0:9464"));
+    }
+
+    #[test]
+    fn the_metrics_listener_may_face_the_network_but_is_an_address_of_its_own() {
+        let with = |m: &str| {
+            let o = Overrides {
+                metrics_listen: Some(m.into()),
+                ..Overrides::default()
+            };
+            SidecarConfig::parse(MINIMAL, &o)
+        };
+        assert!(with("0.0.0.0:9464").is_ok());
+        let e = with("nowhere").unwrap_err().to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("host:port"),
+            "{e}"
+        );
+        let e = with("127.0.0.1:7480").unwrap_err().to_string();
+        assert!(e.contains("the API's own address"), "{e}");
     }
 
     #[test]

@@ -187,8 +187,9 @@ pub struct ExternalRedis {
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.metricsPort == 0 || (self.metricsPort >= 1024 && self.metricsPort != self.port)").message("sidecar.metricsPort is 0 (off) or a port from 1024, other than sidecar.port"))]
 pub struct SidecarSpec {
     /// Pins the sidecar image. Unset: the image of the operator's release (`--sidecar-image`),
     /// so upgrading the operator moves new pods' sidecars forward.
@@ -198,6 +199,11 @@ pub struct SidecarSpec {
     #[serde(default = "default_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
+    /// Port on the pod's address for `/metrics`, `/healthz` and `/readyz` only (Prometheus;
+    /// the container port is named `wtc-metrics`); 0 turns that listener off.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub metrics_port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Retries of a failed cache step after the commit.
@@ -282,6 +288,9 @@ fn default_maxmemory() -> String {
 }
 fn default_port() -> u16 {
     wtc_config::defaults::LISTEN_PORT
+}
+fn default_metrics_port() -> u16 {
+    wtc_config::defaults::METRICS_PORT
 }
 fn default_retries() -> u32 {
     wtc_config::RetryBudget::default().retries

@@ -8,7 +8,7 @@ use crate::resources::{
     config_map_name, redis_endpoint, restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, EnvVar, ExecAction, KeyToPath, Pod, Probe,
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction, KeyToPath, Pod, Probe,
     SecretVolumeSource, Volume, VolumeMount,
 };
 use kube::ResourceExt;
@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 /// Pods opt in with this annotation, naming a `WriteThroughCache` in their namespace.
 pub const INJECT_ANNOTATION: &str = "wtc.dev/inject";
 pub const SIDECAR_NAME: &str = "wtc-sidecar";
+/// The sidecar's container port for `/metrics` on the pod's address.
+pub const METRICS_PORT_NAME: &str = "wtc-metrics";
 /// Set on injected pods (value: the cache) so the operator counts them with a label selector.
 pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
 /// Set by the webhook on a pod that asked for the sidecar and did not get it: why.
@@ -89,6 +91,18 @@ pub fn plan(
         Ok(s) => s,
         Err(e) => return Decision::Deny(e),
     };
+    let port = settings.port.unwrap_or(cache.spec.sidecar.port);
+    if settings
+        .metrics_port
+        .unwrap_or(cache.spec.sidecar.metrics_port)
+        == port
+    {
+        return Decision::Deny(format!(
+            "the sidecar's API and metrics would share port {port}: set {} or {} to another",
+            pod_settings::PORT,
+            pod_settings::METRICS_PORT
+        ));
+    }
 
     let mut container = sidecar_container(cache, images, &settings);
     let mut ops: Vec<Value> = vec![];
@@ -233,6 +247,13 @@ pub fn sidecar_container(
     if let Some(level) = &settings.log_level {
         env.push(plain("RUST_LOG", level.clone()));
     }
+    let metrics_port = settings.metrics_port.unwrap_or(spec.sidecar.metrics_port);
+    if settings.metrics_port.is_some() {
+        env.push(plain(
+            "WTC_METRICS_LISTEN",
+            format!("0.0.0.0:{metrics_port}"),
+        ));
+    }
     // The API listens on loopback only, out of the kubelet's reach: the binary probes itself.
     let probe = |period: i32, failures: i32| Probe {
         exec: Some(ExecAction {
@@ -260,6 +281,15 @@ pub fn sidecar_container(
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         ]),
         env: Some(env),
+        // Named, for PodMonitors and `kubernetes_sd_configs` (`wtc-metrics`).
+        ports: (metrics_port != 0).then(|| {
+            vec![ContainerPort {
+                name: Some(METRICS_PORT_NAME.into()),
+                container_port: i32::from(metrics_port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]
+        }),
         resources: settings.resources(
             spec.sidecar.resources.as_ref(),
             images.sidecar_resources.as_ref(),

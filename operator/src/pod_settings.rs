@@ -18,6 +18,8 @@ pub const MEMORY_LIMIT: &str = "wtc.dev/sidecar-memory-limit";
 pub const LOG_LEVEL: &str = "wtc.dev/sidecar-log-level";
 /// The loopback port the application calls, instead of the cache's `spec.sidecar.port`.
 pub const PORT: &str = "wtc.dev/sidecar-port";
+/// The pod-facing metrics port, instead of the cache's `spec.sidecar.metricsPort`.
+pub const METRICS_PORT: &str = "wtc.dev/sidecar-metrics-port";
 
 const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -41,6 +43,7 @@ pub struct PodSettings {
     limits: BTreeMap<String, Quantity>,
     pub log_level: Option<String>,
     pub port: Option<u16>,
+    pub metrics_port: Option<u16>,
 }
 
 /// The settings a pod's annotations ask for; `Err` names the first annotation that is wrong.
@@ -72,10 +75,12 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<PodSettings, Stri
         }
         out.log_level = Some(level);
     }
-    if let Some(v) = annotations.get(PORT) {
-        match v.trim().parse::<u16>() {
-            Ok(p) if p >= 1024 => out.port = Some(p),
-            _ => return Err(format!("{PORT}: {v:?} is not a port from 1024 to 65535")),
+    for (name, slot) in [(PORT, &mut out.port), (METRICS_PORT, &mut out.metrics_port)] {
+        if let Some(v) = annotations.get(name) {
+            match v.trim().parse::<u16>() {
+                Ok(p) if p >= 1024 => *slot = Some(p),
+                _ => return Err(format!("{name}: {v:?} is not a port from 1024 to 65535")),
+            }
         }
     }
     Ok(out)

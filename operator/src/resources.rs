@@ -115,6 +115,8 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
     let db_client = spec.database.tls.as_ref().filter(|t| t.cert_key.is_some());
     SidecarConfig {
         listen: format!("127.0.0.1:{}", spec.sidecar.port),
+        metrics_listen: (spec.sidecar.metrics_port != 0)
+            .then(|| format!("0.0.0.0:{}", spec.sidecar.metrics_port)),
         api_token_file: None,
         database: DatabaseConfig {
             url: String::new(),
@@ -509,10 +511,12 @@ mod tests {
             database_url: Some("postgres://db/app".into()),
             redis_url: Some("redis://r:6379".into()),
             listen: None,
+            metrics_listen: None,
         };
         let parsed = wtc_config::SidecarConfig::parse(toml, &overrides).unwrap();
         assert_eq!(parsed.entities.len(), 2);
         assert_eq!(parsed.listen, "127.0.0.1:7480");
+        assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9464"));
         assert_eq!(parsed.cache.retry.retries, 3);
     }
 

@@ -238,6 +238,26 @@ async fn serve<C: CacheStore>(
     );
     // Tests start the sidecar on port 0 and read the address from this line.
     println!("listening on {addr}");
+    if let Some(metrics_addr) = protocol.config().metrics_listen.clone() {
+        let listener = tokio::net::TcpListener::bind(&metrics_addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: metrics_addr.clone(),
+                source,
+            })?;
+        let at = listener.local_addr().ok();
+        tracing::info!(addr = ?at, "metrics and health checks listening");
+        if let Some(at) = at {
+            println!("metrics listening on {at}");
+        }
+        // Same connection limits and timeouts as the API; it stops with the process.
+        let observability = Arc::new(App::observability(Arc::clone(&protocol)));
+        tokio::spawn(crate::http::server::serve(
+            listener,
+            observability,
+            std::future::pending(),
+        ));
+    }
     crate::http::server::serve(listener, Arc::clone(&app), shutdown_signal()).await;
     // Connections are closed; let writes whose clients hung up finish their cache step.
     app.writes_in_flight.close();

@@ -460,6 +460,7 @@ impl Fixture {
         Self {
             config: SidecarConfig {
                 listen: "127.0.0.1:0".into(),
+                metrics_listen: None,
                 api_token_file: None,
                 database: DatabaseConfig {
                     url: database_url(),
@@ -565,6 +566,8 @@ pub async fn reply(req: reqwest::RequestBuilder) -> Result<Reply, String> {
 /// A running `wtc-sidecar` process (the build with hold points).
 pub struct Sidecar {
     pub base: String,
+    /// `http://addr` of the `metrics_listen` listener, when configured.
+    pub metrics_base: Option<String>,
     pub http: reqwest::Client,
     /// Sent as `Authorization: Bearer` by the harness's own calls (metrics, holds).
     pub token: Option<String>,
@@ -621,6 +624,7 @@ impl Sidecar {
             .env_remove("WTC_DATABASE_URL")
             .env_remove("WTC_REDIS_URL")
             .env_remove("WTC_LISTEN")
+            .env_remove("WTC_METRICS_LISTEN")
             .env_remove("WTC_API_TOKEN")
             .env("RUST_LOG", level)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -640,8 +644,23 @@ impl Sidecar {
             .strip_prefix("listening on ")
             .expect("address line")
             .to_string();
+        let metrics_base = match &config.metrics_listen {
+            None => None,
+            Some(_) => {
+                let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                    .await
+                    .expect("sidecar printed its metrics address in time")
+                    .unwrap()
+                    .expect("sidecar exited before its metrics listener");
+                let at = line
+                    .strip_prefix("metrics listening on ")
+                    .expect("metrics address line");
+                Some(format!("http://{at}"))
+            }
+        };
         Self {
             base: format!("http://{addr}"),
+            metrics_base,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()

@@ -62,6 +62,9 @@ pub struct App<C, R> {
     /// off before its cache step; shutdown waits for them.
     pub writes_in_flight: TaskTracker,
     extension: Option<Arc<dyn Extension>>,
+    /// The pod-facing listener's app (`metrics_listen`): health checks and `/metrics` only,
+    /// no token (nothing it answers reads or writes data).
+    observability_only: bool,
 }
 
 impl<C: CacheStore, R: RowStore> App<C, R> {
@@ -75,7 +78,17 @@ impl<C: CacheStore, R: RowStore> App<C, R> {
             api_token: api_token.map(ApiToken::new),
             writes_in_flight: TaskTracker::new(),
             extension: None,
+            observability_only: false,
             protocol,
+        }
+    }
+
+    /// The app of the `metrics_listen` listener: `/metrics`, `/healthz`, `/readyz`; every other
+    /// path is `404 no_route`.
+    pub fn observability(protocol: Arc<Protocol<C, R>>) -> Self {
+        Self {
+            observability_only: true,
+            ..Self::new(protocol, None)
         }
     }
 
@@ -137,6 +150,18 @@ where
     B: Buf,
 {
     let p = &app.protocol;
+    if app.observability_only
+        && !matches!(
+            request::health_route(&method, path),
+            Some(Ok(Route::Health | Route::Ready | Route::Metrics)) | Some(Err(_))
+        )
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NoRoute,
+            "this listener serves /metrics, /healthz and /readyz only",
+        ));
+    }
     // The API token, when one is set: everything but the health checks needs it.
     if let Some(token) = &app.api_token
         && !matches!(path, "/healthz" | "/readyz")

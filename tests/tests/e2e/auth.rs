@@ -129,3 +129,60 @@ async fn environment_token_overrides_the_file() {
     let open = s.fixture().start().await;
     assert_eq!(open.get("accounts", "k").await.status, 404);
 }
+
+/// The pod-facing listener (`metrics_listen`, for Prometheus) serves `/metrics`, `/healthz` and
+/// `/readyz` without the token, and nothing else: no entity route, no batch, no OpenAPI, no
+/// other method; the API on loopback still wants the token.
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_and_health_only() {
+    let s = setup().await;
+    let sc = s
+        .fixture()
+        .with(|c| c.metrics_listen = Some("127.0.0.1:0".into()))
+        .env("WTC_API_TOKEN", TOKEN)
+        .start()
+        .await;
+    let sc = sc.with_token(TOKEN);
+    let put = sc
+        .send(sc.authed(sc.http.put(sc.url("accounts", "m")).json(&json!({"n": 1}))))
+        .await;
+    assert_eq!(put.status, 201, "{}", put.raw);
+    let m = sc
+        .metrics_base
+        .clone()
+        .expect("the metrics listener's address");
+    assert_ne!(m, sc.base);
+
+    let metrics = with_auth(&sc, sc.http.get(format!("{m}/metrics")), None).await;
+    assert_eq!(metrics.status, 200, "{}", metrics.raw);
+    assert!(
+        metrics
+            .raw
+            .contains("wtc_writes_total{entity=\"accounts\",outcome=\"ok\"} 1"),
+        "{}",
+        metrics.raw
+    );
+    for path in ["/healthz", "/readyz"] {
+        let r = with_auth(&sc, sc.http.get(format!("{m}{path}")), None).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.raw);
+    }
+    // Data is not reachable there, with or without the token.
+    for auth in [None, Some(format!("Bearer {TOKEN}"))] {
+        for req in [
+            sc.http.get(format!("{m}/v1/entities/accounts/m")),
+            sc.http
+                .put(format!("{m}/v1/entities/accounts/m"))
+                .body("{}"),
+            sc.http.post(format!("{m}/v1/batch")).body("[]"),
+            sc.http.get(format!("{m}/openapi.json")),
+        ] {
+            let r = with_auth(&sc, req, auth.as_deref()).await;
+            assert_eq!((r.status, r.error_code()), (404, "no_route"), "{}", r.raw);
+        }
+    }
+    let post = with_auth(&sc, sc.http.post(format!("{m}/metrics")), None).await;
+    assert_eq!(post.status, 405, "{}", post.raw);
+    // The API itself is unchanged: the token is still needed there.
+    let r = with_auth(&sc, sc.http.get(sc.url("accounts", "m")), None).await;
+    assert_eq!(r.status, 401, "{}", r.raw);
+}
