@@ -178,7 +178,10 @@ pub async fn ensure(
         let stored = api.get_opt(secret).await?;
         let current = stored.as_ref().and_then(WebhookCerts::from_secret);
         let written = match (&stored, current) {
-            (_, Some(c)) if !c.needs_renewal(now) => return Ok(c),
+            (Some(s), Some(c)) if !c.needs_renewal(now) => {
+                adopt(&api, s, owner).await;
+                return Ok(c);
+            }
             (Some(s), Some(c)) => {
                 tracing::info!("renewing the webhook serving certificate");
                 let renewed = c.renew(names, now)?;
@@ -216,6 +219,29 @@ pub async fn ensure(
         }
     }
     Err(CertError::Contended)
+}
+
+/// A Secret made by an operator release that did not set the owner (before an upgrade) gets it
+/// now, so uninstalling removes it. Best effort: the next start tries again.
+async fn adopt(api: &Api<Secret>, stored: &Secret, owner: Option<&OwnerReference>) {
+    let Some(owner) = owner else { return };
+    let owned = stored.metadata.owner_references.iter().flatten();
+    if owned.clone().any(|o| o.uid == owner.uid) {
+        return;
+    }
+    let mut refs: Vec<OwnerReference> = owned.cloned().collect();
+    refs.push(owner.clone());
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": refs,
+        "resourceVersion": stored.metadata.resource_version,
+    }});
+    let name = stored.metadata.name.clone().unwrap_or_default();
+    if let Err(e) = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::info!(error = %e, "could not set the owner of the webhook's Secret");
+    }
 }
 
 #[cfg(test)]

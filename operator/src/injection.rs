@@ -23,6 +23,8 @@ pub const METRICS_PORT_NAME: &str = "wtc-metrics";
 pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
 /// Set by the webhook on a pod that asked for the sidecar and did not get it: why.
 pub const SKIPPED_ANNOTATION: &str = "wtc.dev/injection-skipped";
+/// The pod already has a container named like the sidecar.
+pub const ALREADY_INJECTED: &str = "already injected";
 /// The webhook's answer when it could not read the cache (an API error, not the pod's fault).
 pub const CACHE_UNREADABLE: &str = "the operator could not read the cache";
 const CONFIG_VOLUME: &str = "wtc-sidecar-config";
@@ -41,7 +43,7 @@ pub enum Decision {
 /// For a skip the user must hear about (the pod asked for the sidecar), the patch that records
 /// the reason on the pod; `None` when there is nothing to report.
 pub fn skip_report(reason: &str) -> Option<json_patch::Patch> {
-    if matches!(reason, "not opted in" | "already injected") {
+    if reason == "not opted in" {
         return None;
     }
     // The opt-in annotation is there, so the map is: add one key to it.
@@ -77,7 +79,7 @@ pub fn plan(
     }
     let named = |cs: &Option<Vec<Container>>| cs.iter().flatten().any(|c| c.name == SIDECAR_NAME);
     if named(&Some(spec.containers.clone())) || named(&spec.init_containers) {
-        return Decision::Skip("already injected");
+        return Decision::Skip(ALREADY_INJECTED);
     }
     let Some(cache) = cache else {
         return Decision::Skip("no such cache in this namespace");
@@ -104,7 +106,15 @@ pub fn plan(
         ));
     }
 
+    let resources = match settings.resources(
+        cache.spec.sidecar.resources.as_ref(),
+        images.sidecar_resources.as_ref(),
+    ) {
+        Ok(r) => r,
+        Err(e) => return Decision::Deny(e),
+    };
     let mut container = sidecar_container(cache, images, &settings);
+    container.resources = resources;
     let mut ops: Vec<Value> = vec![];
     if native {
         container.restart_policy = Some("Always".into());
@@ -290,10 +300,14 @@ pub fn sidecar_container(
                 ..ContainerPort::default()
             }]
         }),
-        resources: settings.resources(
-            spec.sidecar.resources.as_ref(),
-            images.sidecar_resources.as_ref(),
-        ),
+        // Set by `plan`, which can refuse a contradiction in the pod's annotations.
+        resources: settings
+            .resources(
+                spec.sidecar.resources.as_ref(),
+                images.sidecar_resources.as_ref(),
+            )
+            .ok()
+            .flatten(),
         volume_mounts: Some(
             std::iter::once(VolumeMount {
                 name: CONFIG_VOLUME.into(),
@@ -387,7 +401,8 @@ mod tests {
             "the opt-in stays"
         );
         assert!(skip_report("not opted in").is_none());
-        assert!(skip_report("already injected").is_none());
+        // Written too, so the watchdog knows the pod has a sidecar of its own.
+        assert!(skip_report(ALREADY_INJECTED).is_some());
     }
 
     #[test]

@@ -253,7 +253,17 @@ impl Elector {
             };
             let _ = stop_tx.send(true);
             if !controller.is_finished() {
-                let _ = controller.await;
+                // A graceful stop, bounded: once the lease is lost, another replica may take it
+                // `lease_duration` after the last renewal, and there must not be two writers.
+                let grace = timing
+                    .lease_duration
+                    .saturating_sub(timing.renew_deadline)
+                    .saturating_sub(Duration::from_secs(1));
+                if tokio::time::timeout(grace, &mut controller).await.is_err() {
+                    tracing::warn!("the controller did not stop in time: aborted");
+                    controller.abort();
+                    let _ = controller.await;
+                }
             }
             leading(false);
             if !lost {

@@ -59,6 +59,11 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<PodSettings, Stri
                 "{name}: {v:?} is not a Kubernetes quantity (like 100m, 0.5, 64Mi, 1Gi)"
             ));
         }
+        if resource == "memory" && value(v).is_some_and(|b| b < 1024.0 * 1024.0) {
+            return Err(format!(
+                "{name}: {v:?} is less than a MiB of memory (m is a thousandth: did you mean Mi?)"
+            ));
+        }
         let map = match kind {
             Kind::Requests => &mut out.requests,
             Kind::Limits => &mut out.limits,
@@ -87,38 +92,112 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<PodSettings, Stri
 }
 
 impl PodSettings {
-    /// The sidecar's resources: this pod's, over the cache's, over the release's.
+    /// The sidecar's resources: for each entry, this pod's, over the cache's, over the
+    /// release's. A value inherited from a less specific layer gives way to a more specific
+    /// one it contradicts: an inherited request above the limit is dropped (Kubernetes then
+    /// requests the limit), an inherited limit below the request is raised to it. A request
+    /// above the limit within the pod's own annotations refuses the pod.
     pub fn resources(
         &self,
         cache: Option<&ResourceRequirements>,
         release: Option<&ResourceRequirements>,
-    ) -> Option<ResourceRequirements> {
-        let layer = |pick: fn(&ResourceRequirements) -> Option<&BTreeMap<String, Quantity>>,
+    ) -> Result<Option<ResourceRequirements>, String> {
+        // (value, layer): 0 the release, 1 the cache, 2 the pod.
+        type Layered = BTreeMap<String, (Quantity, u8)>;
+        let merge = |pick: fn(&ResourceRequirements) -> Option<&BTreeMap<String, Quantity>>,
                      pod: &BTreeMap<String, Quantity>| {
-            let mut m = BTreeMap::new();
-            for r in [release, cache].into_iter().flatten() {
-                if let Some(x) = pick(r) {
-                    m.extend(x.clone());
+            let mut m = Layered::new();
+            for (layer, r) in [(0, release), (1, cache)] {
+                for (k, v) in r.and_then(pick).into_iter().flatten() {
+                    m.insert(k.clone(), (v.clone(), layer));
                 }
             }
-            m.extend(pod.clone());
-            (!m.is_empty()).then_some(m)
+            for (k, v) in pod {
+                m.insert(k.clone(), (v.clone(), 2));
+            }
+            m
         };
-        let requests = layer(|r| r.requests.as_ref(), &self.requests);
-        let limits = layer(|r| r.limits.as_ref(), &self.limits);
-        if requests.is_none() && limits.is_none() {
-            return None;
+        let mut requests = merge(|r| r.requests.as_ref(), &self.requests);
+        let mut limits = merge(|r| r.limits.as_ref(), &self.limits);
+        for (resource, (limit, limit_layer)) in limits.iter_mut() {
+            let Some((request, request_layer)) = requests.get(resource).cloned() else {
+                continue;
+            };
+            let (Some(r), Some(l)) = (value(&request.0), value(&limit.0)) else {
+                continue;
+            };
+            if r <= l {
+                continue;
+            }
+            match request_layer.cmp(limit_layer) {
+                std::cmp::Ordering::Less => {
+                    requests.remove(resource);
+                }
+                std::cmp::Ordering::Greater => {
+                    *limit = request;
+                    *limit_layer = request_layer;
+                }
+                std::cmp::Ordering::Equal if request_layer == 2 => {
+                    return Err(format!(
+                        "the sidecar's {resource} request {} is above its limit {} \
+                         (wtc.dev/sidecar-{resource}-request, wtc.dev/sidecar-{resource}-limit)",
+                        request.0, limit.0
+                    ));
+                }
+                // The cache's or the chart's own contradiction: the API server says so.
+                std::cmp::Ordering::Equal => {}
+            }
         }
-        Some(ResourceRequirements {
+        let plain =
+            |m: Layered| (!m.is_empty()).then(|| m.into_iter().map(|(k, (v, _))| (k, v)).collect());
+        let (requests, limits) = (plain(requests), plain(limits));
+        if requests.is_none() && limits.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ResourceRequirements {
             requests,
             limits,
             ..ResourceRequirements::default()
-        })
+        }))
     }
 }
 
+/// A quantity's value, to compare two (`None` when it is not one).
+pub fn value(q: &str) -> Option<f64> {
+    if !is_quantity(q) {
+        return None;
+    }
+    let q = q.strip_prefix('+').unwrap_or(q);
+    let at = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(at);
+    let n: f64 = number.parse().ok()?;
+    let k = 1024f64;
+    let scale = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => k,
+        "Mi" => k * k,
+        "Gi" => k * k * k,
+        "Ti" => k.powi(4),
+        "Pi" => k.powi(5),
+        "Ei" => k.powi(6),
+        e => 10f64.powi(e[1..].parse().ok()?),
+    };
+    Some(n * scale)
+}
+
 /// Kubernetes' quantity syntax: a decimal number and an optional suffix (binary `Ki`..`Ei`,
-/// decimal `m`, `k`, `M`..`E`, or an exponent `e3`/`E3`).
+/// decimal `n`, `u`, `m`, `k`, `M`..`E`, or an exponent `e3`/`E3`).
 pub fn is_quantity(s: &str) -> bool {
     let s = s.strip_prefix('+').unwrap_or(s);
     let digits = s
@@ -134,7 +213,21 @@ pub fn is_quantity(s: &str) -> bool {
     };
     let suffix_ok = matches!(
         suffix,
-        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+        "" | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+            | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
     ) || suffix.strip_prefix(['e', 'E']).is_some_and(exponent);
     number_ok && suffix_ok
 }
@@ -183,13 +276,17 @@ mod tests {
             ..ResourceRequirements::default()
         };
         let pod = parse(&ann(&[(CPU_REQUEST, "200m")])).unwrap();
-        let r = pod.resources(Some(&cache), Some(&release)).unwrap();
+        let r = pod
+            .resources(Some(&cache), Some(&release))
+            .unwrap()
+            .unwrap();
         assert_eq!(r.requests, q(&[("cpu", "200m"), ("memory", "32Mi")]));
         assert_eq!(r.limits, q(&[("cpu", "1"), ("memory", "256Mi")]));
-        assert_eq!(PodSettings::default().resources(None, None), None);
+        assert_eq!(PodSettings::default().resources(None, None), Ok(None));
         let only_pod = parse(&ann(&[(MEMORY_LIMIT, "64Mi")]))
             .unwrap()
             .resources(None, None)
+            .unwrap()
             .unwrap();
         assert_eq!(
             (only_pod.requests, only_pod.limits),
@@ -198,7 +295,39 @@ mod tests {
     }
 
     #[test]
+    fn a_more_specific_setting_wins_over_an_inherited_one_it_contradicts() {
+        let release = ResourceRequirements {
+            requests: q(&[("cpu", "50m"), ("memory", "32Mi")]),
+            limits: q(&[("cpu", "1"), ("memory", "128Mi")]),
+            ..ResourceRequirements::default()
+        };
+        // A lower limit than the inherited request: the request goes (Kubernetes requests the limit).
+        let low = parse(&ann(&[(MEMORY_LIMIT, "16Mi")])).unwrap();
+        let r = low.resources(None, Some(&release)).unwrap().unwrap();
+        assert_eq!(r.requests, q(&[("cpu", "50m")]));
+        assert_eq!(r.limits, q(&[("cpu", "1"), ("memory", "16Mi")]));
+        // A higher request than the inherited limit: the limit follows it.
+        let high = parse(&ann(&[(MEMORY_REQUEST, "256Mi")])).unwrap();
+        let r = high.resources(None, Some(&release)).unwrap().unwrap();
+        assert_eq!(r.limits, q(&[("cpu", "1"), ("memory", "256Mi")]));
+        // Both from the pod and contradictory: refused, naming both annotations.
+        let both = parse(&ann(&[(CPU_REQUEST, "2"), (CPU_LIMIT, "500m")])).unwrap();
+        let e = both.resources(None, Some(&release)).unwrap_err();
+        assert!(e.contains("cpu request 2") && e.contains(CPU_LIMIT), "{e}");
+    }
+
+    #[test]
+    fn quantities_compare_by_value() {
+        assert_eq!(value("1Gi"), Some(1024.0 * 1024.0 * 1024.0));
+        assert!(value("500m").unwrap() < value("1").unwrap());
+        assert!(value("2e3").unwrap() == value("2k").unwrap());
+        assert_eq!(value("lots"), None);
+    }
+
+    #[test]
     fn a_wrong_value_names_its_annotation() {
+        let e = parse(&ann(&[(MEMORY_LIMIT, "128m")])).unwrap_err();
+        assert!(e.contains("did you mean Mi"), "{e}");
         let e = parse(&ann(&[(MEMORY_LIMIT, "12x")])).unwrap_err();
         assert!(e.starts_with(MEMORY_LIMIT) && e.contains("12x"), "{e}");
         let e = parse(&ann(&[(LOG_LEVEL, "loud")])).unwrap_err();

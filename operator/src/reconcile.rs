@@ -168,7 +168,11 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
     let ns = cr.namespace().ok_or(Error::NoNamespace)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{INJECTED_LABEL}={}", cr.name_any());
-    let users = pods.list(&ListParams::default().labels(&selector)).await?;
+    // Finished pods (a Job's, evicted ones) keep their labels but use nothing.
+    let running = ListParams::default()
+        .labels(&selector)
+        .fields(crate::uninjected::NOT_FINISHED);
+    let users = pods.list(&running).await?;
     if users.items.is_empty() {
         return Ok(Action::await_change());
     }

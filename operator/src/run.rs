@@ -344,6 +344,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", options.metrics_addr))?;
     tokio::spawn(warp::serve(routes).incoming(listener).run());
 
+    let stopping = Arc::clone(&draining);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let drain = hook.clone();
     tokio::spawn(async move {
@@ -368,6 +369,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let leader = metrics.leader.clone();
     let (namespace, images) = (options.namespace.clone(), options.release());
     let watchdog_every = Duration::from_secs(options.watchdog_interval_seconds);
+    let operator_namespace = options.operator_namespace.clone();
     elector
         .run(
             shutdown_rx,
@@ -380,19 +382,30 @@ pub async fn run(options: Options) -> Result<(), String> {
                     images.clone(),
                     stop.clone().wait(),
                 );
-                let watchdog =
-                    Watchdog::new(client.clone(), namespace.clone(), Arc::clone(&metrics))
-                        .run(watchdog_every, stop.wait());
+                let watchdog = Watchdog::new(
+                    client.clone(),
+                    namespace.clone(),
+                    &operator_namespace,
+                    Arc::clone(&metrics),
+                )
+                .run(watchdog_every, stop.wait());
                 async move {
                     tokio::join!(controller, watchdog);
                 }
             },
         )
         .await;
-    if hook.is_some() {
+    // Here after SIGTERM, or when the controller ended on its own: drain either way, so the
+    // Service stops sending admissions before the process goes.
+    let asked = stopping.swap(true, Ordering::Relaxed);
+    if let Some(hook) = &hook {
+        hook.drain();
         tokio::time::sleep(Duration::from_secs(options.drain_seconds)).await;
     }
-    Ok(())
+    match asked {
+        true => Ok(()),
+        false => Err("the controller stopped on its own".into()),
+    }
 }
 
 /// SIGTERM (the kubelet) or SIGINT.
@@ -447,13 +460,10 @@ async fn start_webhook(
         .await
         .map_err(|e| format!("cannot apply the MutatingWebhookConfiguration: {e}"))?;
     let native = webhook::supports_native_sidecars(client).await;
-    let hook = Arc::new(Webhook::new(
-        client.clone(),
-        metrics,
-        native,
-        options.release(),
-        &certs,
-    )?);
+    let hook = Arc::new(
+        Webhook::new(client.clone(), metrics, native, options.release(), &certs)?
+            .with_failure_policy(options.webhook_failure_policy),
+    );
     let listener = Webhook::bind(options.webhook_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.webhook_addr))?;

@@ -10,7 +10,7 @@
 
 use crate::crd::WriteThroughCache;
 use crate::metrics::Metrics;
-use crate::uninjected::{self, Uninjected};
+use crate::uninjected::{self, Restart, RestartBudget, Uninjected};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
 use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const FIELD_MANAGER: &str = "wtc-operator-watchdog";
 /// Evictions per round, over all caches: a missed burst is recreated gradually.
@@ -27,20 +27,30 @@ const MAX_EVICTIONS: usize = 5;
 pub struct Watchdog {
     client: Client,
     namespace: Option<String>,
+    /// Where the operator runs: the webhook never looks at its pods.
+    operator_namespace: String,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     /// Pods already reported (by uid).
     reported: HashSet<String>,
+    restarts: RestartBudget,
 }
 
 impl Watchdog {
-    pub fn new(client: Client, namespace: Option<String>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: Option<String>,
+        operator_namespace: &str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
             client,
             namespace,
+            operator_namespace: operator_namespace.into(),
             metrics,
             reported: HashSet::new(),
+            restarts: RestartBudget::default(),
         }
     }
 
@@ -72,7 +82,9 @@ impl Watchdog {
     pub async fn round(&mut self) -> Result<(), kube::Error> {
         let pods: Api<Pod> = self.api();
         let mut found: Vec<Uninjected> = vec![];
-        let mut lp = ListParams::default().limit(500);
+        let mut lp = ListParams::default()
+            .fields(uninjected::NOT_FINISHED)
+            .limit(500);
         loop {
             let page = pods.list_metadata(&lp).await?;
             found.extend(
@@ -94,7 +106,7 @@ impl Watchdog {
                 let labels = ns.as_ref().and_then(|n| n.metadata.labels.as_ref());
                 excluded.insert(
                     u.namespace.clone(),
-                    uninjected::namespace_excluded(&u.namespace, labels),
+                    uninjected::namespace_excluded(&u.namespace, labels, &self.operator_namespace),
                 );
             }
         }
@@ -125,16 +137,36 @@ impl Watchdog {
         let present: HashSet<&str> = found.iter().map(|u| u.uid.as_str()).collect();
         self.reported.retain(|uid| present.contains(uid.as_str()));
         let mut evicted = 0;
+        let now = Instant::now();
+        let mut spent: HashSet<String> = HashSet::new();
         for u in &found {
             let cache = by_key.get(&(u.namespace.clone(), u.cache.clone())).copied();
             if self.reported.insert(u.uid.clone()) {
                 self.report(u, cache).await;
             }
-            let restart = cache.is_some_and(|c| c.spec.injection.restart_pods_without_sidecar);
-            if restart && u.transient && u.controlled && evicted < MAX_EVICTIONS {
-                evicted += usize::from(self.evict(u, cache).await);
+            let asked = cache.is_some_and(|c| c.spec.injection.restart_pods_without_sidecar);
+            let Some(owner) = u.controller.as_deref().filter(|_| asked && u.transient) else {
+                continue;
+            };
+            match self.restarts.check(owner, now) {
+                Restart::Allowed if evicted < MAX_EVICTIONS => {
+                    let done = self.evict(u, cache).await;
+                    evicted += usize::from(done);
+                    if done {
+                        spent.insert(owner.to_string());
+                    }
+                }
+                Restart::GivenUp if spent.insert(format!("gave-up:{owner}")) => {
+                    self.gave_up(u, cache).await;
+                }
+                _ => {}
             }
         }
+        for owner in spent.iter().filter(|o| !o.starts_with("gave-up:")) {
+            self.restarts.spend(owner, now);
+        }
+        self.restarts
+            .keep_only(found.iter().filter_map(|u| u.controller.as_deref()));
         Ok(())
     }
 
@@ -210,6 +242,25 @@ impl Watchdog {
                 false
             }
         }
+    }
+
+    /// Once per round and controller, after its budget is spent: restarts do not help.
+    async fn gave_up(&self, u: &Uninjected, cache: Option<&WriteThroughCache>) {
+        let Some(cache) = cache else { return };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "PodRestartsNotHelping".into(),
+            note: Some(format!(
+                "pods of the controller of {} came back without the sidecar {} times: no more \
+                 restarts; check that the API server reaches the webhook (kubectl -n wtc-system \
+                 get endpoints, the operator's log)",
+                u.pod,
+                uninjected::RESTART_ROUNDS
+            )),
+            action: "Evict".into(),
+            secondary: Some(pod_ref(u)),
+        };
+        self.publish(&ev, &cache.object_ref(&())).await;
     }
 
     async fn publish(&self, ev: &Event, on: &ObjectReference) {

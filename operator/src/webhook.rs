@@ -204,6 +204,9 @@ pub struct Webhook {
     /// Shutting down: every answer closes its connection, so the API server's next call opens a
     /// new one, which the Service sends to a replica that stays.
     draining: AtomicBool,
+    /// Under `Fail`, a pod this webhook cannot handle (the cache unreadable) is refused too, as
+    /// the API server would if the webhook did not answer.
+    failure_policy: FailurePolicy,
 }
 
 pub fn acceptor(certs: &WebhookCerts) -> Result<TlsAcceptor, String> {
@@ -239,7 +242,13 @@ impl Webhook {
             images,
             tls: RwLock::new(acceptor(certs)?),
             draining: AtomicBool::new(false),
+            failure_policy: FailurePolicy::Ignore,
         })
+    }
+
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
     }
 
     pub fn drain(&self) {
@@ -353,6 +362,12 @@ impl Webhook {
             Err(e) => {
                 tracing::warn!(%namespace, cache = cache_name, error = %e, "cache lookup failed; admitting unchanged");
                 self.count("error");
+                if self.failure_policy == FailurePolicy::Fail {
+                    return allowed.deny(format!(
+                        "the wtc operator could not read the cache {cache_name:?}; refused \
+                         because the webhook's failurePolicy is Fail: try again"
+                    ));
+                }
                 return self.reported(allowed, injection::CACHE_UNREADABLE);
             }
         };
