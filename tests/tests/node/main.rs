@@ -7,6 +7,8 @@
 //! - `availability`: the operator's replicas through a rollout (no pod admitted without its
 //!   sidecar), leader election (one controller; a killed leader replaced within the lease).
 //! - `lifecycle`: deleting a cache that pods use waits for them.
+//! - `observability`: a real Prometheus discovers and scrapes the sidecars and the operator
+//!   through the Kubernetes API, with the chart's alert rules loaded.
 //! - `settings`: per-pod settings of the sidecar (annotations) in a namespace whose
 //!   ResourceQuota requires requests and limits.
 //! - `failures`: what breaks in real pods: the start order, a database outage (pods stay Ready),
@@ -21,6 +23,7 @@ mod availability;
 mod failures;
 mod journey;
 mod lifecycle;
+mod observability;
 mod settings;
 
 use serde_json::Value;
