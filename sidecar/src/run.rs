@@ -50,7 +50,7 @@ pub enum StartError {
     name = "wtc-sidecar",
     version,
     about = "Write-through cache sidecar: PostgreSQL first, then Redis with compare-and-swap.",
-    after_help = "Environment: WTC_DATABASE_URL, WTC_REDIS_URL, WTC_LISTEN and WTC_API_TOKEN \
+    after_help = "Environment: WTC_DATABASE_URL, WTC_REDIS_URL, WTC_LISTEN, WTC_METRICS_LISTEN and WTC_API_TOKEN \
                   override the file; RUST_LOG sets the log level."
 )]
 struct Args {
