@@ -470,12 +470,15 @@ async fn start_webhook(
     tokio::spawn(Arc::clone(&hook).serve(listener));
     let serving = Arc::clone(&hook);
 
-    // Renewal: check twice a day; a renewed certificate serves new connections at once.
+    // Every 10 minutes, what the Secret holds (another replica may have renewed it, or made a
+    // new CA in place of a damaged one): a new certificate serves new connections at once, a
+    // new CA is published in `caBundle` (each replica converges on the Secret's pair).
     let (client, options) = (client.clone(), options.clone());
     tokio::spawn(async move {
+        let mut served = certs;
         loop {
-            tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
-            let renewed = match &options.cert_manager {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            let current = match &options.cert_manager {
                 Some(_) => read_tls_dir(&options.tls_dir),
                 None => certs::ensure(
                     &client,
@@ -487,10 +490,30 @@ async fn start_webhook(
                 .await
                 .map_err(|e| e.to_string()),
             };
-            match renewed.and_then(|c| hook.rotate(&c)) {
-                Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "webhook certificate renewal failed"),
+            let current = match current {
+                Ok(c) if c == served => continue,
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the webhook certificate");
+                    continue;
+                }
+            };
+            if let Err(e) = hook.rotate(&current) {
+                tracing::warn!(error = %e, "webhook certificate renewal failed");
+                continue;
             }
+            if options.cert_manager.is_none() && current.ca_pem != served.ca_pem {
+                let pem = k8s_openapi::ByteString(current.ca_pem.as_bytes().to_vec());
+                for w in config.webhooks.iter_mut().flatten() {
+                    w.client_config.ca_bundle = Some(pem.clone());
+                }
+                match webhook::apply_configuration(&client, &config).await {
+                    Ok(()) => tracing::warn!("the webhook CA changed: caBundle published again"),
+                    Err(e) => tracing::warn!(error = %e, "cannot publish the new caBundle"),
+                }
+            }
+            tracing::info!("serving the webhook certificate from the Secret");
+            served = current;
         }
     });
     Ok(serving)
