@@ -241,6 +241,12 @@ pub struct InjectionSpec {
     /// hold). Pods skipped on purpose (selector, host network) are reported, never evicted.
     #[serde(default)]
     pub restart_pods_without_sidecar: bool,
+    /// Evict pods whose sidecar runs a configuration from before the cache's last change (the
+    /// sidecar reads it once, at start), one pod per controller per watchdog round, through the
+    /// eviction API (PodDisruptionBudgets hold). Unset: they are counted in
+    /// `status.outdatedPods` and an Event says so; `kubectl rollout restart` moves them.
+    #[serde(default)]
+    pub restart_on_config_change: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -264,6 +270,10 @@ pub struct WriteThroughCacheStatus {
     /// Counted by the operator's watchdog, which owns this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uninjected_pods: Option<i32>,
+    /// Injected pods whose sidecar started with a configuration older than the cache's current
+    /// one. Counted by the watchdog, which owns this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_pods: Option<i32>,
 }
 
 // The sidecar's defaults come from its configuration type, so a cache that leaves a field out

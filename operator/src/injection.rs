@@ -4,8 +4,9 @@
 use crate::crd::{TlsFiles, WriteThroughCache};
 use crate::pod_settings::{self, PodSettings};
 use crate::resources::{
-    CONFIG_KEY, PASSWORD_KEY, Release, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer, auth_secret_name,
-    config_map_name, redis_endpoint, restricted_container, secret_env,
+    CONFIG_HASH_ANNOTATION, CONFIG_KEY, PASSWORD_KEY, Release, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer,
+    auth_secret_name, config_hash, config_map_name, redis_endpoint, restricted_container,
+    secret_env,
 };
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction, KeyToPath, Pod, Probe,
@@ -145,6 +146,12 @@ pub fn plan(
             _ => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
         }
     }
+    // Which configuration the sidecar starts with: the watchdog compares it with the cache's.
+    ops.push(json!({
+        "op": "add",
+        "path": format!("/metadata/annotations/{}", CONFIG_HASH_ANNOTATION.replace('/', "~1")),
+        "value": config_hash(cache),
+    }));
     // The label lets the operator count injected pods with a selector.
     let label_path = format!(
         "/metadata/labels/{}",

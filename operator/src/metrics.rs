@@ -17,6 +17,8 @@ pub struct Metrics {
     pub uninjected_pods: IntGauge,
     /// Such pods evicted so their controller recreates them with the sidecar.
     pub uninjected_restarts: IntCounter,
+    /// Injected pods whose sidecar runs an older configuration (the watchdog's last round).
+    pub outdated_pods: IntGauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,12 @@ impl Default for Metrics {
         registry
             .register(Box::new(uninjected_restarts.clone()))
             .unwrap();
+        let outdated_pods = IntGauge::new(
+            "wtc_operator_pods_on_old_configuration",
+            "Injected pods whose sidecar runs a configuration older than its cache's.",
+        )
+        .unwrap();
+        registry.register(Box::new(outdated_pods.clone())).unwrap();
         Self {
             registry,
             reconciliations,
@@ -92,6 +100,7 @@ impl Default for Metrics {
             leader,
             uninjected_pods,
             uninjected_restarts,
+            outdated_pods,
         }
     }
 }

@@ -53,6 +53,27 @@ pub fn redis_name(cr: &WriteThroughCache) -> String {
 pub fn auth_secret_name(cr: &WriteThroughCache) -> String {
     format!("{}-redis-auth", cr.name_any())
 }
+/// On the ConfigMap and on each injected pod: which configuration (a hash of `sidecar.toml`).
+/// A pod whose hash differs from its cache's runs a configuration from before a change: the
+/// sidecar reads its file once, at start.
+pub const CONFIG_HASH_ANNOTATION: &str = "wtc.dev/config-hash";
+
+/// The hash of the cache's current `sidecar.toml`.
+pub fn config_hash(cr: &WriteThroughCache) -> String {
+    hash(&sidecar_config(cr).render())
+}
+
+/// FNV-1a, 64 bits: stable across builds and Rust versions (the std hasher is not), so an
+/// upgraded operator computes the same value for the same file.
+fn hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 pub fn config_map_name(cr: &WriteThroughCache) -> String {
     format!("{}-sidecar", cr.name_any())
 }
@@ -211,9 +232,15 @@ pub fn desired(
     probe.redis.url = "redis://placeholder".into();
     probe.validate().map_err(|e| InvalidSpec(e.to_string()))?;
 
+    let rendered = config.render();
+    let mut metadata = meta(cr, config_map_name(cr), "wtc-sidecar");
+    metadata.annotations = Some(BTreeMap::from([(
+        CONFIG_HASH_ANNOTATION.to_string(),
+        hash(&rendered),
+    )]));
     let config_map = ConfigMap {
-        metadata: meta(cr, config_map_name(cr), "wtc-sidecar"),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config.render())])),
+        metadata,
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), rendered)])),
         ..ConfigMap::default()
     };
     let redis = cr
@@ -500,6 +527,24 @@ mod tests {
             redis_endpoint(&cr).as_deref(),
             Some("orders-redis.shop.svc:6379")
         );
+    }
+
+    #[test]
+    fn the_config_hash_follows_the_file() {
+        let cr = CacheBuilder::new("orders").build();
+        let d = desired(&cr, "pw", &Release::default()).unwrap();
+        let on_map = d.config_map.metadata.annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
+        assert_eq!(on_map, config_hash(&cr));
+        assert_eq!(
+            config_hash(&cr),
+            config_hash(&CacheBuilder::new("orders").build())
+        );
+        let mut changed = cr.clone();
+        changed.spec.entities[0].ttl_seconds += 1;
+        assert_ne!(config_hash(&changed), config_hash(&cr));
+        // FNV-1a of a known input: the same value from every build.
+        assert_eq!(hash(""), "cbf29ce484222325");
+        assert_eq!(hash("a"), "af63dc4c8601ec8c");
     }
 
     #[test]

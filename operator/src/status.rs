@@ -141,6 +141,7 @@ pub fn desired(o: &Observed, old: &[Condition], now: &Time) -> WriteThroughCache
         ready_sidecars: o.sidecars.ready,
         // The watchdog's field (its own field manager): left out of the controller's apply.
         uninjected_pods: None,
+        outdated_pods: None,
     }
 }
 

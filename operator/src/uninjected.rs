@@ -4,6 +4,7 @@
 use crate::injection::{
     ALREADY_INJECTED, CACHE_UNREADABLE, INJECT_ANNOTATION, INJECTED_LABEL, SKIPPED_ANNOTATION,
 };
+use crate::resources::CONFIG_HASH_ANNOTATION;
 use crate::webhook::{ALWAYS_EXCLUDED, NAMESPACE_OPT_OUT_LABEL};
 
 /// The webhook's object selector leaves out pods labelled `app.kubernetes.io/name=wtc-operator`.
@@ -65,12 +66,7 @@ pub fn find(meta: &ObjectMeta) -> Option<Uninjected> {
         cache: cache.clone(),
         reason,
         transient,
-        controller: meta
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true) && o.kind != "Job")
-            .map(|o| o.uid.clone()),
+        controller: controller(meta),
     })
 }
 
@@ -143,6 +139,48 @@ impl RestartBudget {
         let present: std::collections::HashSet<&str> = present.into_iter().collect();
         self.rounds.retain(|k, _| present.contains(k.as_str()));
     }
+}
+
+/// An injected pod whose sidecar started with another configuration than its cache's now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outdated {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub cache: String,
+    pub controller: Option<String>,
+}
+
+/// `current(namespace, cache)`: the hash of that cache's configuration, if the cache exists.
+/// Pods injected before the hash was written (an older operator) are not judged.
+pub fn outdated(
+    meta: &ObjectMeta,
+    current: impl Fn(&str, &str) -> Option<String>,
+) -> Option<Outdated> {
+    if meta.deletion_timestamp.is_some() {
+        return None;
+    }
+    let cache = meta.labels.as_ref()?.get(INJECTED_LABEL)?;
+    let started_with = meta.annotations.as_ref()?.get(CONFIG_HASH_ANNOTATION)?;
+    let namespace = meta.namespace.clone()?;
+    if current(&namespace, cache)? == *started_with {
+        return None;
+    }
+    Some(Outdated {
+        namespace,
+        pod: meta.name.clone()?,
+        uid: meta.uid.clone().unwrap_or_default(),
+        cache: cache.clone(),
+        controller: controller(meta),
+    })
+}
+
+fn controller(meta: &ObjectMeta) -> Option<String> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true) && o.kind != "Job")
+        .map(|o| o.uid.clone())
 }
 
 /// Pods without their sidecar, by (namespace, cache).
@@ -276,6 +314,22 @@ mod tests {
             Restart::Allowed,
             "fixed, then missed again: a new budget"
         );
+    }
+
+    #[test]
+    fn a_pod_is_outdated_when_its_hash_is_not_its_caches() {
+        let m = meta(
+            &[(INJECT_ANNOTATION, "c"), (CONFIG_HASH_ANNOTATION, "aaaa")],
+            &[(INJECTED_LABEL, "c")],
+        );
+        let now = |h: &'static str| move |_: &str, _: &str| Some(h.to_string());
+        assert_eq!(outdated(&m, now("aaaa")), None);
+        let o = outdated(&m, now("bbbb")).unwrap();
+        assert_eq!((o.cache.as_str(), o.pod.as_str()), ("c", "p"));
+        // The cache is gone, or the pod predates the hash: not judged.
+        assert_eq!(outdated(&m, |_: &str, _: &str| None), None);
+        let old = meta(&[(INJECT_ANNOTATION, "c")], &[(INJECTED_LABEL, "c")]);
+        assert_eq!(outdated(&old, now("bbbb")), None);
     }
 
     #[test]

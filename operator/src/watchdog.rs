@@ -3,15 +3,18 @@
 //! makes that visible: an Event on the pod and on its cache (once per pod), the cache's
 //! `status.uninjectedPods` (a field this loop alone owns), a metric; with the cache's
 //! `injection.restartPodsWithoutSidecar`, it evicts those the webhook merely missed, a few per
-//! round, so their controller recreates them through the webhook.
+//! round, so their controller recreates them through the webhook. Likewise injected pods whose
+//! sidecar started with an older configuration (`wtc.dev/config-hash`): `status.outdatedPods`,
+//! and with `injection.restartOnConfigChange`, one eviction per controller per round.
 //!
 //! A poll, not a watch: a watch of every pod's metadata would hold the whole cluster's pods in
 //! memory for a case that a working webhook makes rare.
 
 use crate::crd::WriteThroughCache;
 use crate::metrics::Metrics;
-use crate::uninjected::{self, Restart, RestartBudget, Uninjected};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use crate::resources;
+use crate::uninjected::{self, Outdated, Restart, RestartBudget, Uninjected};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference, Pod};
 use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -80,18 +83,29 @@ impl Watchdog {
     }
 
     pub async fn round(&mut self) -> Result<(), kube::Error> {
+        let caches: Api<WriteThroughCache> = self.api();
+        let caches = caches.list(&ListParams::default()).await?.items;
+        let hashes: HashMap<(String, String), String> = caches
+            .iter()
+            .map(|c| {
+                let key = (c.namespace().unwrap_or_default(), c.name_any());
+                (key, resources::config_hash(c))
+            })
+            .collect();
+        let current =
+            |ns: &str, cache: &str| hashes.get(&(ns.to_string(), cache.to_string())).cloned();
         let pods: Api<Pod> = self.api();
         let mut found: Vec<Uninjected> = vec![];
+        let mut outdated: Vec<Outdated> = vec![];
         let mut lp = ListParams::default()
             .fields(uninjected::NOT_FINISHED)
             .limit(500);
         loop {
             let page = pods.list_metadata(&lp).await?;
-            found.extend(
-                page.items
-                    .iter()
-                    .filter_map(|p| uninjected::find(&p.metadata)),
-            );
+            for p in &page.items {
+                found.extend(uninjected::find(&p.metadata));
+                outdated.extend(uninjected::outdated(&p.metadata, current));
+            }
             match page.metadata.continue_ {
                 Some(token) if !token.is_empty() => lp = lp.continue_token(&token),
                 _ => break,
@@ -118,16 +132,26 @@ impl Watchdog {
             })
             .collect();
         self.metrics.uninjected_pods.set(found.len() as i64);
-        let caches: Api<WriteThroughCache> = self.api();
-        let caches = caches.list(&ListParams::default()).await?.items;
+        self.metrics.outdated_pods.set(outdated.len() as i64);
         let counts = uninjected::counts(&found);
+        let mut old_config: HashMap<(String, String), i32> = HashMap::new();
+        for o in &outdated {
+            *old_config
+                .entry((o.namespace.clone(), o.cache.clone()))
+                .or_insert(0) += 1;
+        }
         for cache in &caches {
             let key = (cache.namespace().unwrap_or_default(), cache.name_any());
             let n = counts.get(&key).copied().unwrap_or(0);
-            let current = cache.status.as_ref().and_then(|s| s.uninjected_pods);
+            let m = old_config.get(&key).copied().unwrap_or(0);
+            let status = cache.status.as_ref();
+            let was = status.and_then(|s| s.outdated_pods);
             // Written once as 0 too, so `kubectl get wtc` shows a number, not a blank.
-            if current != Some(n) {
-                self.count(cache, n).await;
+            if status.and_then(|s| s.uninjected_pods) != Some(n) || was != Some(m) {
+                self.count(cache, n, m).await;
+            }
+            if m > 0 && was.unwrap_or(0) == 0 {
+                self.config_changed(cache, m).await;
             }
         }
         let by_key: HashMap<(String, String), &WriteThroughCache> = caches
@@ -150,9 +174,10 @@ impl Watchdog {
             };
             match self.restarts.check(owner, now) {
                 Restart::Allowed if evicted < MAX_EVICTIONS => {
-                    let done = self.evict(u, cache).await;
+                    let done = self.evict(&pod_ref_of(u), &u.reason, cache).await;
                     evicted += usize::from(done);
                     if done {
+                        self.metrics.uninjected_restarts.inc();
                         spent.insert(owner.to_string());
                     }
                 }
@@ -167,16 +192,48 @@ impl Watchdog {
         }
         self.restarts
             .keep_only(found.iter().filter_map(|u| u.controller.as_deref()));
+        // A configuration change, rolled: one pod per controller per round, so a Deployment
+        // keeps its other replicas while one restarts.
+        let mut rolled: HashSet<&str> = HashSet::new();
+        let mut published: HashMap<(String, String), bool> = HashMap::new();
+        for o in &outdated {
+            let key = (o.namespace.clone(), o.cache.clone());
+            let cache = by_key.get(&key).copied();
+            let asked = cache.is_some_and(|c| c.spec.injection.restart_on_config_change);
+            let Some(owner) = o.controller.as_deref().filter(|_| asked) else {
+                continue;
+            };
+            // Only once the controller has written the new file: a pod recreated earlier would
+            // mount the old one.
+            if !published.contains_key(&key) {
+                let ok = match cache {
+                    Some(c) => self.published(c).await,
+                    None => false,
+                };
+                published.insert(key.clone(), ok);
+            }
+            if !published[&key] {
+                continue;
+            }
+            if evicted < MAX_EVICTIONS && rolled.insert(owner) {
+                let why = "its sidecar runs the configuration from before the cache's last change";
+                let pod = ObjectReference {
+                    uid: Some(o.uid.clone()),
+                    ..pod_ref(&o.namespace, &o.pod)
+                };
+                evicted += usize::from(self.evict(&pod, why, cache).await);
+            }
+        }
         Ok(())
     }
 
-    async fn count(&self, cache: &WriteThroughCache, n: i32) {
+    async fn count(&self, cache: &WriteThroughCache, n: i32, outdated: i32) {
         let api: Api<WriteThroughCache> =
             Api::namespaced(self.client.clone(), &cache.namespace().unwrap_or_default());
         let patch = serde_json::json!({
             "apiVersion": "wtc.dev/v1alpha1",
             "kind": "WriteThroughCache",
-            "status": {"uninjectedPods": n},
+            "status": {"uninjectedPods": n, "outdatedPods": outdated},
         });
         let pp = PatchParams::apply(FIELD_MANAGER);
         if let Err(e) = api
@@ -199,7 +256,7 @@ impl Watchdog {
             action: "Inject".into(),
             secondary: None,
         };
-        self.publish(&on_pod, &pod_ref(u)).await;
+        self.publish(&on_pod, &pod_ref_of(u)).await;
         if let Some(cache) = cache {
             let on_cache = Event {
                 type_: EventType::Warning,
@@ -209,39 +266,81 @@ impl Watchdog {
                     u.pod, u.reason
                 )),
                 action: "Inject".into(),
-                secondary: Some(pod_ref(u)),
+                secondary: Some(pod_ref_of(u)),
             };
             self.publish(&on_cache, &cache.object_ref(&())).await;
         }
     }
 
     /// Whether the pod was evicted (a PodDisruptionBudget may refuse: next round).
-    async fn evict(&self, u: &Uninjected, cache: Option<&WriteThroughCache>) -> bool {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &u.namespace);
-        match pods.evict(&u.pod, &EvictParams::default()).await {
+    async fn evict(
+        &self,
+        pod: &ObjectReference,
+        why: &str,
+        cache: Option<&WriteThroughCache>,
+    ) -> bool {
+        let (ns, name) = (
+            pod.namespace.clone().unwrap_or_default(),
+            pod.name.clone().unwrap_or_default(),
+        );
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        match pods.evict(&name, &EvictParams::default()).await {
             Ok(_) => {
-                tracing::info!(namespace = %u.namespace, pod = %u.pod, "evicted a pod without its sidecar, to be recreated with it");
-                self.metrics.uninjected_restarts.inc();
+                tracing::info!(namespace = %ns, pod = %name, %why, "evicted, to be recreated by its controller");
                 if let Some(cache) = cache {
                     let ev = Event {
                         type_: EventType::Normal,
                         reason: "PodRestarted".into(),
                         note: Some(format!(
-                            "evicted pod {} (no sidecar: {}); its controller recreates it",
-                            u.pod, u.reason
+                            "evicted pod {name} ({why}); its controller recreates it"
                         )),
                         action: "Evict".into(),
-                        secondary: Some(pod_ref(u)),
+                        secondary: Some(pod.clone()),
                     };
                     self.publish(&ev, &cache.object_ref(&())).await;
                 }
                 true
             }
             Err(e) => {
-                tracing::info!(namespace = %u.namespace, pod = %u.pod, error = %e, "cannot evict a pod without its sidecar yet");
+                tracing::info!(namespace = %ns, pod = %name, error = %e, "cannot evict yet");
                 false
             }
         }
+    }
+
+    /// The cache's ConfigMap holds its current configuration.
+    async fn published(&self, cache: &WriteThroughCache) -> bool {
+        let ns = cache.namespace().unwrap_or_default();
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let Ok(Some(map)) = maps.get_opt(&resources::config_map_name(cache)).await else {
+            return false;
+        };
+        let on_map = map
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(resources::CONFIG_HASH_ANNOTATION));
+        on_map == Some(&resources::config_hash(cache))
+    }
+
+    async fn config_changed(&self, cache: &WriteThroughCache, n: i32) {
+        let then = match cache.spec.injection.restart_on_config_change {
+            true => "they are restarted one per controller at a time",
+            false => {
+                "restart them (kubectl rollout restart) or set \
+                 spec.injection.restartOnConfigChange"
+            }
+        };
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "PodsOnOldConfiguration".into(),
+            note: Some(format!(
+                "{n} pods run the sidecar configuration from before this cache's last change: {then}"
+            )),
+            action: "Configure".into(),
+            secondary: None,
+        };
+        self.publish(&ev, &cache.object_ref(&())).await;
     }
 
     /// Once per round and controller, after its budget is spent: restarts do not help.
@@ -258,7 +357,7 @@ impl Watchdog {
                 uninjected::RESTART_ROUNDS
             )),
             action: "Evict".into(),
-            secondary: Some(pod_ref(u)),
+            secondary: Some(pod_ref_of(u)),
         };
         self.publish(&ev, &cache.object_ref(&())).await;
     }
@@ -270,13 +369,19 @@ impl Watchdog {
     }
 }
 
-fn pod_ref(u: &Uninjected) -> ObjectReference {
+fn pod_ref(namespace: &str, pod: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
-        name: Some(u.pod.clone()),
-        namespace: Some(u.namespace.clone()),
-        uid: Some(u.uid.clone()),
+        name: Some(pod.into()),
+        namespace: Some(namespace.into()),
         ..ObjectReference::default()
+    }
+}
+
+fn pod_ref_of(u: &Uninjected) -> ObjectReference {
+    ObjectReference {
+        uid: Some(u.uid.clone()),
+        ..pod_ref(&u.namespace, &u.pod)
     }
 }

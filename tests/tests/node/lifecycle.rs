@@ -92,3 +92,141 @@ async fn deleting_a_cache_in_use_waits_for_its_pods() {
     );
     shop.delete(node).await;
 }
+
+/// The hash of the configuration a pod's sidecar started with, and its cache's now.
+async fn hashes(node: &crate::Node, shop: &Shop) -> (Option<String>, Option<String>) {
+    let pod = shop.pod(node).await;
+    let cm = node
+        .json(&["-n", &shop.ns, "get", "configmap", "shop-sidecar"])
+        .await;
+    let get = |v: &serde_json::Value| {
+        v["metadata"]["annotations"]["wtc.dev/config-hash"]
+            .as_str()
+            .map(String::from)
+    };
+    (get(&pod), get(&cm))
+}
+
+fn set_ttl(ttl: u64) -> String {
+    format!(r#"[{{"op": "replace", "path": "/spec/entities/0/ttlSeconds", "value": {ttl}}}]"#)
+}
+
+/// A change of the cache's configuration reaches the running application: its pod is counted in
+/// `status.outdatedPods` with an Event; once the cache asks for restarts, the pod is evicted and
+/// recreated with the new configuration (the new TTL is the one the sidecar writes). The figure:
+/// from the change to the sidecar running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_change_reaches_the_running_sidecars() {
+    let _serial = serial().await;
+    let node = node().await;
+    let shop = Shop::deploy(node, "config", ShopOptions::default()).await;
+    let ns = shop.ns.clone();
+    let (pod_hash, cache_hash) = hashes(node, &shop).await;
+    assert!(
+        pod_hash.is_some() && pod_hash == cache_hash,
+        "{pod_hash:?} {cache_hash:?}"
+    );
+
+    // A change while restarts are off: counted and told, nothing restarted.
+    let old = shop.pod_name(node).await;
+    node.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wtc",
+        "shop",
+        "--type=json",
+        "-p",
+        &set_ttl(200),
+    ])
+    .await;
+    wait_for(Duration::from_secs(60), "status.outdatedPods 1", || async {
+        (shop.cache_status(node).await["outdatedPods"] == 1).then_some(())
+    })
+    .await;
+    let told = wait_for(
+        Duration::from_secs(30),
+        "PodsOnOldConfiguration",
+        || async {
+            let e = events(node, &ns, "shop", "PodsOnOldConfiguration").await;
+            (!e.is_empty()).then_some(e)
+        },
+    )
+    .await;
+    eprintln!("config: {}", told[0]);
+    assert_eq!(shop.pod_name(node).await, old, "restarts are off");
+
+    // Restarts on, then a second change: timed from the change to the new sidecar running it.
+    node.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wtc",
+        "shop",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"injection": {"restartOnConfigChange": true}}}"#,
+    ])
+    .await;
+    wait_for(
+        Duration::from_secs(120),
+        "the pod on the first change",
+        || async {
+            let (p, c) = hashes(node, &shop).await;
+            (p == c).then_some(())
+        },
+    )
+    .await;
+    let changed = Instant::now();
+    node.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "wtc",
+        "shop",
+        "--type=json",
+        "-p",
+        &set_ttl(120),
+    ])
+    .await;
+    wait_for(
+        Duration::from_secs(120),
+        "the sidecar on the new configuration, ready",
+        || async {
+            let pod = shop.live_pod(node, "app=shop-app").await?;
+            let (p, c) = hashes(node, &shop).await;
+            (p == c
+                && container_status(&pod, "wtc-sidecar").is_some_and(|s| s["ready"] == true)
+                && container_status(&pod, "app").is_some_and(|s| s["ready"] == true))
+            .then_some(())
+        },
+    )
+    .await;
+    let took = changed.elapsed();
+    wait_for(Duration::from_secs(30), "status.outdatedPods 0", || async {
+        (shop.cache_status(node).await["outdatedPods"] == 0).then_some(())
+    })
+    .await;
+    // What the new sidecar writes carries the new TTL.
+    let put = shop
+        .exec(node, &["put", "ttl", r#"{"owner": "t"}"#])
+        .await
+        .unwrap();
+    assert!(put.starts_with("201"), "{put}");
+    let mut redis = shop.redis(node).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(wtc_tests::entry_key("accounts", "ttl"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= 120_000,
+        "PTTL {pttl} ms: not the new 120 s TTL"
+    );
+    eprintln!(
+        "config: from the cache's change to the application's sidecar running it: {:.1} s \
+         (watchdog every 5 s, one eviction, the pod recreated and Ready)",
+        took.as_secs_f64()
+    );
+    shop.delete(node).await;
+}
