@@ -2,7 +2,9 @@
 //! of them the leader; pods that asked for the sidecar and run without it, reported and (when
 //! the cache asks) recreated.
 
-use crate::{Node, events, has_sidecar, node, probe_cache, probe_pod, serial, wait_for};
+use crate::{
+    Node, events, has_sidecar, node, probe_cache, probe_pod, serial, wait_for, wait_for_event,
+};
 use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,7 +90,7 @@ async fn operator_pods(node: &Node) -> Vec<Value> {
     list["items"].as_array().cloned().unwrap_or_default()
 }
 
-fn ready(pod: &Value) -> bool {
+fn pod_ready(pod: &Value) -> bool {
     pod["metadata"]["deletionTimestamp"].is_null()
         && pod["status"]["conditions"]
             .as_array()
@@ -133,7 +135,7 @@ async fn two_ready_replicas_one_leader(node: &Node) -> String {
             let pods = operator_pods(node).await;
             let ready: Vec<String> = pods
                 .iter()
-                .filter(|p| ready(p))
+                .filter(|p| pod_ready(p))
                 .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
                 .collect();
             (ready.len() == 2 && pods.len() == 2).then_some(ready)
@@ -244,7 +246,7 @@ async fn a_killed_leader_is_replaced_within_the_lease() {
     node.apply(&probe_cache(&ns, "probe")).await;
     let leaders = || async {
         let mut on = vec![];
-        for p in operator_pods(node).await.iter().filter(|p| ready(p)) {
+        for p in operator_pods(node).await.iter().filter(|p| pod_ready(p)) {
             let name = p["metadata"]["name"].as_str().unwrap_or("").to_string();
             let m = node
                 .try_kubectl(&[
@@ -385,11 +387,7 @@ async fn pods_without_their_sidecar_are_reported_and_restarted_on_request() {
         started.elapsed().as_secs_f64()
     );
     let pod = missed[0]["metadata"]["name"].as_str().unwrap();
-    let on_pod = wait_for(Duration::from_secs(30), "the Event on the pod", || async {
-        let e = events(node, &ns, pod, "SidecarNotInjected").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let on_pod = wait_for_event(node, &ns, pod, "SidecarNotInjected").await;
     assert!(on_pod[0].contains("\"probe\""), "{on_pod:?}");
     let described = node.kubectl(&["-n", &ns, "describe", "pod", pod]).await;
     assert!(

@@ -1,6 +1,6 @@
 //! Day two on the real node: what deleting a cache does to the pods that use it.
 
-use crate::{Shop, ShopOptions, container_status, events, node, serial, wait_for};
+use crate::{Shop, ShopOptions, node, ready, serial, wait_for, wait_for_event};
 use std::time::{Duration, Instant};
 
 /// `kubectl delete wtc` of a cache a running application uses waits: the cache stays, an Event
@@ -22,15 +22,7 @@ async fn deleting_a_cache_in_use_waits_for_its_pods() {
 
     node.kubectl(&["-n", &ns, "delete", "wtc", "shop", "--wait=false"])
         .await;
-    let waiting = wait_for(
-        Duration::from_secs(30),
-        "the DeletionWaiting event",
-        || async {
-            let e = events(node, &ns, "shop", "DeletionWaiting").await;
-            (!e.is_empty()).then_some(e)
-        },
-    )
-    .await;
+    let waiting = wait_for_event(node, &ns, "shop", "DeletionWaiting").await;
     assert!(waiting[0].contains(&old), "{waiting:?}");
     let cache = node.json(&["-n", &ns, "get", "wtc", "shop"]).await;
     assert!(
@@ -48,8 +40,8 @@ async fn deleting_a_cache_in_use_waits_for_its_pods() {
         || async {
             let pod = shop.live_pod(node, "app=shop-app").await?;
             (pod["metadata"]["name"] != old.as_str()
-                && container_status(&pod, "wtc-sidecar").is_some_and(|c| c["ready"] == true)
-                && container_status(&pod, "app").is_some_and(|c| c["ready"] == true))
+                && ready(&pod, "wtc-sidecar")
+                && ready(&pod, "app"))
             .then_some(())
         },
     )
@@ -107,6 +99,21 @@ async fn hashes(node: &crate::Node, shop: &Shop) -> (Option<String>, Option<Stri
     (get(&pod), get(&cm))
 }
 
+/// `kubectl patch wtc shop` with a JSON patch (`json`) or a merge patch.
+async fn patch_shop(node: &crate::Node, ns: &str, kind: &str, patch: &str) {
+    node.kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "wtc",
+        "shop",
+        &format!("--type={kind}"),
+        "-p",
+        patch,
+    ])
+    .await;
+}
+
 fn set_ttl(ttl: u64) -> String {
     format!(r#"[{{"op": "replace", "path": "/spec/entities/0/ttlSeconds", "value": {ttl}}}]"#)
 }
@@ -129,44 +136,22 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
 
     // A change while restarts are off: counted and told, nothing restarted.
     let old = shop.pod_name(node).await;
-    node.kubectl(&[
-        "-n",
-        &ns,
-        "patch",
-        "wtc",
-        "shop",
-        "--type=json",
-        "-p",
-        &set_ttl(200),
-    ])
-    .await;
+    patch_shop(node, &ns, "json", &set_ttl(200)).await;
     wait_for(Duration::from_secs(60), "status.outdatedPods 1", || async {
         (shop.cache_status(node).await["outdatedPods"] == 1).then_some(())
     })
     .await;
-    let told = wait_for(
-        Duration::from_secs(30),
-        "PodsOnOldConfiguration",
-        || async {
-            let e = events(node, &ns, "shop", "PodsOnOldConfiguration").await;
-            (!e.is_empty()).then_some(e)
-        },
-    )
-    .await;
+    let told = wait_for_event(node, &ns, "shop", "PodsOnOldConfiguration").await;
     eprintln!("config: {}", told[0]);
     assert_eq!(shop.pod_name(node).await, old, "restarts are off");
 
     // Restarts on, then a second change: timed from the change to the new sidecar running it.
-    node.kubectl(&[
-        "-n",
+    patch_shop(
+        node,
         &ns,
-        "patch",
-        "wtc",
-        "shop",
-        "--type=merge",
-        "-p",
+        "merge",
         r#"{"spec": {"injection": {"restartOnConfigChange": true}}}"#,
-    ])
+    )
     .await;
     wait_for(
         Duration::from_secs(120),
@@ -178,27 +163,14 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
     )
     .await;
     let changed = Instant::now();
-    node.kubectl(&[
-        "-n",
-        &ns,
-        "patch",
-        "wtc",
-        "shop",
-        "--type=json",
-        "-p",
-        &set_ttl(120),
-    ])
-    .await;
+    patch_shop(node, &ns, "json", &set_ttl(120)).await;
     wait_for(
         Duration::from_secs(120),
         "the sidecar on the new configuration, ready",
         || async {
             let pod = shop.live_pod(node, "app=shop-app").await?;
             let (p, c) = hashes(node, &shop).await;
-            (p == c
-                && container_status(&pod, "wtc-sidecar").is_some_and(|s| s["ready"] == true)
-                && container_status(&pod, "app").is_some_and(|s| s["ready"] == true))
-            .then_some(())
+            (p == c && ready(&pod, "wtc-sidecar") && ready(&pod, "app")).then_some(())
         },
     )
     .await;

@@ -661,6 +661,24 @@ pub async fn events(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<Stri
         .collect()
 }
 
+/// Waits up to 30 s for an Event of `reason` about `name` in `ns`: their messages.
+pub async fn wait_for_event(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("a {reason} event on {name}"),
+        || async {
+            let e = events(node, ns, name, reason).await;
+            (!e.is_empty()).then_some(e)
+        },
+    )
+    .await
+}
+
+/// The pod's container `name` is ready.
+pub fn ready(pod: &Value, name: &str) -> bool {
+    container_status(pod, name).is_some_and(|c| c["ready"] == true)
+}
+
 /// Polls `check` every 250 ms until it returns `Some` or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

@@ -1,7 +1,7 @@
 //! The injected sidecar's settings on the real node: resources from the chart's defaults, the
 //! cache and the pod's annotations; port and log level per pod; a wrong value refuses the pod.
 
-use crate::{Shop, ShopOptions, container_status, node, serial, wait_for};
+use crate::{Shop, ShopOptions, node, ready, serial, wait_for};
 use std::time::Duration;
 
 /// Requests and limits required for every container of the namespace.
@@ -67,7 +67,7 @@ async fn per_pod_settings_in_a_namespace_with_a_compute_quota() {
         "chart defaults, the memory limit from the pod's annotation: {res}"
     );
     assert!(
-        container_status(&pod, "wtc-sidecar").is_some_and(|c| c["ready"] == true),
+        ready(&pod, "wtc-sidecar"),
         "the sidecar is ready on port 7481 (its probes follow the port)"
     );
     let put = shop
