@@ -5,10 +5,10 @@ use crate::crd::{ManagedRedis, WriteThroughCache};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-    VolumeMount,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,6 +21,9 @@ use wtc_config::{
 pub const REDIS_PORT: i32 = 6379;
 pub const CONFIG_KEY: &str = "sidecar.toml";
 pub const PASSWORD_KEY: &str = "password";
+/// The managed Redis' config file with its `requirepass`, a key of the same Secret.
+pub const REDIS_AUTH_FILE: &str = "auth.conf";
+const REDIS_AUTH_DIR: &str = "/etc/wtc-redis";
 pub const CACHE_LABEL: &str = "wtc.dev/cache";
 
 /// What the operator's release puts in pods where a cache says nothing: the images
@@ -266,20 +269,27 @@ fn managed_redis(
         ),
         ("app.kubernetes.io/instance".to_string(), cr.name_any()),
     ]);
+    // The password reaches redis-server in a file of the Secret (its config file, the first
+    // argument), never on its command line, which every process of the node can read.
     let secret = Secret {
         metadata: meta(cr, auth_secret_name(cr), "wtc-redis"),
-        data: Some(BTreeMap::from([(
-            PASSWORD_KEY.to_string(),
-            ByteString(password.as_bytes().to_vec()),
-        )])),
+        data: Some(BTreeMap::from([
+            (
+                PASSWORD_KEY.to_string(),
+                ByteString(password.as_bytes().to_vec()),
+            ),
+            (
+                REDIS_AUTH_FILE.to_string(),
+                ByteString(format!("requirepass \"{password}\"\n").into_bytes()),
+            ),
+        ])),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
     let args = vec![
+        format!("{REDIS_AUTH_DIR}/{REDIS_AUTH_FILE}"),
         "--port".to_string(),
         REDIS_PORT.to_string(),
-        "--requirepass".into(),
-        "$(REDIS_PASSWORD)".into(),
         "--maxmemory".into(),
         m.maxmemory.clone(),
         "--maxmemory-policy".into(),
@@ -296,11 +306,6 @@ fn managed_redis(
         image: Some(m.image.clone().unwrap_or_else(|| images.redis.clone())),
         command: Some(vec!["redis-server".into()]),
         args: Some(args),
-        env: Some(vec![secret_env(
-            "REDIS_PASSWORD",
-            &auth_secret_name(cr),
-            PASSWORD_KEY,
-        )]),
         ports: Some(vec![ContainerPort {
             name: Some("redis".into()),
             container_port: REDIS_PORT,
@@ -314,12 +319,32 @@ fn managed_redis(
             period_seconds: Some(5),
             ..Probe::default()
         }),
+        // A Redis that stopped accepting connections is restarted (the sidecars' epoch check
+        // then sweeps what a restart may have kept).
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(REDIS_PORT),
+                ..TCPSocketAction::default()
+            }),
+            initial_delay_seconds: Some(5),
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
         resources: m.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: "/data".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "auth".into(),
+                mount_path: REDIS_AUTH_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         security_context: Some(restricted_container()),
         ..Container::default()
     };
@@ -343,11 +368,28 @@ fn managed_redis(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "data".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "data".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "auth".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(auth_secret_name(cr)),
+                                items: Some(vec![KeyToPath {
+                                    key: REDIS_AUTH_FILE.into(),
+                                    path: REDIS_AUTH_FILE.into(),
+                                    mode: None,
+                                }]),
+                                // Owner and the pod's fsGroup (redis' group) only.
+                                default_mode: Some(0o440),
+                                ..SecretVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(999),
@@ -518,11 +560,18 @@ mod tests {
             args.windows(2)
                 .any(|w| w == ["--maxmemory-policy", "allkeys-lru"])
         );
-        assert!(
-            args.windows(2)
-                .any(|w| w == ["--requirepass", "$(REDIS_PASSWORD)"]),
-            "password by env, never inline"
+        assert_eq!(
+            args[0], "/etc/wtc-redis/auth.conf",
+            "the config file comes first"
         );
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.contains("requirepass") || a.contains("pw")),
+            "never the password on the command line: {args:?}"
+        );
+        let auth = &r.secret.data.as_ref().unwrap()[REDIS_AUTH_FILE];
+        assert_eq!(String::from_utf8_lossy(&auth.0), "requirepass \"pw\"\n");
         assert_eq!(
             redis_endpoint(&cr).as_deref(),
             Some("orders-redis.shop.svc:6379")

@@ -119,6 +119,22 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
         );
     }
 
+    // The managed Redis' password is in no command line on the node (every process can read
+    // those): redis-server reads it from its Secret's file.
+    let password = shop.redis_password(node).await;
+    assert!(password.len() >= 16, "a generated password");
+    let shown: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&password))
+        .collect();
+    assert!(
+        shown.is_empty(),
+        "the Redis password on a command line: {shown:?}"
+    );
+
     // What `kubectl get wtc` shows (the operator follows the pod's status changes).
     let status = wait_for(
         Duration::from_secs(30),

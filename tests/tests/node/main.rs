@@ -583,10 +583,21 @@ impl Shop {
             .json(&["-n", &self.ns, "get", "service", "shop-redis"])
             .await;
         let ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+        let password = self.redis_password(node).await;
+        let url = format!("redis://:{password}@{ip}:6379");
+        redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the managed Redis answers through its Service")
+    }
+
+    /// The password the operator generated for the managed Redis.
+    pub async fn redis_password(&self, node: &Node) -> String {
         let secret = node
             .json(&["-n", &self.ns, "get", "secret", "shop-redis-auth"])
             .await;
-        let password = {
+        {
             use std::io::Write;
             let b64 = secret["data"]["password"].as_str().unwrap();
             let out = std::process::Command::new("base64")
@@ -600,13 +611,7 @@ impl Shop {
                 })
                 .unwrap();
             String::from_utf8(out.stdout).unwrap()
-        };
-        let url = format!("redis://:{password}@{ip}:6379");
-        redis::Client::open(url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("the managed Redis answers through its Service")
+        }
     }
 
     pub async fn cache_status(&self, node: &Node) -> Value {
