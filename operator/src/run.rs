@@ -13,7 +13,7 @@ use crate::lease::{Elector, Timing};
 use crate::metrics::Metrics;
 use crate::resources::Release;
 use crate::watchdog::Watchdog;
-use crate::webhook::{self, Calling, Endpoint, FailurePolicy, Webhook};
+use crate::webhook::{self, FailurePolicy, Webhook};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -88,10 +88,11 @@ pub struct Options {
     /// Service in front of the webhook
     #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
     pub webhook_service: String,
-    /// Reach the webhook at this https URL instead of a Service
+    /// The webhook is reached at this https URL, not through the Service: its host goes in the
+    /// serving certificate (the configuration's clientConfig is the chart's to set)
     #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
-    /// MutatingWebhookConfiguration to keep applied
+    /// The MutatingWebhookConfiguration (the chart's) whose caBundle this operator fills
     #[arg(long, value_name = "NAME", default_value = "wtc-operator")]
     pub webhook_config: String,
     /// Secret holding the webhook CA and certificate
@@ -103,7 +104,8 @@ pub struct Options {
     /// tls.crt and tls.key (with --cert-manager)
     #[arg(long, value_name = "DIR", default_value = "/tls")]
     pub tls_dir: String,
-    /// Make the webhook configuration owned by this ClusterRole (the chart's)
+    /// Make what this operator creates outside caches (the webhook's certificate Secret, the
+    /// leader Lease) owned by this ClusterRole (the chart's), so uninstalling removes them
     #[arg(long, value_name = "NAME")]
     pub owner_cluster_role: Option<String>,
     /// Run the controller only
@@ -119,10 +121,6 @@ pub struct Options {
         default_value = "ignore"
     )]
     pub webhook_failure_policy: FailurePolicy,
-    /// How long the API server waits for the webhook
-    #[arg(long, value_name = "SECONDS", default_value_t = 5,
-          value_parser = clap::value_parser!(i32).range(1..=30))]
-    pub webhook_timeout_seconds: i32,
     /// After SIGTERM, how long the webhook keeps answering (closing each connection) while the
     /// Service stops sending to this replica
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -207,13 +205,6 @@ impl Options {
         }
     }
 
-    fn calling(&self) -> Calling {
-        Calling {
-            failure_policy: self.webhook_failure_policy,
-            timeout_seconds: self.webhook_timeout_seconds,
-        }
-    }
-
     /// The pod's name (or the host's) and a suffix of this process's own: a container restarted
     /// in the same pod is a new candidate, not the holder of its predecessor's lease.
     fn identity(&self) -> String {
@@ -222,17 +213,6 @@ impl Options {
             host.trim().to_string()
         });
         format!("{base}_{:08x}", fastrand::u32(..))
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        match &self.webhook_url {
-            Some(u) => Endpoint::Url(u.trim_end_matches('/').to_string()),
-            None => Endpoint::Service {
-                namespace: self.operator_namespace.clone(),
-                name: self.webhook_service.clone(),
-                port: 443,
-            },
-        }
     }
 
     /// Names the serving certificate must carry.
@@ -443,22 +423,22 @@ async fn start_webhook(
         .await
         .map_err(|e| e.to_string())?,
     };
-    let ca_bundle = options
-        .cert_manager
-        .is_none()
-        .then_some(certs.ca_pem.as_str());
-    let mut config = webhook::configuration(
-        &options.webhook_config,
-        &options.endpoint(),
-        ca_bundle,
-        &options.operator_namespace,
-        options.cert_manager.as_deref(),
-        options.calling(),
-    );
-    config.metadata.owner_references = owner.clone().map(|o| vec![o]);
-    webhook::apply_configuration(client, &config)
-        .await
-        .map_err(|e| format!("cannot apply the MutatingWebhookConfiguration: {e}"))?;
+    // The chart creates the configuration along with this Deployment: give it a moment. One
+    // still missing after that does not stop the replica (its controller still has caches to
+    // reconcile); the loop below keeps trying, every 5 s until it succeeds.
+    let mut published = options.cert_manager.is_some();
+    for _ in 0..10 {
+        if published {
+            break;
+        }
+        match webhook::publish_ca_bundle(client, &options.webhook_config, &certs.ca_pem).await {
+            Ok(_) => published = true,
+            Err(e) => {
+                tracing::warn!(error = %e, "retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
     let native = webhook::supports_native_sidecars(client).await;
     let hook = Arc::new(
         Webhook::new(client.clone(), metrics, native, options.release(), &certs)?
@@ -470,14 +450,16 @@ async fn start_webhook(
     tokio::spawn(Arc::clone(&hook).serve(listener));
     let serving = Arc::clone(&hook);
 
-    // Every 10 minutes, what the Secret holds (another replica may have renewed it, or made a
-    // new CA in place of a damaged one): a new certificate serves new connections at once, a
-    // new CA is published in `caBundle` (each replica converges on the Secret's pair).
+    // Every minute, what the Secret holds (another replica may have renewed it, or made a new CA
+    // in place of a damaged one): a new certificate serves new connections at once; the
+    // configuration's caBundle is made to match the Secret's CA (each replica converges on the
+    // Secret's pair, and a caBundle reset by hand or by a re-install is put back).
     let (client, options) = (client.clone(), options.clone());
     tokio::spawn(async move {
         let mut served = certs;
         loop {
-            tokio::time::sleep(Duration::from_secs(600)).await;
+            let pause = if published { 60 } else { 5 };
+            tokio::time::sleep(Duration::from_secs(pause)).await;
             let current = match &options.cert_manager {
                 Some(_) => read_tls_dir(&options.tls_dir),
                 None => certs::ensure(
@@ -491,29 +473,34 @@ async fn start_webhook(
                 .map_err(|e| e.to_string()),
             };
             let current = match current {
-                Ok(c) if c == served => continue,
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the webhook certificate");
                     continue;
                 }
             };
-            if let Err(e) = hook.rotate(&current) {
-                tracing::warn!(error = %e, "webhook certificate renewal failed");
-                continue;
-            }
-            if options.cert_manager.is_none() && current.ca_pem != served.ca_pem {
-                let pem = k8s_openapi::ByteString(current.ca_pem.as_bytes().to_vec());
-                for w in config.webhooks.iter_mut().flatten() {
-                    w.client_config.ca_bundle = Some(pem.clone());
+            if current != served {
+                if let Err(e) = hook.rotate(&current) {
+                    tracing::warn!(error = %e, "webhook certificate renewal failed");
+                    continue;
                 }
-                match webhook::apply_configuration(&client, &config).await {
-                    Ok(()) => tracing::warn!("the webhook CA changed: caBundle published again"),
-                    Err(e) => tracing::warn!(error = %e, "cannot publish the new caBundle"),
+                tracing::info!("serving the webhook certificate from the Secret");
+                served = current;
+            }
+            if options.cert_manager.is_none() {
+                match webhook::publish_ca_bundle(&client, &options.webhook_config, &served.ca_pem)
+                    .await
+                {
+                    Ok(true) if published => {
+                        tracing::warn!("caBundle published again (it did not match the CA)")
+                    }
+                    Ok(_) => published = true,
+                    Err(e) => {
+                        published = false;
+                        tracing::warn!(error = %e, "cannot publish the caBundle")
+                    }
                 }
             }
-            tracing::info!("serving the webhook certificate from the Secret");
-            served = current;
         }
     });
     Ok(serving)
@@ -539,8 +526,8 @@ mod tests {
                 include_str!("../../crds/writethroughcache.yaml"),
             ),
             (
-                "charts/wtc-operator/crds/writethroughcache.yaml",
-                include_str!("../../charts/wtc-operator/crds/writethroughcache.yaml"),
+                "charts/wtc-crds/files/writethroughcache.yaml",
+                include_str!("../../charts/wtc-crds/files/writethroughcache.yaml"),
             ),
         ] {
             assert!(
@@ -554,7 +541,6 @@ mod tests {
     fn options_for_tests_and_clusters() {
         let o = Options::parse(&["--webhook-url".into(), "https://127.0.0.1:9443".into()]).unwrap();
         assert_eq!(o.serving_names(), vec!["127.0.0.1".to_string()]);
-        assert!(matches!(o.endpoint(), Endpoint::Url(u) if u == "https://127.0.0.1:9443"));
         let o = Options::parse(&["--operator-namespace".into(), "ops".into()]).unwrap();
         assert!(
             o.serving_names()

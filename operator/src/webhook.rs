@@ -1,5 +1,9 @@
 //! The injection webhook's I/O: its MutatingWebhookConfiguration, and an HTTPS server (hyper +
 //! tokio-rustls, since warp 0.4 has no TLS) that answers AdmissionReviews with `injection::plan`.
+//!
+//! The chart ships the configuration (`templates/webhook.yaml`, kept equal to `configuration`
+//! by a drift test); the operator only fills its `caBundle` (`publish_ca_bundle`), with a right
+//! to get and patch that one object by name, and none at all under cert-manager.
 //! Every failure of the webhook itself admits the pod unchanged; whether the API server admits a
 //! pod when no replica answers is the configuration's `failurePolicy` (chart value).
 
@@ -73,8 +77,10 @@ impl Default for Calling {
     }
 }
 
-/// The configuration the operator keeps applied. `ca_bundle`: `None` under cert-manager, whose CA
-/// injector fills it from `inject_ca_from`.
+/// The webhook's configuration: what the chart's template renders (a drift test holds them
+/// equal), and what tests register for a webhook served from the test process. `ca_bundle`:
+/// `None` when the operator or cert-manager's CA injector (`inject_ca_from`) fills it.
+/// `watch_namespace`: only that namespace's pods are sent (the operator can read no cache elsewhere).
 pub fn configuration(
     name: &str,
     endpoint: &Endpoint,
@@ -82,6 +88,7 @@ pub fn configuration(
     operator_namespace: &str,
     inject_ca_from: Option<&str>,
     calling: Calling,
+    watch_namespace: Option<&str>,
 ) -> MutatingWebhookConfiguration {
     let client_config = WebhookClientConfig {
         ca_bundle: ca_bundle.map(|pem| k8s_openapi::ByteString(pem.as_bytes().to_vec())),
@@ -105,6 +112,25 @@ pub fn configuration(
     };
     let mut excluded: Vec<String> = ALWAYS_EXCLUDED.iter().map(|s| s.to_string()).collect();
     excluded.push(operator_namespace.to_string());
+    let mut namespace_rules = vec![
+        LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "NotIn".into(),
+            values: Some(excluded),
+        },
+        LabelSelectorRequirement {
+            key: NAMESPACE_OPT_OUT_LABEL.into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["disabled".into()]),
+        },
+    ];
+    if let Some(ns) = watch_namespace {
+        namespace_rules.push(LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "In".into(),
+            values: Some(vec![ns.into()]),
+        });
+    }
     MutatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -134,18 +160,7 @@ pub fn configuration(
                 scope: Some("Namespaced".into()),
             }]),
             namespace_selector: Some(LabelSelector {
-                match_expressions: Some(vec![
-                    LabelSelectorRequirement {
-                        key: "kubernetes.io/metadata.name".into(),
-                        operator: "NotIn".into(),
-                        values: Some(excluded),
-                    },
-                    LabelSelectorRequirement {
-                        key: NAMESPACE_OPT_OUT_LABEL.into(),
-                        operator: "NotIn".into(),
-                        values: Some(vec!["disabled".into()]),
-                    },
-                ]),
+                match_expressions: Some(namespace_rules),
                 ..LabelSelector::default()
             }),
             // The operator's own pods are never mutated, whatever namespace they run in.
@@ -164,7 +179,7 @@ pub fn configuration(
 }
 
 /// A non-controller reference to the operator's ClusterRole. What the operator makes outside a
-/// cache (the webhook configuration, its certificate Secret, the leader Lease) is owned by it,
+/// cache (the webhook's certificate Secret, the leader Lease) is owned by it,
 /// so uninstalling the chart (which deletes the ClusterRole) lets the garbage collector remove
 /// them too.
 pub async fn cluster_role_owner(
@@ -183,6 +198,7 @@ pub async fn cluster_role_owner(
     Ok(owner)
 }
 
+/// Registers a configuration (tests: a webhook served from the test process).
 pub async fn apply_configuration(
     client: &Client,
     config: &MutatingWebhookConfiguration,
@@ -192,6 +208,42 @@ pub async fn apply_configuration(
     let pp = PatchParams::apply(crate::reconcile::FIELD_MANAGER).force();
     api.patch(&name, &pp, &Patch::Apply(config)).await?;
     Ok(())
+}
+
+/// Puts `ca_pem` in the `caBundle` of every webhook of the configuration `name` (the chart's)
+/// that does not carry it yet, and nothing else: `Ok(true)` when it wrote. The patch names the
+/// version it read, so a concurrent `helm upgrade` makes it fail (and the caller retry) rather
+/// than be undone.
+pub async fn publish_ca_bundle(client: &Client, name: &str, ca_pem: &str) -> Result<bool, String> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let current = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("cannot read the MutatingWebhookConfiguration {name}: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "the MutatingWebhookConfiguration {name} does not exist (the chart installs it)"
+            )
+        })?;
+    let want = k8s_openapi::ByteString(ca_pem.as_bytes().to_vec());
+    let stale: Vec<serde_json::Value> = current
+        .webhooks
+        .iter()
+        .flatten()
+        .filter(|w| w.client_config.ca_bundle.as_ref() != Some(&want))
+        .map(|w| serde_json::json!({"name": w.name, "clientConfig": {"caBundle": want}}))
+        .collect();
+    if stale.is_empty() {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": current.metadata.resource_version},
+        "webhooks": stale,
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map_err(|e| format!("cannot publish the caBundle of {name}: {e}"))?;
+    Ok(true)
 }
 
 pub struct Webhook {

@@ -384,6 +384,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         "wtc-system",
         None,
         webhook::Calling::default(),
+        None,
     );
     webhook::apply_configuration(&client, &config)
         .await
@@ -518,6 +519,7 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
         "wtc-system",
         None,
         webhook::Calling::default(),
+        None,
     );
     webhook::apply_configuration(&client, &down).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -542,8 +544,122 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The operator binary as a process of the test, authenticated with the ServiceAccount token in
+/// `kubeconfig` only, scoped to `ns`, its webhook on loopback.
+struct OperatorProcess {
+    child: tokio::process::Child,
+    webhook_port: u16,
+    metrics_port: u16,
+    log_path: std::path::PathBuf,
+}
+
+impl OperatorProcess {
+    fn spawn(release_ns: &str, name: &str, ns: &str, kubeconfig: &std::path::Path) -> Self {
+        let (webhook_port, metrics_port) = (free_port(), free_port());
+        let log_path =
+            std::env::temp_dir().join(format!("wtc-operator-{}-{name}.log", std::process::id()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wtc-operator"))
+            .args(["run", "--operator-namespace", release_ns])
+            .args([
+                "--webhook-url",
+                &format!("https://127.0.0.1:{webhook_port}"),
+            ])
+            .args(["--webhook-addr", &format!("127.0.0.1:{webhook_port}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args([
+                "--webhook-config",
+                name,
+                "--webhook-cert-secret",
+                &format!("{name}-webhook-tls"),
+            ])
+            .args(["--owner-cluster-role", name])
+            .args(["--leader-election-lease", name])
+            .args(["--namespace", ns])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            webhook_port,
+            metrics_port,
+            log_path,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the cache `name` is Ready, failing with the operator's log.
+    async fn wait_ready(&mut self, caches: &Api<WriteThroughCache>, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("the operator exited ({st}):\n{}", self.log());
+            }
+            let c = caches.get(name).await.unwrap();
+            let ready = c
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not Ready: {:?}\n{}",
+                c.status,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The chart's webhook points at its Service; the operator of these tests runs on the host, so
+/// an administrator (not the operator) points it at the operator's loopback port.
+fn point_webhook_at(cp: &ControlPlane, config: &str, port: u16) {
+    let patch = json!([
+        {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
+        {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": format!("https://127.0.0.1:{port}/mutate")},
+    ]);
+    let out = cp
+        .kubectl()
+        .args([
+            "patch",
+            "mutatingwebhookconfiguration",
+            config,
+            "--type=json",
+        ])
+        .args(["-p", &patch.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Creates an opted-in pod until one comes back with the sidecar.
+async fn injection_works(pods: &Api<Pod>, cache: &str) {
+    eventually("injection by the chart's operator", Duration::from_secs(60), || async {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("app-{}", fastrand::u32(..)), "annotations": {"wtc.dev/inject": cache}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        let p = pods.create(&PostParams::default(), &p).await.unwrap();
+        p.spec?.init_containers?.iter().any(|c| c.name == "wtc-sidecar").then_some(())
+    })
+    .await;
+}
+
 /// `helm install` of the chart, then the operator binary runs authenticated as the chart's
-/// ServiceAccount: any permission missing from the chart's RBAC fails this test.
+/// ServiceAccount: any permission missing from the chart's RBAC fails this test, and so does any
+/// write to admission configurations beyond the caBundle of its own that the token can make.
 #[tokio::test]
 async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     let cp = cluster();
@@ -594,69 +710,25 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     ] {
         assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
     }
+    // The chart made the webhook configuration, without a CA: the operator fills that in.
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let shipped = configs.get(name).await.unwrap();
+    assert_eq!(shipped.webhooks.unwrap()[0].client_config.ca_bundle, None);
 
     let ns = cp.namespace("wtc-helm").await.unwrap();
-    // The operator as a process of this test, with the ServiceAccount's token only.
     let kubeconfig = cp
         .service_account_kubeconfig(release_ns, name)
         .await
         .unwrap();
-    let (webhook_port, metrics_port) = (free_port(), free_port());
-    let log_path = std::env::temp_dir().join(format!("wtc-operator-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_wtc-operator"))
-        .args(["run", "--operator-namespace", release_ns])
-        .args([
-            "--webhook-url",
-            &format!("https://127.0.0.1:{webhook_port}"),
-        ])
-        .args(["--webhook-addr", &format!("127.0.0.1:{webhook_port}")])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args([
-            "--webhook-config",
-            name,
-            "--webhook-cert-secret",
-            &format!("{name}-webhook-tls"),
-        ])
-        .args(["--owner-cluster-role", name])
-        .args(["--leader-election-lease", name])
-        // Scoped to this test's namespace so the other tests' caches do not reach its metrics;
-        // the permissions used are still the chart's cluster-wide ones.
-        .args(["--namespace", ns.name()])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Scoped to this test's namespace so the other tests' caches do not reach its metrics; the
+    // permissions used are still the chart's cluster-wide ones.
+    let mut operator = OperatorProcess::spawn(release_ns, name, ns.name(), &kubeconfig);
+    point_webhook_at(cp, name, operator.webhook_port);
 
     let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
     assert!(out.status.success(), "{}", stderr(&out));
     let caches: Api<WriteThroughCache> = ns.api();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(Some(st)) = operator.try_wait() {
-            panic!("the operator exited ({st}):\n{}", read_log());
-        }
-        let c = caches.get("shop").await.unwrap();
-        let ready = c
-            .status
-            .iter()
-            .flat_map(|s| &s.conditions)
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not Ready: {:?}\n{}",
-            c.status,
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    operator.wait_ready(&caches, "shop").await;
 
     let status = caches.get("shop").await.unwrap().status.unwrap();
     assert_eq!(
@@ -664,16 +736,7 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         "the managed Redis pod is not an injected pod"
     );
     let pods: Api<Pod> = ns.api();
-    eventually("injection by the chart's operator", Duration::from_secs(30), || async {
-        let p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("app-{}", fastrand::u32(..)), "annotations": {"wtc.dev/inject": "shop"}},
-            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
-        }))
-        .unwrap();
-        let p = pods.create(&PostParams::default(), &p).await.unwrap();
-        p.spec?.init_containers?.iter().any(|c| c.name == "wtc-sidecar").then_some(())
-    })
-    .await;
+    injection_works(&pods, "shop").await;
     eventually(
         "the injected pod counted in status",
         Duration::from_secs(90),
@@ -694,7 +757,7 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let metrics = reqwest_like_get(metrics_port, "/metrics").await;
+    let metrics = reqwest_like_get(operator.metrics_port, "/metrics").await;
     assert!(
         metrics.contains("wtc_operator_reconciliations_total"),
         "{metrics}"
@@ -707,34 +770,135 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     assert!(
         !metrics.contains("wtc_operator_reconcile_errors_total{"),
         "reconcile errors:\n{metrics}\n{}",
-        read_log()
+        operator.log()
     );
-    let log = read_log();
+    let log = operator.log();
     assert!(
         !log.to_lowercase().contains("forbidden"),
         "RBAC refused something:\n{log}"
     );
 
-    // Uninstalling removes the ClusterRole, and with it (garbage collector) the webhook configuration.
-    operator.kill().await.unwrap();
+    // What a stolen token of the operator can do to admission: fill the caBundle, nothing else.
+    let as_operator = |args: &[&str]| {
+        let program = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
+        let out = std::process::Command::new(program)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), stderr(&out))
+    };
+    let evil = [
+        json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": "https://198.18.0.66/mutate"}]),
+        json!([{"op": "replace", "path": "/webhooks/0/namespaceSelector", "value": {}}]),
+        json!([{"op": "replace", "path": "/webhooks/0/rules/0/resources", "value": ["*"]}]),
+        json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Fail"}]),
+        json!([{"op": "add", "path": "/metadata/finalizers", "value": ["x.example/stuck"]}]),
+        json!([{"op": "add", "path": "/webhooks/-", "value": {
+            "name": "more.wtc.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"url": "https://198.18.0.66/mutate"},
+            "rules": [{"operations": ["CREATE"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*"]}]}}]),
+    ];
+    for patch in evil {
+        let (ok, err) = as_operator(&[
+            "patch",
+            "mutatingwebhookconfiguration",
+            name,
+            "--type=json",
+            "-p",
+            &patch.to_string(),
+        ]);
+        assert!(!ok, "the operator's token may write {patch}");
+        assert!(
+            err.contains("may change only the caBundle"),
+            "{patch}: {err}"
+        );
+    }
+    // Nor borrow another ServiceAccount's rights through a Deployment it may create.
+    for (what, pod) in [
+        (
+            "another ServiceAccount",
+            json!({"serviceAccountName": "builder", "automountServiceAccountToken": false}),
+        ),
+        ("a token", json!({})),
+        (
+            "the host's files",
+            json!({"automountServiceAccountToken": false,
+            "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}),
+        ),
+        (
+            "the host's network",
+            json!({"automountServiceAccountToken": false, "hostNetwork": true}),
+        ),
+    ] {
+        let mut spec = pod.clone();
+        spec["containers"] = json!([{"name": "x", "image": "x:1"}]);
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "borrowed", "namespace": ns.name(),
+                "labels": {"app.kubernetes.io/managed-by": "wtc-operator"}},
+            "spec": {"selector": {"matchLabels": {"a": "b"}},
+                "template": {"metadata": {"labels": {"a": "b"}}, "spec": spec}}});
+        let path = std::env::temp_dir().join(format!("wtc-borrowed-{}.json", std::process::id()));
+        std::fs::write(&path, deployment.to_string()).unwrap();
+        let (ok, err) = as_operator(&["create", "-f", path.to_str().unwrap()]);
+        assert!(
+            !ok,
+            "the operator's token may create a Deployment with {what}"
+        );
+        assert!(
+            err.contains("may only write its managed Redis"),
+            "{what}: {err}"
+        );
+    }
+    let (ok, err) = as_operator(&["delete", "mutatingwebhookconfiguration", name]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, err) = as_operator(&["get", "mutatingwebhookconfigurations"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let other = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "stolen"}, "webhooks": []});
+    let path = std::env::temp_dir().join(format!("wtc-stolen-{}.json", std::process::id()));
+    std::fs::write(&path, other.to_string()).unwrap();
+    let (ok, err) = as_operator(&["create", "-f", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    // The CA it published is the Secret's, and that one field it may write.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), release_ns);
+    let tls = format!("{name}-webhook-tls");
+    let ca = secrets.get(&tls).await.unwrap().data.unwrap()["ca.crt"].clone();
+    let published = configs.get(name).await.unwrap().webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone();
+    assert_eq!(published, Some(ca.clone()));
+    let reset =
+        json!([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": "Cg=="}]);
+    let (ok, err) = as_operator(&[
+        "patch",
+        "mutatingwebhookconfiguration",
+        name,
+        "--type=json",
+        "-p",
+        &reset.to_string(),
+    ]);
+    assert!(ok, "{err}");
+
+    // Uninstalling removes the webhook configuration (the chart's) and, through the garbage
+    // collector, what the operator made in its namespace: the CA Secret and the leader Lease.
+    operator.child.kill().await.unwrap();
     let out = cp
         .helm()
         .args(["uninstall", "wtc", "-n", release_ns])
         .output()
         .unwrap();
     assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     eventually(
-        "webhook configuration collected",
+        "webhook configuration removed",
         Duration::from_secs(60),
         || async { configs.get_opt(name).await.unwrap().is_none().then_some(()) },
     )
     .await;
-    // What the operator made in its namespace goes too: the CA Secret and the leader Lease.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), release_ns);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), release_ns);
-    let tls = format!("{name}-webhook-tls");
     eventually(
         "the webhook's Secret and the Lease collected",
         Duration::from_secs(60),
@@ -745,6 +909,192 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         },
     )
     .await;
+}
+
+/// With `watchNamespace`, the operator works with Roles in that namespace (and the few rules by
+/// name that Kubernetes keeps cluster-wide): caches there are reconciled and pods injected, and
+/// its token can read nothing in other namespaces.
+#[tokio::test]
+async fn with_watch_namespace_the_operator_needs_no_cluster_wide_access() {
+    let cp = cluster();
+    let release_ns = "wtc-scoped";
+    let ns = cp.namespace("wtc-watched").await.unwrap();
+    let out = cp
+        .helm()
+        .args([
+            "install",
+            "scoped",
+            CHART_DIR,
+            "-n",
+            release_ns,
+            "--create-namespace",
+        ])
+        .args(["--set", &format!("watchNamespace={}", ns.name())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm install: {}", stderr(&out));
+    let name = "scoped-wtc-operator";
+    let user = format!("system:serviceaccount:{release_ns}:{name}");
+    let can = |args: &[&str]| {
+        let out = cp
+            .kubectl()
+            .args(["auth", "can-i", "--as", &user])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for (verb, what, where_) in [
+        ("list", "pods", ns.name()),
+        ("watch", "writethroughcaches.wtc.dev", ns.name()),
+        ("create", "deployments.apps", ns.name()),
+    ] {
+        assert_eq!(can(&[verb, what, "-n", where_]), "yes", "{verb} {what}");
+    }
+    for (verb, what) in [
+        ("list", "pods"),
+        ("get", "secrets"),
+        ("create", "deployments.apps"),
+        ("watch", "writethroughcaches.wtc.dev"),
+        ("patch", "configmaps"),
+    ] {
+        assert_eq!(
+            can(&[verb, what, "-n", "default"]),
+            "no",
+            "{verb} {what} in default"
+        );
+        assert_eq!(can(&[verb, what, "-A"]), "no", "{verb} {what} everywhere");
+    }
+    assert_eq!(can(&["get", "namespaces/default"]), "no");
+    assert_eq!(can(&["get", &format!("namespaces/{}", ns.name())]), "yes");
+
+    let kubeconfig = cp
+        .service_account_kubeconfig(release_ns, name)
+        .await
+        .unwrap();
+    let mut operator = OperatorProcess::spawn(release_ns, name, ns.name(), &kubeconfig);
+    point_webhook_at(cp, name, operator.webhook_port);
+    let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    operator.wait_ready(&caches, "shop").await;
+    injection_works(&ns.api(), "shop").await;
+    let metrics = reqwest_like_get(operator.metrics_port, "/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "wtc_operator_leader 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("wtc_operator_reconcile_errors_total{"),
+        "reconcile errors:\n{metrics}\n{}",
+        operator.log()
+    );
+    let log = operator.log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refused something:\n{log}"
+    );
+    operator.child.kill().await.unwrap();
+    let out = cp
+        .helm()
+        .args(["uninstall", "scoped", "-n", release_ns])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "helm uninstall: {}", stderr(&out));
+}
+
+/// The chart's webhook configuration is `webhook::configuration`'s, for every value that changes it.
+#[test]
+fn the_charts_webhook_configuration_is_the_operators() {
+    use serde::Deserialize;
+    use webhook::{Calling, FailurePolicy};
+    // (helm's --set, then what the operator's function is given for it)
+    type Case<'a> = (&'a [&'a str], Calling, Option<&'a str>, Option<&'a str>);
+    let cases: [Case; 3] = [
+        (&[], Calling::default(), None, None),
+        (
+            &[
+                "--set",
+                "webhook.failurePolicy=Fail,webhook.timeoutSeconds=12,watchNamespace=apps",
+            ],
+            Calling {
+                failure_policy: FailurePolicy::Fail,
+                timeout_seconds: 12,
+            },
+            Some("apps"),
+            None,
+        ),
+        (
+            &["--set", "webhook.certManager.enabled=true"],
+            Calling::default(),
+            None,
+            Some("wtc-system/wtc-wtc-operator-webhook"),
+        ),
+    ];
+    for (sets, calling, watch, inject_ca_from) in cases {
+        let out = wtc_k8s_harness::helm_command()
+            .unwrap()
+            .args(["template", "wtc", CHART_DIR, "-n", "wtc-system"])
+            .args([
+                "--kube-version",
+                "1.36.0",
+                "--show-only",
+                "templates/webhook.yaml",
+            ])
+            .args(sets)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "helm template: {}", stderr(&out));
+        let chart: MutatingWebhookConfiguration = serde_yaml::Deserializer::from_slice(&out.stdout)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .find(|v| v["kind"] == "MutatingWebhookConfiguration")
+            .map(|v| serde_yaml::from_value(v).unwrap())
+            .expect("a MutatingWebhookConfiguration");
+        let operator = webhook::configuration(
+            "wtc-wtc-operator",
+            &Endpoint::Service {
+                namespace: "wtc-system".into(),
+                name: "wtc-wtc-operator".into(),
+                port: 443,
+            },
+            None,
+            "wtc-system",
+            inject_ca_from,
+            calling,
+            watch,
+        );
+        assert_eq!(
+            serde_json::to_value(&chart.webhooks).unwrap(),
+            serde_json::to_value(&operator.webhooks).unwrap(),
+            "charts/wtc-operator/templates/webhook.yaml and webhook::configuration differ ({sets:?})"
+        );
+        assert_eq!(
+            chart.metadata.annotations.unwrap_or_default(),
+            operator.metadata.annotations.unwrap_or_default()
+        );
+    }
+    // Under cert-manager, which fills the caBundle, the operator has no right on it at all.
+    let rbac = |sets: &[&str]| {
+        let out = wtc_k8s_harness::helm_command()
+            .unwrap()
+            .args(["template", "wtc", CHART_DIR, "-n", "wtc-system"])
+            .args([
+                "--kube-version",
+                "1.36.0",
+                "--show-only",
+                "templates/rbac.yaml",
+            ])
+            .args(sets)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "helm template: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(rbac(&[]).contains("mutatingwebhookconfigurations"));
+    assert!(
+        !rbac(&["--set", "webhook.certManager.enabled=true"])
+            .contains("mutatingwebhookconfigurations")
+    );
 }
 
 /// A plain HTTP GET on loopback, without another HTTP client crate.
