@@ -3,11 +3,12 @@
 //! Defaults and validation live in the schema, so the API server applies and enforces them; CEL
 //! rules cover what one field alone cannot say (unique entity names, exactly one Redis mode).
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -144,9 +145,54 @@ pub struct ManagedRedis {
     pub maxmemory: String,
     #[serde(default)]
     pub eviction_policy: EvictionPolicy,
-    /// Append-only persistence. Off by default: the database is the source of truth.
+    /// Append-only persistence, on a PersistentVolumeClaim (`storage`). Off by default: the
+    /// database is the source of truth, and a restarted Redis refills from it.
     #[serde(default)]
     pub persistence: bool,
+    /// The claim that holds the data when `persistence` is on. Made once: a later change of
+    /// size or class is not applied (expand or replace the claim by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<RedisStorage>,
+    /// Only the pods injected for this cache may connect to Redis (a NetworkPolicy; enforced
+    /// where the cluster's network plugin implements NetworkPolicies).
+    #[serde(default = "default_true")]
+    pub network_policy: bool,
+    /// A PodDisruptionBudget that keeps the Redis pod through voluntary disruptions: a node
+    /// drain then waits until the pod is moved by hand. Off by default: without Redis the
+    /// sidecars read from the database.
+    #[serde(default)]
+    pub pod_disruption_budget: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStorage {
+    /// The claim's size, a Kubernetes quantity.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub size: String,
+    /// Unset: the cluster's default StorageClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for RedisStorage {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -289,6 +335,12 @@ fn default_version_column() -> String {
 }
 fn default_ttl_seconds() -> u64 {
     wtc_config::defaults::TTL_SECONDS
+}
+fn default_true() -> bool {
+    true
+}
+fn default_storage_size() -> String {
+    "1Gi".into()
 }
 fn default_one() -> i32 {
     1

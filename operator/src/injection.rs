@@ -20,8 +20,7 @@ pub const INJECT_ANNOTATION: &str = "wtc.dev/inject";
 pub const SIDECAR_NAME: &str = "wtc-sidecar";
 /// The sidecar's container port for `/metrics` on the pod's address.
 pub const METRICS_PORT_NAME: &str = "wtc-metrics";
-/// Set on injected pods (value: the cache) so the operator counts them with a label selector.
-pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
+pub use crate::resources::INJECTED_LABEL;
 /// Set by the webhook on a pod that asked for the sidecar and did not get it: why.
 pub const SKIPPED_ANNOTATION: &str = "wtc.dev/injection-skipped";
 /// The pod already has a container named like the sidecar.

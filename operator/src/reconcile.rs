@@ -15,9 +15,11 @@ use crate::sidecars;
 use crate::status::{self, Applied, Observed, RedisHealth};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer;
@@ -149,6 +151,39 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
         Some(m) => {
             apply(client, &ns, &m.secret).await?;
             apply(client, &ns, &m.service).await?;
+            // The claim before the Deployment that mounts it; made once (its spec is immutable
+            // but for an expansion, which is left to the user).
+            match &m.claim {
+                // A claim still being deleted (persistence turned off, then on again, while
+                // the old pod held it) cannot be mounted: wait until it is gone.
+                Some(claim) if !create_once(client, &ns, claim).await? => {
+                    return Ok(Action::requeue(Duration::from_secs(5)));
+                }
+                Some(_) => {}
+                None => {
+                    remove_owned::<PersistentVolumeClaim>(
+                        cr,
+                        client,
+                        &ns,
+                        &resources::redis_claim_name(cr),
+                    )
+                    .await?
+                }
+            }
+            match &m.network_policy {
+                Some(np) => drop(apply(client, &ns, np).await?),
+                None => {
+                    remove_owned::<NetworkPolicy>(cr, client, &ns, &resources::redis_name(cr))
+                        .await?
+                }
+            }
+            match &m.disruption_budget {
+                Some(pdb) => drop(apply(client, &ns, pdb).await?),
+                None => {
+                    remove_owned::<PodDisruptionBudget>(cr, client, &ns, &resources::redis_name(cr))
+                        .await?
+                }
+            }
             let deployment = apply(client, &ns, &m.deployment).await?;
             deployment_available(&deployment)
         }
@@ -214,36 +249,69 @@ where
     Ok(api.patch(&obj.name_any(), &pp, &Patch::Apply(obj)).await?)
 }
 
+/// Creates `obj` unless it exists; `false` while an object of that name is being deleted.
+async fn create_once<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(&obj.name_any()).await? {
+        Some(existing) => Ok(existing.meta().deletion_timestamp.is_none()),
+        None => {
+            let pp = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            match api.create(&pp, obj).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(true),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Deletes `name` if this cache owns it (never a user's object of the same name).
+async fn remove_owned<K>(
+    cr: &WriteThroughCache,
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    if let Some(o) = api.get_opt(name).await?
+        && o.owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == cr.uid().as_ref())
+    {
+        api.delete(name, &DeleteParams::background()).await?;
+    }
+    Ok(())
+}
+
 /// Switching from managed to external Redis: the managed objects are no longer wanted.
 async fn remove_managed_redis(
     cr: &WriteThroughCache,
     client: &Client,
     ns: &str,
 ) -> Result<(), Error> {
-    let uid = cr.uid();
-    let owned = |o: &Option<
-        Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
-    >| { o.iter().flatten().any(|r| Some(&r.uid) == uid.as_ref()) };
-    let dp = DeleteParams::background();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    if let Some(d) = deployments.get_opt(&resources::redis_name(cr)).await?
-        && owned(&d.metadata.owner_references)
-    {
-        deployments.delete(&d.name_any(), &dp).await?;
-    }
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    if let Some(s) = services.get_opt(&resources::redis_name(cr)).await?
-        && owned(&s.metadata.owner_references)
-    {
-        services.delete(&s.name_any(), &dp).await?;
-    }
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    if let Some(s) = secrets.get_opt(&resources::auth_secret_name(cr)).await?
-        && owned(&s.metadata.owner_references)
-    {
-        secrets.delete(&s.name_any(), &dp).await?;
-    }
-    Ok(())
+    let (redis, claim) = (resources::redis_name(cr), resources::redis_claim_name(cr));
+    remove_owned::<Deployment>(cr, client, ns, &redis).await?;
+    remove_owned::<Service>(cr, client, ns, &redis).await?;
+    remove_owned::<NetworkPolicy>(cr, client, ns, &redis).await?;
+    remove_owned::<PodDisruptionBudget>(cr, client, ns, &redis).await?;
+    remove_owned::<PersistentVolumeClaim>(cr, client, ns, &claim).await?;
+    remove_owned::<Secret>(cr, client, ns, &resources::auth_secret_name(cr)).await
 }
 
 fn deployment_available(d: &Deployment) -> RedisHealth {

@@ -6,10 +6,17 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret,
     SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    TCPSocketAction, Volume, VolumeMount,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -25,6 +32,9 @@ pub const PASSWORD_KEY: &str = "password";
 pub const REDIS_AUTH_FILE: &str = "auth.conf";
 const REDIS_AUTH_DIR: &str = "/etc/wtc-redis";
 pub const CACHE_LABEL: &str = "wtc.dev/cache";
+/// Set on injected pods (value: the cache): the operator counts them with a label selector, and
+/// the managed Redis' NetworkPolicy admits them.
+pub const INJECTED_LABEL: &str = "wtc.dev/injected-for";
 
 /// What the operator's release puts in pods where a cache says nothing: the images
 /// (`--sidecar-image`, `--redis-image`) and the injected sidecar's resources (`--sidecar-*`
@@ -52,6 +62,9 @@ impl Default for Release {
 
 pub fn redis_name(cr: &WriteThroughCache) -> String {
     format!("{}-redis", cr.name_any())
+}
+pub fn redis_claim_name(cr: &WriteThroughCache) -> String {
+    format!("{}-redis-data", cr.name_any())
 }
 pub fn auth_secret_name(cr: &WriteThroughCache) -> String {
     format!("{}-redis-auth", cr.name_any())
@@ -94,6 +107,10 @@ pub struct ManagedObjects {
     pub secret: Secret,
     pub deployment: Deployment,
     pub service: Service,
+    /// With `persistence`: where the append-only file lives.
+    pub claim: Option<PersistentVolumeClaim>,
+    pub network_policy: Option<NetworkPolicy>,
+    pub disruption_budget: Option<PodDisruptionBudget>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -348,6 +365,66 @@ fn managed_redis(
         security_context: Some(restricted_container()),
         ..Container::default()
     };
+    let claim = m.persistence.then(|| {
+        let storage = m.storage.clone().unwrap_or_default();
+        PersistentVolumeClaim {
+            metadata: meta(cr, redis_claim_name(cr), "wtc-redis"),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: storage.storage_class_name,
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_string(),
+                        Quantity(storage.size),
+                    )])),
+                    limits: None,
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }
+    });
+    let redis_pods = LabelSelector {
+        match_labels: Some(selector.clone()),
+        ..LabelSelector::default()
+    };
+    // Only the pods injected for this cache, and only Redis' port.
+    let network_policy = m.network_policy.then(|| NetworkPolicy {
+        metadata: meta(cr, name.clone(), "wtc-redis"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(redis_pods.clone()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            INJECTED_LABEL.to_string(),
+                            cr.name_any(),
+                        )])),
+                        ..LabelSelector::default()
+                    }),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ports: Some(vec![NetworkPolicyPort {
+                    protocol: Some("TCP".into()),
+                    port: Some(IntOrString::Int(REDIS_PORT)),
+                    end_port: None,
+                }]),
+            }]),
+            egress: None,
+        }),
+    });
+    let disruption_budget = m.pod_disruption_budget.then(|| PodDisruptionBudget {
+        metadata: meta(cr, name.clone(), "wtc-redis"),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(redis_pods.clone()),
+            // A Redis that is not running anyway must not hold a node drain.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    });
     let deployment = Deployment {
         metadata: meta(cr, name.clone(), "wtc-redis"),
         spec: Some(DeploymentSpec {
@@ -369,10 +446,20 @@ fn managed_redis(
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(vec![
-                        Volume {
-                            name: "data".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Volume::default()
+                        match &claim {
+                            Some(c) => Volume {
+                                name: "data".into(),
+                                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                    claim_name: c.name_any(),
+                                    read_only: None,
+                                }),
+                                ..Volume::default()
+                            },
+                            None => Volume {
+                                name: "data".into(),
+                                empty_dir: Some(EmptyDirVolumeSource::default()),
+                                ..Volume::default()
+                            },
                         },
                         Volume {
                             name: "auth".into(),
@@ -397,6 +484,10 @@ fn managed_redis(
                         ..PodSecurityContext::default()
                     }),
                     automount_service_account_token: Some(false),
+                    node_selector: (!m.node_selector.is_empty()).then(|| m.node_selector.clone()),
+                    tolerations: (!m.tolerations.is_empty()).then(|| m.tolerations.clone()),
+                    affinity: m.affinity.clone(),
+                    priority_class_name: m.priority_class_name.clone(),
                     ..PodSpec::default()
                 }),
             },
@@ -422,6 +513,9 @@ fn managed_redis(
         secret,
         deployment,
         service,
+        claim,
+        network_policy,
+        disruption_budget,
     }
 }
 
@@ -576,6 +670,80 @@ mod tests {
             redis_endpoint(&cr).as_deref(),
             Some("orders-redis.shop.svc:6379")
         );
+    }
+
+    #[test]
+    fn managed_redis_settings_shape_its_objects() {
+        let cr = CacheBuilder::new("orders").build();
+        let r = desired(&cr, "pw", &Release::default())
+            .unwrap()
+            .redis
+            .unwrap();
+        // By default: no claim (an emptyDir), no budget, and a NetworkPolicy admitting only the
+        // cache's injected pods, on Redis' port.
+        assert!(r.claim.is_none() && r.disruption_budget.is_none());
+        let np = r.network_policy.unwrap().spec.unwrap();
+        assert_eq!(np.policy_types, Some(vec!["Ingress".to_string()]));
+        let rule = &np.ingress.unwrap()[0];
+        let from = rule.from.as_ref().unwrap()[0].pod_selector.clone().unwrap();
+        assert_eq!(
+            from.match_labels.unwrap(),
+            BTreeMap::from([(INJECTED_LABEL.to_string(), "orders".to_string())])
+        );
+        assert!(
+            rule.from.as_ref().unwrap()[0].namespace_selector.is_none(),
+            "this namespace only"
+        );
+        assert_eq!(
+            rule.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(REDIS_PORT))
+        );
+        let pod = r.deployment.spec.unwrap().template.spec.unwrap();
+        assert!(pod.volumes.unwrap()[0].empty_dir.is_some());
+        assert!(pod.node_selector.is_none() && pod.tolerations.is_none());
+
+        let mut cr = CacheBuilder::new("orders").build();
+        cr.spec.redis.managed = Some(
+            serde_json::from_value(serde_json::json!({
+                "persistence": true,
+                "storage": {"size": "5Gi", "storageClassName": "fast"},
+                "networkPolicy": false,
+                "podDisruptionBudget": true,
+                "nodeSelector": {"pool": "cache"},
+                "tolerations": [{"key": "cache", "operator": "Exists", "effect": "NoSchedule"}],
+                "priorityClassName": "high",
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            }))
+            .unwrap(),
+        );
+        let r = desired(&cr, "pw", &Release::default())
+            .unwrap()
+            .redis
+            .unwrap();
+        assert!(r.network_policy.is_none());
+        let claim = r.claim.unwrap();
+        assert_eq!(claim.metadata.name.as_deref(), Some("orders-redis-data"));
+        let spec = claim.spec.unwrap();
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            spec.resources.unwrap().requests.unwrap()["storage"],
+            Quantity("5Gi".into())
+        );
+        let pdb = r.disruption_budget.unwrap().spec.unwrap();
+        assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+        let pod = r.deployment.spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.volumes.unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.as_str()),
+            Some("orders-redis-data")
+        );
+        assert_eq!(pod.node_selector.unwrap()["pool"], "cache");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("cache"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert!(pod.affinity.unwrap().node_affinity.is_some());
     }
 
     #[test]

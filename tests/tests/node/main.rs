@@ -2,8 +2,11 @@
 //! containerd, runc, CNI bridge, kube-proxy, CoreDNS) running the images `scripts/images` built.
 //! Nothing here is kwok's: every pod is a container on this machine.
 //!
-//! - `journey`: the README's Kubernetes section, step by step, from `kubectl apply -f crds/` to
+//! - `journey`: the README's Kubernetes section, step by step, from the CRD (its chart, here) to
 //!   the application writing and reading through `127.0.0.1:7480` inside its pod.
+//! - `upgrade`: the README's upgrade procedure, N to N+1 and back, while a pod answers.
+//! - `managed_redis`: its data on a claim (a local PersistentVolume) across a restart; its
+//!   NetworkPolicy.
 //! - `availability`: the operator's replicas through a rollout (no pod admitted without its
 //!   sidecar), leader election (one controller; a killed leader replaced within the lease).
 //! - `lifecycle`: deleting a cache that pods use waits for them.
@@ -23,8 +26,10 @@ mod availability;
 mod failures;
 mod journey;
 mod lifecycle;
+mod managed_redis;
 mod observability;
 mod settings;
+mod upgrade;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -73,6 +78,8 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 /// The running node with the operator installed by the chart.
 pub struct Node {
     pub kubeconfig: String,
+    /// The node's containerd (`ctr --address`), for images.
+    pub containerd_socket: String,
     /// The database URL pods use (PostgreSQL on the bridge's gateway, behind a Service).
     pub postgres_url: String,
     pub helm: PathBuf,
@@ -173,6 +180,7 @@ impl Node {
             std::env::var("KUBEBUILDER_ASSETS").expect("KUBEBUILDER_ASSETS (scripts/test sets it)");
         let node = Node {
             kubeconfig: get("WTC_NODE_KUBECONFIG"),
+            containerd_socket: get("WTC_NODE_CONTAINERD_SOCKET"),
             postgres_url: get("WTC_NODE_POSTGRES_URL"),
             helm: Path::new(&assets).join("helm"),
             install_took: Duration::ZERO,
@@ -181,16 +189,44 @@ impl Node {
         node.install().await
     }
 
-    /// The README's first two steps: the CRD, then the chart with the locally built images.
+    /// The README's first two steps: the CRD (its chart, which `helm upgrade` updates), then the
+    /// operator's chart with the locally built images.
     async fn install(mut self) -> Node {
         let root = repo_root();
-        self.kubectl(&[
-            "apply",
-            "--server-side",
-            "-f",
-            root.join("crds").to_str().unwrap(),
-        ])
+        // A CRD left by an earlier run (a kept node) that the CRD chart does not own is handed
+        // to it, as the README's Upgrade section says.
+        let crd = "crd/writethroughcaches.wtc.dev";
+        let exists = !self
+            .kubectl(&["get", crd, "--ignore-not-found", "-o", "name"])
+            .await
+            .trim()
+            .is_empty();
+        if exists {
+            self.kubectl(&[
+                "label",
+                "--overwrite",
+                crd,
+                "app.kubernetes.io/managed-by=Helm",
+            ])
+            .await;
+            self.kubectl(&[
+                "annotate",
+                "--overwrite",
+                crd,
+                "meta.helm.sh/release-name=wtc-crds",
+                "meta.helm.sh/release-namespace=wtc-system",
+            ])
+            .await;
+        }
+        let crds = run(Command::new(&self.helm)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(["upgrade", "--install", "wtc-crds"])
+            .arg(root.join("charts/wtc-crds"))
+            .args(["-n", "wtc-system", "--create-namespace", "--wait"]))
         .await;
+        if let Err(e) = crds {
+            panic!("helm install wtc-crds: {e}");
+        }
         self.kubectl(&[
             "wait",
             "--for=condition=Established",
@@ -313,6 +349,15 @@ impl Node {
         let mut c = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()));
         c.env("KUBECONFIG", &self.kubeconfig);
         c
+    }
+
+    /// `helm` against the node; panics with its output when it fails.
+    pub async fn helm(&self, args: &[&str]) -> String {
+        run(Command::new(&self.helm)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub async fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
@@ -590,6 +635,21 @@ impl Shop {
             .get_multiplexed_async_connection()
             .await
             .expect("the managed Redis answers through its Service")
+    }
+
+    /// As `redis`, `None` while the Service has no ready endpoint or Redis refuses.
+    pub async fn redis_checked(&self, node: &Node) -> Option<redis::aio::MultiplexedConnection> {
+        let svc = node
+            .json(&["-n", &self.ns, "get", "service", "shop-redis"])
+            .await;
+        let ip = svc["spec"]["clusterIP"].as_str()?.to_string();
+        let password = self.redis_password(node).await;
+        let client = redis::Client::open(format!("redis://:{password}@{ip}:6379")).ok()?;
+        let connect = client.get_multiplexed_async_connection();
+        tokio::time::timeout(Duration::from_secs(3), connect)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The password the operator generated for the managed Redis.
