@@ -1,7 +1,7 @@
 //! Seeing the sidecars: a real Prometheus (Debian's, the package that brings promtool) on this
 //! machine scrapes the injected sidecars and the operator on the pod network, by the ports the
 //! chart's PodMonitor and ServiceMonitor name (`wtc-metrics`, `metrics`), and evaluates the
-//! chart's alert rules on what it scraped.
+//! chart's alert rules on what it scraped; every query of the chart's Grafana dashboard returns data.
 //!
 //! Debian's Prometheus is built without `kubernetes_sd_configs` ("field kubernetes_sd_configs
 //! not found in type config.ScrapeConfig"), so the test does the discovery's part: it lists the
@@ -218,5 +218,41 @@ async fn prometheus_scrapes_the_sidecars_and_the_operator_on_the_pod_network() {
     )
     .await;
     eprintln!("prom: {quiet} alert rules evaluated on the scraped series, none pending");
+
+    // The chart's Grafana dashboard: every query of every panel, with the dashboard's variables
+    // as Grafana fills them (this namespace, a rate interval), returns samples.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/wtc-operator/files/dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut queries = 0;
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for t in targets {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$namespace", &shop.ns)
+                .replace("$__rate_interval", "1m");
+            let samples = wait_for(
+                Duration::from_secs(30),
+                &format!("data for the panel {} ({expr})", panel["title"]),
+                || async {
+                    let r = prometheus.query(&expr).await;
+                    (!r.is_empty()).then_some(r.len())
+                },
+            )
+            .await;
+            queries += 1;
+            assert!(samples >= 1);
+        }
+    }
+    eprintln!(
+        "prom: the dashboard's {} panels, {queries} queries, all return data",
+        panels.len()
+    );
     shop.delete(node).await;
 }
