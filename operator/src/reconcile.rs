@@ -236,28 +236,32 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
     Err(Error::InUse(n))
 }
 
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
-where
+/// A namespaced object the operator writes.
+trait Owned:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + std::fmt::Debug
+{
+}
+impl<K> Owned for K where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Serialize
         + DeserializeOwned
         + Clone
-        + std::fmt::Debug,
+        + std::fmt::Debug
 {
+}
+
+async fn apply<K: Owned>(client: &Client, ns: &str, obj: &K) -> Result<K, Error> {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Ok(api.patch(&obj.name_any(), &pp, &Patch::Apply(obj)).await?)
 }
 
 /// Creates `obj` unless it exists; `false` while an object of that name is being deleted.
-async fn create_once<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
-{
+async fn create_once<K: Owned>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error> {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     match api.get_opt(&obj.name_any()).await? {
         Some(existing) => Ok(existing.meta().deletion_timestamp.is_none()),
@@ -276,18 +280,12 @@ where
 }
 
 /// Deletes `name` if this cache owns it (never a user's object of the same name).
-async fn remove_owned<K>(
+async fn remove_owned<K: Owned>(
     cr: &WriteThroughCache,
     client: &Client,
     ns: &str,
     name: &str,
-) -> Result<(), Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + DeserializeOwned
-        + Clone
-        + std::fmt::Debug,
-{
+) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     if let Some(o) = api.get_opt(name).await?
         && o.owner_references()

@@ -595,6 +595,27 @@ impl OperatorProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Leader, no reconcile error, nothing refused by RBAC; its metrics.
+    async fn assert_healthy(&self) -> String {
+        let metrics = reqwest_like_get(self.metrics_port, "/metrics").await;
+        // It took the leader lease with the chart's Role (namespaced, by name).
+        assert!(
+            metrics.lines().any(|l| l == "wtc_operator_leader 1"),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("wtc_operator_reconcile_errors_total{"),
+            "reconcile errors:\n{metrics}\n{}",
+            self.log()
+        );
+        let log = self.log();
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "RBAC refused something:\n{log}"
+        );
+        metrics
+    }
+
     /// Waits until the cache `name` is Ready, failing with the operator's log.
     async fn wait_ready(&mut self, caches: &Api<WriteThroughCache>, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -757,25 +778,10 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let metrics = reqwest_like_get(operator.metrics_port, "/metrics").await;
+    let metrics = operator.assert_healthy().await;
     assert!(
         metrics.contains("wtc_operator_reconciliations_total"),
         "{metrics}"
-    );
-    // It took the leader lease with the chart's Role (namespaced, by name).
-    assert!(
-        metrics.lines().any(|l| l == "wtc_operator_leader 1"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("wtc_operator_reconcile_errors_total{"),
-        "reconcile errors:\n{metrics}\n{}",
-        operator.log()
-    );
-    let log = operator.log();
-    assert!(
-        !log.to_lowercase().contains("forbidden"),
-        "RBAC refused something:\n{log}"
     );
 
     // What a stolen token of the operator can do to admission: fill the caBundle, nothing else.
@@ -979,21 +985,7 @@ async fn with_watch_namespace_the_operator_needs_no_cluster_wide_access() {
     let caches: Api<WriteThroughCache> = ns.api();
     operator.wait_ready(&caches, "shop").await;
     injection_works(&ns.api(), "shop").await;
-    let metrics = reqwest_like_get(operator.metrics_port, "/metrics").await;
-    assert!(
-        metrics.lines().any(|l| l == "wtc_operator_leader 1"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("wtc_operator_reconcile_errors_total{"),
-        "reconcile errors:\n{metrics}\n{}",
-        operator.log()
-    );
-    let log = operator.log();
-    assert!(
-        !log.to_lowercase().contains("forbidden"),
-        "RBAC refused something:\n{log}"
-    );
+    operator.assert_healthy().await;
     operator.child.kill().await.unwrap();
     let out = cp
         .helm()

@@ -85,9 +85,11 @@ async fn deleting_a_cache_in_use_waits_for_its_pods() {
     shop.delete(node).await;
 }
 
-/// The hash of the configuration a pod's sidecar started with, and its cache's now.
-async fn hashes(node: &crate::Node, shop: &Shop) -> (Option<String>, Option<String>) {
-    let pod = shop.pod(node).await;
+/// The hash of the configuration a pod's sidecar started with, and its cache's now; `None`
+/// while the application has no pod that is not being deleted (between an eviction and its
+/// replacement).
+async fn hashes(node: &crate::Node, shop: &Shop) -> Option<(Option<String>, Option<String>)> {
+    let pod = shop.live_pod(node, "app=shop-app").await?;
     let cm = node
         .json(&["-n", &shop.ns, "get", "configmap", "shop-sidecar"])
         .await;
@@ -96,7 +98,7 @@ async fn hashes(node: &crate::Node, shop: &Shop) -> (Option<String>, Option<Stri
             .as_str()
             .map(String::from)
     };
-    (get(&pod), get(&cm))
+    Some((get(&pod), get(&cm)))
 }
 
 /// `kubectl patch wtc shop` with a JSON patch (`json`) or a merge patch.
@@ -128,7 +130,7 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
     let node = node().await;
     let shop = Shop::deploy(node, "config", ShopOptions::default()).await;
     let ns = shop.ns.clone();
-    let (pod_hash, cache_hash) = hashes(node, &shop).await;
+    let (pod_hash, cache_hash) = hashes(node, &shop).await.expect("the application's pod");
     assert!(
         pod_hash.is_some() && pod_hash == cache_hash,
         "{pod_hash:?} {cache_hash:?}"
@@ -157,7 +159,7 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
         Duration::from_secs(120),
         "the pod on the first change",
         || async {
-            let (p, c) = hashes(node, &shop).await;
+            let (p, c) = hashes(node, &shop).await?;
             (p == c).then_some(())
         },
     )
@@ -169,7 +171,7 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
         "the sidecar on the new configuration, ready",
         || async {
             let pod = shop.live_pod(node, "app=shop-app").await?;
-            let (p, c) = hashes(node, &shop).await;
+            let (p, c) = hashes(node, &shop).await?;
             (p == c && ready(&pod, "wtc-sidecar") && ready(&pod, "app")).then_some(())
         },
     )

@@ -136,20 +136,7 @@ async fn an_upgrade_moves_new_pods_to_the_new_sidecar_and_old_pods_keep_working(
     );
 
     // 2. The operator: N+1's chart, the new sidecar image.
-    node.helm(&[
-        "upgrade",
-        "wtc",
-        repo_root().join("charts/wtc-operator").to_str().unwrap(),
-        "-n",
-        "wtc-system",
-        "--reset-then-reuse-values",
-        "--set",
-        &format!("sidecarImage.tag={next_tag}"),
-        "--wait",
-        "--timeout",
-        "180s",
-    ])
-    .await;
+    sidecar_tag(node, next_tag).await;
     let upgraded = started.elapsed();
 
     // New pods get the new sidecar (once the new operator answers the webhook).
@@ -238,20 +225,7 @@ async fn an_upgrade_moves_new_pods_to_the_new_sidecar_and_old_pods_keep_working(
     ])
     .await;
     assert!(columns().await.contains(&"Age".to_string()));
-    node.helm(&[
-        "upgrade",
-        "wtc",
-        repo_root().join("charts/wtc-operator").to_str().unwrap(),
-        "-n",
-        "wtc-system",
-        "--reset-then-reuse-values",
-        "--set",
-        &format!("sidecarImage.tag={tag}"),
-        "--wait",
-        "--timeout",
-        "180s",
-    ])
-    .await;
+    sidecar_tag(node, tag).await;
     wait_for(
         Duration::from_secs(60),
         "the operator back on N",
@@ -260,4 +234,24 @@ async fn an_upgrade_moves_new_pods_to_the_new_sidecar_and_old_pods_keep_working(
     .await;
     let _ = std::fs::remove_dir_all(&crds_next);
     shop.delete(node).await;
+}
+
+/// `helm upgrade` of the operator's chart to the sidecar image `tag`, the rest as it was.
+async fn sidecar_tag(node: &crate::Node, tag: &str) {
+    let chart = repo_root().join("charts/wtc-operator");
+    let set = format!("sidecarImage.tag={tag}");
+    node.helm(&[
+        "upgrade",
+        "wtc",
+        chart.to_str().unwrap(),
+        "-n",
+        "wtc-system",
+        "--reset-then-reuse-values",
+        "--set",
+        &set,
+        "--wait",
+        "--timeout",
+        "180s",
+    ])
+    .await;
 }
