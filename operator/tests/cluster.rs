@@ -616,6 +616,26 @@ impl OperatorProcess {
         metrics
     }
 
+    /// The chart's operator `name` on its ServiceAccount's token (returned), scoped to `ns`,
+    /// the webhook pointed at it, and a cache `shop` with managed Redis made Ready by it.
+    async fn with_ready_cache(
+        cp: &ControlPlane,
+        release_ns: &str,
+        name: &str,
+        ns: &wtc_k8s_harness::TestNamespace,
+    ) -> (Self, std::path::PathBuf) {
+        let kubeconfig = cp
+            .service_account_kubeconfig(release_ns, name)
+            .await
+            .unwrap();
+        let mut operator = Self::spawn(release_ns, name, ns.name(), &kubeconfig);
+        point_webhook_at(cp, name, operator.webhook_port);
+        let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
+        assert!(out.status.success(), "{}", stderr(&out));
+        operator.wait_ready(&ns.api(), "shop").await;
+        (operator, kubeconfig)
+    }
+
     /// Waits until the cache `name` is Ready, failing with the operator's log.
     async fn wait_ready(&mut self, caches: &Api<WriteThroughCache>, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -737,19 +757,11 @@ async fn chart_installs_and_the_operator_runs_under_its_service_account() {
     assert_eq!(shipped.webhooks.unwrap()[0].client_config.ca_bundle, None);
 
     let ns = cp.namespace("wtc-helm").await.unwrap();
-    let kubeconfig = cp
-        .service_account_kubeconfig(release_ns, name)
-        .await
-        .unwrap();
     // Scoped to this test's namespace so the other tests' caches do not reach its metrics; the
     // permissions used are still the chart's cluster-wide ones.
-    let mut operator = OperatorProcess::spawn(release_ns, name, ns.name(), &kubeconfig);
-    point_webhook_at(cp, name, operator.webhook_port);
-
-    let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let (mut operator, kubeconfig) =
+        OperatorProcess::with_ready_cache(cp, release_ns, name, &ns).await;
     let caches: Api<WriteThroughCache> = ns.api();
-    operator.wait_ready(&caches, "shop").await;
 
     let status = caches.get("shop").await.unwrap().status.unwrap();
     assert_eq!(
@@ -974,16 +986,7 @@ async fn with_watch_namespace_the_operator_needs_no_cluster_wide_access() {
     assert_eq!(can(&["get", "namespaces/default"]), "no");
     assert_eq!(can(&["get", &format!("namespaces/{}", ns.name())]), "yes");
 
-    let kubeconfig = cp
-        .service_account_kubeconfig(release_ns, name)
-        .await
-        .unwrap();
-    let mut operator = OperatorProcess::spawn(release_ns, name, ns.name(), &kubeconfig);
-    point_webhook_at(cp, name, operator.webhook_port);
-    let out = kubectl_apply(cp, ns.name(), &cache_yaml("shop", "    managed: {}"));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let caches: Api<WriteThroughCache> = ns.api();
-    operator.wait_ready(&caches, "shop").await;
+    let (mut operator, _) = OperatorProcess::with_ready_cache(cp, release_ns, name, &ns).await;
     injection_works(&ns.api(), "shop").await;
     operator.assert_healthy().await;
     operator.child.kill().await.unwrap();

@@ -351,6 +351,19 @@ impl Node {
         c
     }
 
+    /// Waits (up to 120 s) until `deployment` in `ns` has rolled out.
+    pub async fn rollout_status(&self, ns: &str, deployment: &str) -> Result<String, String> {
+        self.try_kubectl(&[
+            "-n",
+            ns,
+            "rollout",
+            "status",
+            &format!("deployment/{deployment}"),
+            "--timeout=120s",
+        ])
+        .await
+    }
+
     /// `helm` against the node; panics with its output when it fails.
     pub async fn helm(&self, args: &[&str]) -> String {
         run(Command::new(&self.helm)
@@ -509,16 +522,7 @@ impl Shop {
         ])
         .await;
         if !opts.no_wait {
-            let rollout = node
-                .try_kubectl(&[
-                    "-n",
-                    &ns,
-                    "rollout",
-                    "status",
-                    "deployment/app",
-                    "--timeout=120s",
-                ])
-                .await;
+            let rollout = node.rollout_status(&ns, "app").await;
             if let Err(e) = rollout {
                 let pods = node.try_kubectl(&["-n", &ns, "describe", "pods"]).await;
                 panic!(

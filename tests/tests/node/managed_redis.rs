@@ -114,15 +114,7 @@ spec:
     let restarted = Instant::now();
     node.kubectl(&["-n", &shop.ns, "delete", "pod", &old, "--wait=true"])
         .await;
-    node.kubectl(&[
-        "-n",
-        &shop.ns,
-        "rollout",
-        "status",
-        "deployment/shop-redis",
-        "--timeout=120s",
-    ])
-    .await;
+    node.rollout_status(&shop.ns, "shop-redis").await.unwrap();
     let value: String = wait_for(
         Duration::from_secs(60),
         "the new Redis pod to answer",

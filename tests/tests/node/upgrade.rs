@@ -179,15 +179,7 @@ async fn an_upgrade_moves_new_pods_to_the_new_sidecar_and_old_pods_keep_working(
     // Now the application's own rollout (its old pod goes): a new pod, the new sidecar.
     node.kubectl(&["-n", &shop.ns, "rollout", "restart", "deployment/app"])
         .await;
-    node.kubectl(&[
-        "-n",
-        &shop.ns,
-        "rollout",
-        "status",
-        "deployment/app",
-        "--timeout=120s",
-    ])
-    .await;
+    node.rollout_status(&shop.ns, "app").await.unwrap();
     let (ok, bad) = (
         answered.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
