@@ -81,6 +81,12 @@ pub struct RedisConfig {
     pub client_cert_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key_file: Option<String>,
+    /// A file holding the password (its whole contents, byte for byte). Read again for every new
+    /// connection to a `redis://`/`rediss://` server, so a rotated password (a mounted Secret the
+    /// kubelet updated) reaches a running sidecar without a restart; Sentinel and Cluster URLs
+    /// read it once, at start. It wins over a password in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,6 +376,9 @@ impl SidecarConfig {
         }
         if r.client_cert_file.is_some() != r.client_key_file.is_some() {
             return invalid("redis.client_cert_file and redis.client_key_file go together".into());
+        }
+        if r.password_file.as_deref() == Some("") {
+            return invalid("redis.password_file is empty; leave it out instead".into());
         }
         match self.listen.parse::<std::net::SocketAddr>() {
             Ok(addr) if addr.ip().is_loopback() => {}

@@ -171,6 +171,13 @@ pub struct ManagedRedis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
+    /// After the auth Secret's `password` changes (written by a user, or removed to have a new
+    /// one made), how long Redis still accepts the replaced password: the kubelet updates the
+    /// sidecars' mounted copy within about a minute, and they read it for each new connection.
+    /// Then connections still using the old password are closed. No restart either way.
+    #[serde(default = "default_password_rotation_seconds")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub password_rotation_seconds: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -335,6 +342,9 @@ fn default_version_column() -> String {
 }
 fn default_ttl_seconds() -> u64 {
     wtc_config::defaults::TTL_SECONDS
+}
+fn default_password_rotation_seconds() -> u32 {
+    300
 }
 fn default_true() -> bool {
     true

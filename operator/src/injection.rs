@@ -4,9 +4,9 @@
 use crate::crd::{TlsFiles, WriteThroughCache};
 use crate::pod_settings::{self, PodSettings};
 use crate::resources::{
-    CONFIG_HASH_ANNOTATION, CONFIG_KEY, PASSWORD_KEY, Release, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer,
-    auth_secret_name, config_hash, config_map_name, redis_endpoint, restricted_container,
-    secret_env,
+    CONFIG_HASH_ANNOTATION, CONFIG_KEY, PASSWORD_KEY, REDIS_PASSWORD_DIR, REDIS_PASSWORD_VOLUME,
+    Release, TLS_CA, TLS_CERT, TLS_KEY, TlsPeer, auth_secret_name, config_hash, config_map_name,
+    redis_endpoint, restricted_container, secret_env,
 };
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, ExecAction, KeyToPath, Pod, Probe,
@@ -139,6 +139,7 @@ pub fn plan(
         ..Volume::default()
     }];
     volumes.extend(tls_mounts(cache).map(|(peer, files)| tls_volume(peer, files)));
+    volumes.extend(redis_password_volume(cache));
     for (i, volume) in volumes.into_iter().enumerate() {
         match (&spec.volumes, i) {
             (None, 0) => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
@@ -173,6 +174,25 @@ fn tls_mounts(cache: &WriteThroughCache) -> impl Iterator<Item = (TlsPeer, &TlsF
     ]
     .into_iter()
     .filter_map(|(peer, files)| Some((peer, files?)))
+}
+
+/// The managed Redis' password, the one key of its auth Secret the sidecar needs (not the
+/// operator's password, not Redis' own file).
+fn redis_password_volume(cache: &WriteThroughCache) -> Option<Volume> {
+    cache.spec.redis.managed.as_ref()?;
+    Some(Volume {
+        name: REDIS_PASSWORD_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(auth_secret_name(cache)),
+            items: Some(vec![KeyToPath {
+                key: PASSWORD_KEY.into(),
+                path: PASSWORD_KEY.into(),
+                mode: None,
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    })
 }
 
 /// A Secret volume with the Secret's keys mapped onto the file names the configuration names
@@ -237,15 +257,11 @@ pub fn sidecar_container(
             &ext.url_secret.key,
         )),
         (None, Some(endpoint)) => {
-            env.push(secret_env(
-                "WTC_REDIS_PASSWORD",
-                &auth_secret_name(cache),
-                PASSWORD_KEY,
-            ));
+            // The password comes from a mounted file (`redis.password_file`), read for each new
+            // connection, so a rotation reaches the running sidecar.
             env.push(EnvVar {
                 name: "WTC_REDIS_URL".into(),
-                // Kubernetes expands $(VAR) from the variables defined before it.
-                value: Some(format!("redis://:$(WTC_REDIS_PASSWORD)@{endpoint}")),
+                value: Some(format!("redis://{endpoint}")),
                 ..EnvVar::default()
             });
         }
@@ -324,6 +340,12 @@ pub fn sidecar_container(
             .chain(tls_mounts(cache).map(|(peer, _)| VolumeMount {
                 name: peer.volume().into(),
                 mount_path: peer.dir().into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
+            .chain(redis_password_volume(cache).map(|v| VolumeMount {
+                name: v.name,
+                mount_path: REDIS_PASSWORD_DIR.into(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             }))
@@ -488,7 +510,32 @@ mod tests {
         let url = env.iter().find(|e| e.name == "WTC_REDIS_URL").unwrap();
         assert_eq!(
             url.value.as_deref(),
-            Some("redis://:$(WTC_REDIS_PASSWORD)@orders-redis.shop.svc:6379")
+            Some("redis://orders-redis.shop.svc:6379")
+        );
+        // The password from a mounted file (rotation reaches a running sidecar), never from the
+        // environment, and only the sidecar's key of the auth Secret.
+        assert!(env.iter().all(|e| !e.name.contains("PASSWORD")), "{env:?}");
+        let volumes = spec.volumes.as_ref().unwrap();
+        let auth = volumes
+            .iter()
+            .find(|v| v.name == REDIS_PASSWORD_VOLUME)
+            .and_then(|v| v.secret.as_ref())
+            .expect("the password volume");
+        assert_eq!(auth.secret_name.as_deref(), Some("orders-redis-auth"));
+        let keys: Vec<&str> = auth
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(keys, ["password"]);
+        assert!(
+            sc.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == REDIS_PASSWORD_VOLUME && m.mount_path == REDIS_PASSWORD_DIR)
         );
         // The application waits for the sidecar to listen; no probe follows the database.
         for probe in [&sc.startup_probe, &sc.readiness_probe, &sc.liveness_probe] {
@@ -527,6 +574,7 @@ mod tests {
             sidecar: "registry.example/wtc-dev/wtc-sidecar:9.9.9".into(),
             redis: "registry.example/wtc-dev/redis:7".into(),
             sidecar_resources: None,
+            ..Release::default()
         };
         let mut cache = CacheBuilder::new("orders").build();
         let image = |cache: &WriteThroughCache| {

@@ -10,7 +10,9 @@
 use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
-use crate::resources::{self, Desired, InvalidSpec, PASSWORD_KEY, Release};
+use crate::redis_admin::{self, PasswordChange};
+use crate::redis_auth::RedisAuth;
+use crate::resources::{self, Desired, InvalidSpec, Release};
 use crate::sidecars;
 use crate::status::{self, Applied, Observed, RedisHealth};
 use futures_util::StreamExt;
@@ -124,20 +126,21 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     let client = &ctx.client;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
-    // The password is made once and then read back: the desired-objects step stays pure.
-    let password = match secrets.get_opt(&resources::auth_secret_name(cr)).await? {
-        Some(s) => s
-            .data
-            .and_then(|d| {
-                d.get(PASSWORD_KEY)
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            })
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(resources::new_password),
-        None => resources::new_password(),
-    };
+    // Passwords are made once and then read back (a rotation is a change a user wrote there):
+    // the desired-objects step stays pure.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let grace = cr
+        .spec
+        .redis
+        .managed
+        .as_ref()
+        .map_or(0, |m| u64::from(m.password_rotation_seconds));
+    let current = secrets.get_opt(&resources::auth_secret_name(cr)).await?;
+    let auth = RedisAuth::next(current.as_ref(), now, grace, resources::new_password);
 
-    let desired = match resources::desired(cr, &password, &ctx.images) {
+    let desired = match resources::desired(cr, &auth, &ctx.images) {
         Ok(d) => d,
         Err(InvalidSpec(msg)) => {
             // Nothing to retry until the spec changes: no hot loop.
@@ -185,7 +188,11 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
                 }
             }
             let deployment = apply(client, &ns, &m.deployment).await?;
-            deployment_available(&deployment)
+            let health = deployment_available(&deployment);
+            if health == RedisHealth::Available {
+                apply_passwords(cr, ctx, &auth).await;
+            }
+            health
         }
         None => {
             remove_managed_redis(cr, client, &ns).await?;
@@ -193,8 +200,62 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
         }
     };
     update_status(cr, ctx, Applied::Valid(redis_ready)).await?;
-    // Watches on the owned objects bring changes; the periodic pass refreshes the pod count.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    // Watches on the owned objects bring changes; the periodic pass refreshes the pod count,
+    // and ends a password rotation on time.
+    let next = match auth.previous_until {
+        Some(until) => until.saturating_sub(now).clamp(1, 60),
+        None => 60,
+    };
+    Ok(Action::requeue(Duration::from_secs(next)))
+}
+
+/// Makes the running managed Redis accept the passwords `auth` lists. Not a reconcile error
+/// when it fails: the objects are applied; the next pass tries again, and the cache's events say
+/// why while a rotation waits on it.
+async fn apply_passwords(cr: &WriteThroughCache, ctx: &Context, auth: &RedisAuth) {
+    let Some((host, port)) = resources::redis_endpoint(cr).and_then(|e| {
+        let (h, p) = e.rsplit_once(':')?;
+        Some((h.to_string(), p.parse::<u16>().ok()?))
+    }) else {
+        return;
+    };
+    let (type_, reason, note) = match redis_admin::apply(&host, port, auth).await {
+        Ok(PasswordChange::None) => return,
+        Ok(PasswordChange::Added) => (
+            EventType::Normal,
+            "PasswordRotating",
+            "Redis accepts the new password from the auth Secret, and the replaced one until \
+             the rotation's grace period ends"
+                .to_string(),
+        ),
+        Ok(PasswordChange::Retired) => (
+            EventType::Normal,
+            "PasswordRotated",
+            "Redis accepts only the auth Secret's current password; connections that may have \
+             used a replaced one were closed"
+                .to_string(),
+        ),
+        Err(e) => {
+            let pending = auth.previous_until.is_some();
+            if !pending && !matches!(e, redis_admin::AdminError::Refused) {
+                tracing::debug!(cache = %cr.name_any(), error = %e, "password check skipped");
+                return;
+            }
+            tracing::warn!(cache = %cr.name_any(), error = %e, "cannot apply the Redis passwords");
+            (EventType::Warning, "PasswordNotApplied", e.to_string())
+        }
+    };
+    tracing::info!(cache = %cr.name_any(), reason, "managed Redis passwords");
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "RotatePassword".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
 }
 
 /// The cache is being deleted: done once no injected pod uses it (the finalizer goes, the

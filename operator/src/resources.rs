@@ -2,6 +2,7 @@
 //! tests drive it from plain data; `reconcile` applies what it returns.
 
 use crate::crd::{ManagedRedis, WriteThroughCache};
+use crate::redis_auth::RedisAuth;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
@@ -27,9 +28,7 @@ use wtc_config::{
 
 pub const REDIS_PORT: i32 = 6379;
 pub const CONFIG_KEY: &str = "sidecar.toml";
-pub const PASSWORD_KEY: &str = "password";
-/// The managed Redis' config file with its `requirepass`, a key of the same Secret.
-pub const REDIS_AUTH_FILE: &str = "auth.conf";
+pub use crate::redis_auth::{PASSWORD_KEY, REDIS_AUTH_FILE};
 const REDIS_AUTH_DIR: &str = "/etc/wtc-redis";
 pub const CACHE_LABEL: &str = "wtc.dev/cache";
 /// Set on injected pods (value: the cache): the operator counts them with a label selector, and
@@ -44,6 +43,9 @@ pub struct Release {
     pub sidecar: String,
     pub redis: String,
     pub sidecar_resources: Option<ResourceRequirements>,
+    /// Where the operator's pods run: the managed Redis' NetworkPolicy admits them (they apply
+    /// password rotations).
+    pub operator_namespace: String,
 }
 
 /// Redis as packaged by `scripts/images` (Debian's redis-server).
@@ -56,6 +58,7 @@ impl Default for Release {
             sidecar: format!("ghcr.io/wtc-dev/wtc-sidecar:{version}"),
             redis: format!("ghcr.io/wtc-dev/redis:{REDIS_VERSION}"),
             sidecar_resources: None,
+            operator_namespace: "wtc-system".into(),
         }
     }
 }
@@ -145,6 +148,11 @@ pub const TLS_CA: &str = "ca.crt";
 pub const TLS_CERT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 
+/// Where injected sidecars find the managed Redis' password: the `password` key of the auth
+/// Secret, mounted (not an environment variable, so a rotation reaches running sidecars).
+pub const REDIS_PASSWORD_VOLUME: &str = "wtc-redis-auth";
+pub const REDIS_PASSWORD_DIR: &str = "/etc/wtc-redis-auth";
+
 pub fn tls_file(peer: TlsPeer, name: &str) -> String {
     format!("{}/{name}", peer.dir())
 }
@@ -184,6 +192,11 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                     .map(|_| tls_file(TlsPeer::Redis, TLS_CA)),
                 client_cert_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_CERT)),
                 client_key_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_KEY)),
+                password_file: spec
+                    .redis
+                    .managed
+                    .as_ref()
+                    .map(|_| format!("{REDIS_PASSWORD_DIR}/{PASSWORD_KEY}")),
             }
         },
         cache: CacheConfig {
@@ -233,11 +246,11 @@ fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
     }
 }
 
-/// Builds the desired objects. `redis_password` is the managed Redis password already stored in
-/// the cluster (or a fresh one): the builder never invents secrets, so it stays deterministic.
+/// Builds the desired objects. `redis_auth` holds the managed Redis' passwords as read from the
+/// cluster (or fresh ones): the builder never invents secrets, so it stays deterministic.
 pub fn desired(
     cr: &WriteThroughCache,
-    redis_password: &str,
+    redis_auth: &RedisAuth,
     images: &Release,
 ) -> Result<Desired, InvalidSpec> {
     if cr.meta().uid.is_none() || cr.namespace().is_none() {
@@ -268,14 +281,14 @@ pub fn desired(
         .redis
         .managed
         .as_ref()
-        .map(|m| managed_redis(cr, m, redis_password, images));
+        .map(|m| managed_redis(cr, m, redis_auth, images));
     Ok(Desired { config_map, redis })
 }
 
 fn managed_redis(
     cr: &WriteThroughCache,
     m: &ManagedRedis,
-    password: &str,
+    auth: &RedisAuth,
     images: &Release,
 ) -> ManagedObjects {
     let name = redis_name(cr);
@@ -286,20 +299,18 @@ fn managed_redis(
         ),
         ("app.kubernetes.io/instance".to_string(), cr.name_any()),
     ]);
-    // The password reaches redis-server in a file of the Secret (its config file, the first
+    // The passwords reach redis-server in a file of the Secret (its config file, the first
     // argument), never on its command line, which every process of the node can read.
+    let mut metadata = meta(cr, auth_secret_name(cr), "wtc-redis");
+    metadata.annotations = Some(auth.annotations());
     let secret = Secret {
-        metadata: meta(cr, auth_secret_name(cr), "wtc-redis"),
-        data: Some(BTreeMap::from([
-            (
-                PASSWORD_KEY.to_string(),
-                ByteString(password.as_bytes().to_vec()),
-            ),
-            (
-                REDIS_AUTH_FILE.to_string(),
-                ByteString(format!("requirepass \"{password}\"\n").into_bytes()),
-            ),
-        ])),
+        metadata,
+        data: Some(
+            auth.data()
+                .into_iter()
+                .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                .collect(),
+        ),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
@@ -395,16 +406,36 @@ fn managed_redis(
             pod_selector: Some(redis_pods.clone()),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![NetworkPolicyPeer {
-                    pod_selector: Some(LabelSelector {
-                        match_labels: Some(BTreeMap::from([(
-                            INJECTED_LABEL.to_string(),
-                            cr.name_any(),
-                        )])),
-                        ..LabelSelector::default()
-                    }),
-                    ..NetworkPolicyPeer::default()
-                }]),
+                from: Some(vec![
+                    NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                INJECTED_LABEL.to_string(),
+                                cr.name_any(),
+                            )])),
+                            ..LabelSelector::default()
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    },
+                    // The operator, which applies password rotations (`redis_admin`).
+                    NetworkPolicyPeer {
+                        namespace_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                "kubernetes.io/metadata.name".to_string(),
+                                images.operator_namespace.clone(),
+                            )])),
+                            ..LabelSelector::default()
+                        }),
+                        pod_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/name".to_string(),
+                                "wtc-operator".to_string(),
+                            )])),
+                            ..LabelSelector::default()
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    },
+                ]),
                 ports: Some(vec![NetworkPolicyPort {
                     protocol: Some("TCP".into()),
                     port: Some(IntOrString::Int(REDIS_PORT)),
@@ -626,10 +657,19 @@ mod tests {
     use super::fixtures::CacheBuilder;
     use super::*;
 
+    fn auth(password: &str) -> RedisAuth {
+        RedisAuth {
+            password: password.into(),
+            operator_password: "op".into(),
+            previous: vec![],
+            previous_until: None,
+        }
+    }
+
     #[test]
     fn managed_cache_gets_redis_objects_owned_by_the_resource() {
         let cr = CacheBuilder::new("orders").build();
-        let d = desired(&cr, "pw", &Release::default()).unwrap();
+        let d = desired(&cr, &auth("pw"), &Release::default()).unwrap();
         let r = d.redis.expect("managed Redis");
         assert_eq!(r.deployment.metadata.name.as_deref(), Some("orders-redis"));
         assert_eq!(r.service.metadata.name.as_deref(), Some("orders-redis"));
@@ -664,8 +704,20 @@ mod tests {
                 .any(|a| a.contains("requirepass") || a.contains("pw")),
             "never the password on the command line: {args:?}"
         );
-        let auth = &r.secret.data.as_ref().unwrap()[REDIS_AUTH_FILE];
-        assert_eq!(String::from_utf8_lossy(&auth.0), "requirepass \"pw\"\n");
+        let conf = &r.secret.data.as_ref().unwrap()[REDIS_AUTH_FILE];
+        assert_eq!(String::from_utf8_lossy(&conf.0), auth("pw").auth_conf());
+        // The operator's pods may reach Redis too (password rotation), and no other pod.
+        let np = r.network_policy.as_ref().expect("network policy");
+        let from = np.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0]
+            .from
+            .clone()
+            .unwrap();
+        assert_eq!(from.len(), 2);
+        let ns = from[1].namespace_selector.as_ref().unwrap();
+        assert_eq!(
+            ns.match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"],
+            "wtc-system"
+        );
         assert_eq!(
             redis_endpoint(&cr).as_deref(),
             Some("orders-redis.shop.svc:6379")
@@ -675,7 +727,7 @@ mod tests {
     #[test]
     fn managed_redis_settings_shape_its_objects() {
         let cr = CacheBuilder::new("orders").build();
-        let r = desired(&cr, "pw", &Release::default())
+        let r = desired(&cr, &auth("pw"), &Release::default())
             .unwrap()
             .redis
             .unwrap();
@@ -717,7 +769,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        let r = desired(&cr, "pw", &Release::default())
+        let r = desired(&cr, &auth("pw"), &Release::default())
             .unwrap()
             .redis
             .unwrap();
@@ -749,7 +801,7 @@ mod tests {
     #[test]
     fn the_config_hash_follows_the_file() {
         let cr = CacheBuilder::new("orders").build();
-        let d = desired(&cr, "pw", &Release::default()).unwrap();
+        let d = desired(&cr, &auth("pw"), &Release::default()).unwrap();
         let on_map = d.config_map.metadata.annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
         assert_eq!(on_map, config_hash(&cr));
         assert_eq!(
@@ -767,7 +819,7 @@ mod tests {
     #[test]
     fn rendered_config_is_what_the_sidecar_parses() {
         let cr = CacheBuilder::new("orders").entity("items").build();
-        let d = desired(&cr, "pw", &Release::default()).unwrap();
+        let d = desired(&cr, &auth("pw"), &Release::default()).unwrap();
         let toml = &d.config_map.data.unwrap()[CONFIG_KEY];
         let overrides = wtc_config::Overrides {
             database_url: Some("postgres://db/app".into()),
@@ -788,10 +840,11 @@ mod tests {
             sidecar: "r.example/wtc-dev/wtc-sidecar:2".into(),
             redis: "r.example/wtc-dev/redis:7".into(),
             sidecar_resources: None,
+            ..Release::default()
         };
         let mut cr = CacheBuilder::new("orders").build();
         let image = |cr: &WriteThroughCache| {
-            let d = desired(cr, "pw", &images)
+            let d = desired(cr, &auth("pw"), &images)
                 .unwrap()
                 .redis
                 .unwrap()
@@ -809,7 +862,7 @@ mod tests {
     #[test]
     fn external_redis_has_no_managed_objects() {
         let cr = CacheBuilder::new("orders").external().build();
-        let d = desired(&cr, "pw", &Release::default()).unwrap();
+        let d = desired(&cr, &auth("pw"), &Release::default()).unwrap();
         assert!(d.redis.is_none());
         assert_eq!(redis_endpoint(&cr), None);
     }
@@ -818,7 +871,7 @@ mod tests {
     fn specs_the_sidecar_would_refuse_are_invalid() {
         let mut cr = CacheBuilder::new("orders").build();
         cr.spec.entities[0].key_column = "version".into();
-        let err = desired(&cr, "pw", &Release::default()).unwrap_err();
+        let err = desired(&cr, &auth("pw"), &Release::default()).unwrap_err();
         assert!(err.0.contains("same column"), "{err}");
     }
 

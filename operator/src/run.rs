@@ -202,6 +202,7 @@ impl Options {
                     ..ResourceRequirements::default()
                 }
             }),
+            operator_namespace: self.operator_namespace.clone(),
         }
     }
 
@@ -674,6 +675,7 @@ mod tests {
                 sidecar: "env.example/sidecar:1".into(),
                 redis: "env.example/redis:1".into(),
                 sidecar_resources: None,
+                operator_namespace: "from-env".into(),
             }
         );
         let o = parse(&[

@@ -477,6 +477,7 @@ impl Fixture {
                     ca_file: None,
                     client_cert_file: None,
                     client_key_file: None,
+                    password_file: None,
                 },
                 cache: CacheConfig::default(),
                 limits: Limits::default(),

@@ -2,7 +2,9 @@
 //! master the sentinels name at the moment of connecting (`redis+sentinel://`), so that a
 //! connection replaced after a failover reaches the promoted master, or a Redis Cluster
 //! (`redis+cluster://`). TLS settings (a private CA, a client certificate) are read here, once,
-//! at start.
+//! at start. A password file is read for every new connection to one server: a password the
+//! operator rotates reaches this sidecar through the kubelet's update of the mounted Secret,
+//! without a restart (the connections already open stay authenticated).
 
 use super::connection::Connection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
@@ -32,7 +34,12 @@ pub enum SourceError {
 }
 
 pub enum Source {
-    Node(Client),
+    Node {
+        client: Client,
+        /// Read for each connection; its contents replace the password `client` was built with.
+        password_file: Option<String>,
+        certs: Option<TlsCertificates>,
+    },
     /// `SentinelClient` asks with `&mut self`; reconnects are one at a time anyway (`Link`).
     Sentinel(tokio::sync::Mutex<SentinelClient>),
     Cluster(ClusterClient),
@@ -42,17 +49,28 @@ impl Source {
     pub fn new(config: &RedisConfig) -> Result<Self, SourceError> {
         let target = RedisTarget::parse(&config.url).map_err(SourceError::Url)?;
         let certs = certificates(config)?;
+        // Read now as well: a missing or unreadable file is a configuration error at start.
+        let file_password = config
+            .password_file
+            .as_deref()
+            .map(read_password)
+            .transpose()?;
         match target {
             RedisTarget::Node { .. } => {
-                let client = match certs {
+                let client = match certs.clone() {
                     Some(c) => Client::build_with_tls(config.url.as_str(), c),
                     None => Client::open(config.url.as_str()),
                 };
-                client.map(Source::Node).map_err(|e| match e.kind() {
+                let client = client.map_err(|e| match e.kind() {
                     redis::ErrorKind::InvalidClientConfig if e.to_string().contains("TLS") => {
                         SourceError::Tls(e.to_string())
                     }
                     _ => SourceError::BadUrl,
+                })?;
+                Ok(Source::Node {
+                    client,
+                    password_file: config.password_file.clone(),
+                    certs,
                 })
             }
             RedisTarget::Sentinel {
@@ -74,6 +92,9 @@ impl Source {
                     if !password.is_empty() {
                         b = b.set_client_to_redis_password(password);
                     }
+                }
+                if let Some(password) = &file_password {
+                    b = b.set_client_to_redis_password(password);
                 }
                 if tls {
                     b = b
@@ -97,6 +118,9 @@ impl Source {
                     .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
                     .response_timeout(Duration::from_millis(config.response_timeout_ms))
                     .retries(0);
+                if let Some(password) = &file_password {
+                    b = b.password(password.clone());
+                }
                 if tls {
                     b = match certs {
                         Some(c) => b.certs(c),
@@ -121,10 +145,33 @@ impl Source {
         timeout: Duration,
     ) -> RedisResult<Connection> {
         match self {
-            Source::Node(client) => client
+            Source::Node {
+                client,
+                password_file: None,
+                ..
+            } => client
                 .get_multiplexed_async_connection_with_config(config)
                 .await
                 .map(Connection::Node),
+            Source::Node {
+                client,
+                password_file: Some(path),
+                certs,
+            } => {
+                let password = read_password(path)
+                    .map_err(|e| RedisError::from(std::io::Error::other(e.to_string())))?;
+                let info = client.get_connection_info().clone();
+                let redis = info.redis_settings().clone().set_password(password);
+                let info = info.set_redis_settings(redis);
+                let client = match certs.clone() {
+                    Some(c) => Client::build_with_tls(info, c)?,
+                    None => Client::open(info)?,
+                };
+                client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map(Connection::Node)
+            }
             Source::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
             Source::Sentinel(sentinel) => {
                 let ask = async { sentinel.lock().await.async_get_client().await };
@@ -141,6 +188,21 @@ impl Source {
             }
         }
     }
+}
+
+/// The password file's contents, as they are (a trailing newline would be part of the password,
+/// as it is of the Secret's value the file mirrors).
+fn read_password(path: &str) -> Result<String, SourceError> {
+    let bytes = std::fs::read(path).map_err(|e| SourceError::File {
+        setting: "redis.password_file",
+        path: path.to_string(),
+        kind: e.kind(),
+    })?;
+    String::from_utf8(bytes).map_err(|_| SourceError::File {
+        setting: "redis.password_file",
+        path: path.to_string(),
+        kind: std::io::ErrorKind::InvalidData,
+    })
 }
 
 /// The PEM files of `config`, read once; `None` when no file is set (a `rediss` URL then trusts
@@ -231,6 +293,7 @@ mod tests {
             ca_file: Some("/nonexistent/ca.crt".into()),
             client_cert_file: None,
             client_key_file: None,
+            password_file: None,
         };
         let e = Source::new(&config).err().expect("refused").to_string();
         assert!(e.contains("redis.ca_file /nonexistent/ca.crt"), "{e}");

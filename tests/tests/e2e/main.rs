@@ -13,6 +13,7 @@ mod hostile_cache;
 mod hostile_clients;
 mod keys;
 mod openapi;
+mod password_rotation;
 mod races;
 mod read_your_writes;
 mod recovery;
