@@ -434,7 +434,15 @@ async fn webhook_injects_opted_in_pods_and_never_blocks_the_others() {
     );
     assert!(sidecar.readiness_probe.is_some());
     for e in sidecar.env.unwrap() {
-        if e.name == "WTC_DATABASE_URL" || e.name == "WTC_REDIS_PASSWORD" {
+        // No credentials inline: the database URL by secretKeyRef, the managed Redis' password
+        // from a mounted file, never a variable.
+        assert!(!e.name.contains("PASSWORD"), "{}", e.name);
+        assert!(
+            !e.value.as_deref().unwrap_or("").contains('@'),
+            "{}",
+            e.name
+        );
+        if e.name == "WTC_DATABASE_URL" {
             assert!(
                 e.value.is_none() && e.value_from.unwrap().secret_key_ref.is_some(),
                 "{} by secretKeyRef",

@@ -1,12 +1,12 @@
-//! Seeing the sidecars: a real Prometheus (Debian's, the package that brings promtool) on this
-//! machine scrapes the injected sidecars and the operator on the pod network, by the ports the
-//! chart's PodMonitor and ServiceMonitor name (`wtc-metrics`, `metrics`), and evaluates the
-//! chart's alert rules on what it scraped; every query of the chart's Grafana dashboard returns data.
+//! Seeing the sidecars: a real Prometheus on this machine finds the injected sidecars and the
+//! operator through the Kubernetes service discovery (`kubernetes_sd_configs`, watching the API
+//! server with the node's kubeconfig), selects them as the chart's PodMonitor and ServiceMonitor
+//! do (label `wtc.dev/injected-for` and port `wtc-metrics`; the operator's Service, port
+//! `metrics`), scrapes them on the pod network, and evaluates the chart's alert rules on what it
+//! scraped; every query of the chart's Grafana dashboard returns data.
 //!
-//! Debian's Prometheus is built without `kubernetes_sd_configs` ("field kubernetes_sd_configs
-//! not found in type config.ScrapeConfig"), so the test does the discovery's part: it lists the
-//! pods through the API and hands Prometheus their addresses by file (`file_sd_configs`),
-//! selected as the PodMonitor selects them (label `wtc.dev/injected-for`, port `wtc-metrics`).
+//! The Prometheus is upstream's, built by `scripts/prometheus` (`$WTC_PROMETHEUS`): Debian's
+//! package is built without the Kubernetes discovery.
 
 use crate::{Node, Shop, ShopOptions, node, repo_root, serial, wait_for};
 use serde_json::Value;
@@ -18,26 +18,101 @@ struct Prometheus {
     dir: std::path::PathBuf,
 }
 
+/// What the chart's PodMonitor and ServiceMonitor select (`helm template` with both on): the
+/// scrape configuration follows them, so a monitor naming a port the pods do not have fails here.
+struct Monitors {
+    pod_label: String,
+    pod_port: String,
+    service_port: String,
+}
+
+impl Monitors {
+    async fn rendered(node: &Node) -> Self {
+        let chart = repo_root().join("charts/wtc-operator");
+        let chart = chart.to_str().unwrap();
+        let render = |file: &'static str| async move {
+            node.helm(&[
+                "template",
+                "wtc",
+                chart,
+                "--kube-version",
+                "1.36.0",
+                "--set",
+                "metrics.podMonitor.enabled=true,metrics.serviceMonitor.enabled=true",
+                "--show-only",
+                file,
+            ])
+            .await
+        };
+        // The one value after `key:` / `port:` in the rendered YAML (flow or block style).
+        let value = |yaml: &str, field: &str| -> String {
+            let at = yaml
+                .find(&format!("{field}: "))
+                .unwrap_or_else(|| panic!("no {field} in {yaml}"));
+            yaml[at + field.len() + 2..]
+                .split([',', '}', '\n'])
+                .next()
+                .unwrap()
+                .trim()
+                .trim_matches('"')
+                .to_string()
+        };
+        let pod = render("templates/podmonitor.yaml").await;
+        let service = render("templates/servicemonitor.yaml").await;
+        Self {
+            pod_label: value(&pod, "key"),
+            pod_port: value(&pod, "port"),
+            service_port: value(&service, "port"),
+        }
+    }
+}
+
 impl Prometheus {
-    fn start() -> Self {
+    async fn start(node: &Node) -> Self {
         let dir = std::env::temp_dir().join(format!("wtc-prometheus-{:x}", fastrand::u32(..)));
         std::fs::create_dir_all(&dir).unwrap();
+        let monitors = Monitors::rendered(node).await;
         let rules = repo_root().join("charts/wtc-operator/files/alerts.yaml");
+        // What the chart's PodMonitor and ServiceMonitor become in Prometheus' own terms (the
+        // Prometheus operator writes the same relabelling): keep the pods that carry the label
+        // and the port, and the operator Service's `metrics` endpoints; name targets by
+        // namespace and pod.
         let config = format!(
-            "global: {{scrape_interval: 2s, evaluation_interval: 2s}}\n\
-             rule_files: [{rules}]\n\
-             scrape_configs:\n\
-             - job_name: wtc-sidecars\n  \
-               file_sd_configs: [{{files: [{dir}/sidecars.json], refresh_interval: 2s}}]\n\
-             - job_name: wtc-operator\n  \
-               file_sd_configs: [{{files: [{dir}/operator.json], refresh_interval: 2s}}]\n",
+            r#"global: {{scrape_interval: 2s, evaluation_interval: 2s}}
+rule_files: [{rules}]
+scrape_configs:
+- job_name: wtc-sidecars
+  kubernetes_sd_configs: [{{role: pod, kubeconfig_file: {kubeconfig}}}]
+  relabel_configs:
+  - {{source_labels: [__meta_kubernetes_pod_labelpresent_{label}], regex: "true", action: keep}}
+  - {{source_labels: [__meta_kubernetes_pod_container_port_name], regex: {pod_port}, action: keep}}
+  - {{source_labels: [__meta_kubernetes_namespace], target_label: namespace}}
+  - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
+- job_name: wtc-operator
+  kubernetes_sd_configs: [{{role: endpointslice, kubeconfig_file: {kubeconfig}}}]
+  relabel_configs:
+  - {{source_labels: [__meta_kubernetes_service_label_app_kubernetes_io_name], regex: wtc-operator, action: keep}}
+  - {{source_labels: [__meta_kubernetes_endpointslice_port_name], regex: {service_port}, action: keep}}
+  - {{source_labels: [__meta_kubernetes_namespace], target_label: namespace}}
+  - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
+"#,
             rules = rules.display(),
-            dir = dir.display()
+            kubeconfig = node.kubeconfig,
+            // Prometheus' meta label names: every character outside [a-zA-Z0-9_] becomes `_`.
+            label = monitors
+                .pod_label
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            pod_port = monitors.pod_port,
+            service_port = monitors.service_port,
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
         let port = wtc_tests::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = std::process::Command::new("prometheus")
+        let binary = std::env::var("WTC_PROMETHEUS").expect(
+            "WTC_PROMETHEUS: upstream Prometheus with the Kubernetes discovery (scripts/test \
+             sets it from scripts/prometheus)",
+        );
+        let child = std::process::Command::new(&binary)
             .arg(format!(
                 "--config.file={}",
                 dir.join("prometheus.yml").display()
@@ -50,7 +125,7 @@ impl Prometheus {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("prometheus (Debian's package, installed by scripts/local-services)");
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
         Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -58,35 +133,22 @@ impl Prometheus {
         }
     }
 
-    /// Targets by the port named `port` of the pods `selector` selects (all namespaces), with
-    /// `namespace` and `pod` labels, as the PodMonitor would give them.
-    async fn discover(&self, node: &Node, file: &str, selector: &str, port: &str) -> usize {
-        let pods = node.json(&["get", "pods", "-A", "-l", selector]).await;
-        let mut groups = vec![];
-        for p in pods["items"].as_array().into_iter().flatten() {
-            let ip = p["status"]["podIP"].as_str().unwrap_or_default();
-            let containers = ["initContainers", "containers"]
-                .iter()
-                .filter_map(|k| p["spec"][k].as_array())
-                .flatten();
-            for c in containers {
-                for pt in c["ports"].as_array().into_iter().flatten() {
-                    if pt["name"] == port && !ip.is_empty() {
-                        groups.push(serde_json::json!({
-                            "targets": [format!("{ip}:{}", pt["containerPort"])],
-                            "labels": {
-                                "namespace": p["metadata"]["namespace"],
-                                "pod": p["metadata"]["name"],
-                            }
-                        }));
-                    }
-                }
-            }
-        }
-        let tmp = self.dir.join(format!("{file}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&groups).unwrap()).unwrap();
-        std::fs::rename(&tmp, self.dir.join(file)).unwrap();
-        groups.len()
+    /// The active targets of `job` Prometheus discovered: (namespace, pod, health).
+    async fn targets(&self, job: &str) -> Vec<(String, String, String)> {
+        let Some(d) = self.api("/api/v1/targets", &[("state", "active")]).await else {
+            return vec![];
+        };
+        d["activeTargets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["labels"]["job"] == job)
+            .map(|t| {
+                let l = |k: &str| t["labels"][k].as_str().unwrap_or_default().to_string();
+                let health = t["health"].as_str().unwrap_or_default().to_string();
+                (l("namespace"), l("pod"), health)
+            })
+            .collect()
     }
 
     fn log(&self) -> String {
@@ -130,21 +192,28 @@ async fn prometheus_scrapes_the_sidecars_and_the_operator_on_the_pod_network() {
     let _serial = serial().await;
     let node = node().await;
     let shop = Shop::deploy(node, "prom", ShopOptions::default()).await;
-    let prometheus = Prometheus::start();
-    let sidecars = prometheus
-        .discover(node, "sidecars.json", "wtc.dev/injected-for", "wtc-metrics")
-        .await;
-    let operators = prometheus
-        .discover(
-            node,
-            "operator.json",
-            "app.kubernetes.io/name=wtc-operator",
-            "metrics",
-        )
-        .await;
-    assert!(
-        sidecars >= 1 && operators == 2,
-        "targets: {sidecars} sidecars, {operators} operator replicas"
+    let prometheus = Prometheus::start(node).await;
+    let pod = shop.pod_name(node).await;
+    // Discovered by Prometheus itself: this namespace's application pod, and the operator's two
+    // replicas through their Service.
+    let started = Instant::now();
+    let (sidecars, operators) = wait_for(
+        Duration::from_secs(60),
+        "Prometheus to discover the sidecar and both operator replicas",
+        || async {
+            let sidecars = prometheus.targets("wtc-sidecars").await;
+            let operators = prometheus.targets("wtc-operator").await;
+            let mine = sidecars
+                .iter()
+                .any(|(ns, p, _)| *ns == shop.ns && *p == pod);
+            (mine && operators.len() == 2).then_some((sidecars.len(), operators.len()))
+        },
+    )
+    .await;
+    eprintln!(
+        "prom: kubernetes_sd found {sidecars} sidecar targets and {operators} operator replicas \
+         {:.1} s after Prometheus started",
+        started.elapsed().as_secs_f64()
     );
     let put = shop
         .exec(node, &["put", "seen", r#"{"owner": "p"}"#])
@@ -153,7 +222,6 @@ async fn prometheus_scrapes_the_sidecars_and_the_operator_on_the_pod_network() {
     assert!(put.starts_with("201"), "{put}");
     let hit = shop.exec(node, &["get", "seen"]).await.unwrap();
     assert!(hit.starts_with("200"), "{hit}");
-    let pod = shop.pod_name(node).await;
 
     let started = Instant::now();
     let series = format!(
