@@ -322,6 +322,54 @@ impl SidecarConfig {
     }
 
     /// Renders the TOML document the sidecar reads (used by the operator's ConfigMap).
+    /// This configuration with every setting a running sidecar reloads put back to its default.
+    /// Two configurations that agree here differ only in what a reload applies; anything else
+    /// (connections, listeners, limits, the entities' tables and columns, the sampler, the
+    /// repair queue) takes a restart. Reloaded: each entity's `ttl_seconds`, and `cache`'s
+    /// `lease_ttl_ms`, `lease_wait_ms`, `tombstone_ttl_seconds`, `early_expiration_beta` and
+    /// `retry` (each read where it is used, never copied at start).
+    pub fn without_reloadable(&self) -> SidecarConfig {
+        let mut c = self.clone();
+        let d = CacheConfig::default();
+        c.cache.lease_ttl_ms = d.lease_ttl_ms;
+        c.cache.lease_wait_ms = d.lease_wait_ms;
+        c.cache.tombstone_ttl_seconds = d.tombstone_ttl_seconds;
+        c.cache.early_expiration_beta = d.early_expiration_beta;
+        c.cache.retry = d.retry;
+        for e in &mut c.entities {
+            e.ttl_seconds = default_ttl_seconds();
+        }
+        c
+    }
+
+    /// The reloadable settings whose value differs in `new`, by name (for logs).
+    pub fn reloadable_changes(&self, new: &SidecarConfig) -> Vec<String> {
+        let (a, b) = (&self.cache, &new.cache);
+        let mut changed: Vec<String> = [
+            ("cache.lease_ttl_ms", a.lease_ttl_ms != b.lease_ttl_ms),
+            ("cache.lease_wait_ms", a.lease_wait_ms != b.lease_wait_ms),
+            (
+                "cache.tombstone_ttl_seconds",
+                a.tombstone_ttl_seconds != b.tombstone_ttl_seconds,
+            ),
+            (
+                "cache.early_expiration_beta",
+                a.early_expiration_beta != b.early_expiration_beta,
+            ),
+            ("cache.retry", a.retry != b.retry),
+        ]
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(name, _)| name.to_string())
+        .collect();
+        for (x, y) in self.entities.iter().zip(&new.entities) {
+            if x.ttl_seconds != y.ttl_seconds {
+                changed.push(format!("entities.{}.ttl_seconds", x.name));
+            }
+        }
+        changed
+    }
+
     pub fn render(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration always serializes")
     }
@@ -529,6 +577,36 @@ mod tests {
         assert_eq!(c.limits.max_batch_items, 1_000);
         assert_eq!(c.sampler, SamplerConfig::default());
         assert!(c.sampler.enabled);
+    }
+
+    #[test]
+    fn reloadable_settings_are_told_apart_from_the_rest() {
+        let a = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        let mut b = a.clone();
+        b.entities[0].ttl_seconds = 60;
+        b.cache.early_expiration_beta = 0.0;
+        b.cache.retry.retries = 9;
+        assert_eq!(a.without_reloadable(), b.without_reloadable());
+        assert_eq!(
+            a.reloadable_changes(&b),
+            [
+                "cache.early_expiration_beta",
+                "cache.retry",
+                "entities.accounts.ttl_seconds"
+            ]
+        );
+        // Not reloadable: a restart is needed, and the restart part says so.
+        for change in [
+            |c: &mut SidecarConfig| c.database.pool_size += 1,
+            |c: &mut SidecarConfig| c.cache.repair_queue_max_keys += 1,
+            |c: &mut SidecarConfig| c.limits.max_in_flight += 1,
+            |c: &mut SidecarConfig| c.entities[0].table = "other".into(),
+            |c: &mut SidecarConfig| c.sampler.sample_rate = 0.5,
+        ] {
+            let mut c = a.clone();
+            change(&mut c);
+            assert_ne!(a.without_reloadable(), c.without_reloadable());
+        }
     }
 
     #[test]

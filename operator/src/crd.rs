@@ -294,8 +294,9 @@ pub struct InjectionSpec {
     /// hold). Pods skipped on purpose (selector, host network) are reported, never evicted.
     #[serde(default)]
     pub restart_pods_without_sidecar: bool,
-    /// Evict pods whose sidecar runs a configuration from before the cache's last change (the
-    /// sidecar reads it once, at start), one pod per controller per watchdog round, through the
+    /// Evict pods whose sidecar runs a configuration from before the cache's last change that
+    /// only a restart applies (TTLs, leases, early refresh and retries are reloaded in place),
+    /// one pod per controller per watchdog round, through the
     /// eviction API (PodDisruptionBudgets hold). Unset: they are counted in
     /// `status.outdatedPods` and an Event says so; `kubectl rollout restart` moves them.
     #[serde(default)]

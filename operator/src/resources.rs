@@ -72,14 +72,19 @@ pub fn redis_claim_name(cr: &WriteThroughCache) -> String {
 pub fn auth_secret_name(cr: &WriteThroughCache) -> String {
     format!("{}-redis-auth", cr.name_any())
 }
-/// On the ConfigMap and on each injected pod: which configuration (a hash of `sidecar.toml`).
-/// A pod whose hash differs from its cache's runs a configuration from before a change: the
-/// sidecar reads its file once, at start.
+/// On the ConfigMap and on each injected pod: which configuration, as far as a restart is needed
+/// to apply it (a hash of `sidecar.toml` without the settings a running sidecar reloads from
+/// its mounted file: TTLs, leases, early refresh, retries). A pod whose hash differs from its
+/// cache's runs settings from before a change that only a restart applies.
 pub const CONFIG_HASH_ANNOTATION: &str = "wtc.dev/config-hash";
 
-/// The hash of the cache's current `sidecar.toml`.
+/// The hash of the cache's current `sidecar.toml`, reloadable settings left out.
 pub fn config_hash(cr: &WriteThroughCache) -> String {
-    hash(&sidecar_config(cr).render())
+    restart_hash(&sidecar_config(cr))
+}
+
+fn restart_hash(config: &SidecarConfig) -> String {
+    hash(&config.without_reloadable().render())
 }
 
 /// FNV-1a, 64 bits: stable across builds and Rust versions (the std hasher is not), so an
@@ -269,7 +274,7 @@ pub fn desired(
     let mut metadata = meta(cr, config_map_name(cr), "wtc-sidecar");
     metadata.annotations = Some(BTreeMap::from([(
         CONFIG_HASH_ANNOTATION.to_string(),
-        hash(&rendered),
+        restart_hash(&config),
     )]));
     let config_map = ConfigMap {
         metadata,
@@ -808,8 +813,14 @@ mod tests {
             config_hash(&cr),
             config_hash(&CacheBuilder::new("orders").build())
         );
+        // A TTL is reloaded by the running sidecars: no restart, the hash stays.
+        let mut reloaded = cr.clone();
+        reloaded.spec.entities[0].ttl_seconds += 1;
+        reloaded.spec.sidecar.retries += 1;
+        assert_eq!(config_hash(&reloaded), config_hash(&cr));
+        // The pool size takes a restart.
         let mut changed = cr.clone();
-        changed.spec.entities[0].ttl_seconds += 1;
+        changed.spec.database.pool_size += 1;
         assert_ne!(config_hash(&changed), config_hash(&cr));
         // FNV-1a of a known input: the same value from every build.
         assert_eq!(hash(""), "cbf29ce484222325");

@@ -140,7 +140,8 @@ pub fn main_with<C: CacheStore>(
             }
         };
     }
-    let config = match load_config(args.config) {
+    let path = args.config;
+    let config = match load_config(path.clone()) {
         Ok(c) => c,
         Err(msg) => {
             eprintln!("wtc-sidecar: {msg}");
@@ -157,7 +158,7 @@ pub fn main_with<C: CacheStore>(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, wrap, extension)) {
+    match runtime.block_on(serve(config, path, wrap, extension)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("wtc-sidecar: {msg}");
@@ -198,6 +199,7 @@ fn probe(url: &str) -> Result<(), String> {
 
 async fn serve<C: CacheStore>(
     config: SidecarConfig,
+    path: Option<PathBuf>,
     wrap: impl FnOnce(RedisStore, &SidecarConfig) -> C,
     extension: Option<Arc<dyn Extension>>,
 ) -> Result<(), StartError> {
@@ -220,6 +222,9 @@ async fn serve<C: CacheStore>(
     let app = Arc::new(app);
     let background = protocol.start_background();
     tokio::spawn(say_what_answers(Arc::clone(&protocol)));
+    if let Some(path) = path {
+        tokio::spawn(follow_config(path, Arc::clone(&protocol)));
+    }
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -268,6 +273,65 @@ async fn serve<C: CacheStore>(
     protocol.repair_once().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the configuration file is read again. The kubelet replaces a mounted ConfigMap's
+/// file within its sync period (a minute by default); this adds at most a few seconds.
+const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Applies the reloadable settings of a changed configuration file (the operator updated the
+/// cache's ConfigMap; `SidecarConfig::without_reloadable` says which settings). A change of any
+/// other setting, or a file that does not validate, is logged and counted and changes nothing:
+/// the operator rolls the pod for those (its config hash leaves the reloadable settings out).
+async fn follow_config<C: CacheStore>(
+    path: PathBuf,
+    protocol: Arc<Protocol<C, crate::postgres::Database>>,
+) {
+    let mut seen = tokio::fs::read(&path).await.ok();
+    let mut tick = tokio::time::interval(CONFIG_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Unreadable for a moment (the kubelet swaps a symlink): the next tick reads it.
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        if seen.as_deref() == Some(&bytes[..]) {
+            continue;
+        }
+        seen = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        let result = match SidecarConfig::parse(&text, &Overrides::from_env()) {
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "the configuration file changed and is not valid; the one in use stays"
+                );
+                "invalid"
+            }
+            Ok(new) => match protocol.reload(&new) {
+                Ok(changed) if changed.is_empty() => continue,
+                Ok(changed) => {
+                    tracing::info!(?changed, "configuration reloaded");
+                    "applied"
+                }
+                Err(crate::core::NeedsRestart) => {
+                    tracing::warn!(
+                        "the configuration file changed in settings a running sidecar cannot \
+                         take (only TTLs, leases, early refresh and retries reload); the new \
+                         file applies at the next start"
+                    );
+                    "needs_restart"
+                }
+            },
+        };
+        protocol
+            .metrics()
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+    }
 }
 
 /// Tries both stores once at start so that `kubectl logs` tells at once what cannot be reached

@@ -672,6 +672,14 @@ impl Sidecar {
         }
     }
 
+    /// Replaces the configuration file the sidecar was started with, as the kubelet replaces a
+    /// mounted ConfigMap's (a new file renamed over the old).
+    pub fn rewrite_config(&self, text: &str) {
+        let tmp = self.dir.join("sidecar.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.join("sidecar.toml")).unwrap();
+    }
+
     /// What the sidecar logged so far (started with `Fixture::capture_logs`).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Redis round trips of batches and bulk reads, by `op` (one per pipeline).
     pub redis_round_trips: IntCounterVec,
+    /// Reads of a changed configuration file, by `result` (`ConfigReload`).
+    pub config_reloads: IntCounterVec,
     pub sampler_checked: IntCounter,
     pub sampler_inconsistent: IntCounter,
     pub sampler_oldest_inconsistency: Gauge,
@@ -130,6 +132,14 @@ impl Metrics {
             "bulk_fills",
         ] {
             redis_round_trips.with_label_values(&[op]);
+        }
+        let config_reloads = IntCounterVec::new(
+            Opts::new("wtc_config_reloads_total", "Changes of the configuration file seen by the running sidecar, by result: applied (reloadable settings taken), needs_restart (other settings changed; nothing taken), invalid (the file does not parse or validate; nothing taken)."),
+            &["result"],
+        )
+        .unwrap();
+        for r in ["applied", "needs_restart", "invalid"] {
+            config_reloads.with_label_values(&[r]);
         }
         let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
@@ -214,6 +224,7 @@ impl Metrics {
                 "Connections over limits.max_connections: closed at once, or served one health check.",
             ),
             redis_round_trips,
+            config_reloads,
             sampler_checked: counter(
                 "wtc_sampler_checked_total",
                 "Sampled writes whose key the consistency sampler compared with the database.",
@@ -261,6 +272,7 @@ impl Metrics {
             Box::new(m.requests_unauthorized.clone()),
             Box::new(m.connections_refused.clone()),
             Box::new(m.redis_round_trips.clone()),
+            Box::new(m.config_reloads.clone()),
             Box::new(m.sampler_checked.clone()),
             Box::new(m.sampler_inconsistent.clone()),
             Box::new(m.sampler_oldest_inconsistency.clone()),

@@ -28,6 +28,6 @@ mod memory;
 pub use envelope::Envelope;
 pub use metrics::{EntityMetrics, EpochCounters, Metrics};
 pub use ports::{CacheKey, CacheStore, RowStore};
-pub use protocol::{Background, Protocol};
+pub use protocol::{Background, NeedsRestart, Protocol};
 pub use types::*;
 pub use write_ratio::WriteRatio;

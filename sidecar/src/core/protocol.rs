@@ -9,6 +9,7 @@ use super::repair::RepairQueue;
 use super::sampler::{self, Sampler};
 use super::types::EntityId;
 use super::write_ratio::{self, WriteRatio};
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wtc_config::SidecarConfig;
 
+/// A configuration change beyond what a running sidecar reloads.
+#[derive(Debug, PartialEq)]
+pub struct NeedsRestart;
+
 pub struct Protocol<C, R> {
-    config: SidecarConfig,
+    /// Replaced whole by `reload`, which changes only the settings
+    /// `SidecarConfig::without_reloadable` names: each use reads them here, none is copied.
+    config: ArcSwap<SidecarConfig>,
     /// Entity names, by `EntityId`.
     names: Vec<String>,
     entity_index: HashMap<String, EntityId>,
@@ -51,12 +58,28 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             flights: Flights::default(),
             sampler: Sampler::new(&config.sampler),
             refreshes: TaskTracker::new(),
-            config,
+            config: ArcSwap::from_pointee(config),
         }
     }
 
-    pub fn config(&self) -> &SidecarConfig {
-        &self.config
+    /// The configuration now (a reload may have changed its reloadable settings since start).
+    pub fn config(&self) -> Arc<SidecarConfig> {
+        self.config.load_full()
+    }
+
+    /// Takes `new`'s reloadable settings when nothing else differs from the configuration in
+    /// use: `Ok` with what changed (perhaps nothing); `Err` with nothing changed when the rest
+    /// differs too, which only a restart applies.
+    pub fn reload(&self, new: &SidecarConfig) -> Result<Vec<String>, NeedsRestart> {
+        let current = self.config();
+        if current.without_reloadable() != new.without_reloadable() {
+            return Err(NeedsRestart);
+        }
+        let changed = current.reloadable_changes(new);
+        if !changed.is_empty() {
+            self.config.store(Arc::new(new.clone()));
+        }
+        Ok(changed)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -104,13 +127,14 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
-        let every = Duration::from_millis(self.config.cache.repair_interval_ms.max(10));
+        let config = self.config();
+        let every = Duration::from_millis(config.cache.repair_interval_ms.max(10));
         let p = Arc::clone(self);
         bg.every(every, move || {
             let p = Arc::clone(&p);
             async move { p.repair_once().await }
         });
-        let s = &self.config.sampler;
+        let s = &config.sampler;
         if s.enabled && s.sample_rate > 0.0 {
             let every = Duration::from_millis(s.interval_ms.max(10));
             let p = Arc::clone(self);

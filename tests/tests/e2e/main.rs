@@ -17,6 +17,7 @@ mod password_rotation;
 mod races;
 mod read_your_writes;
 mod recovery;
+mod reload;
 mod sampler;
 mod shedding;
 mod tls;

@@ -120,10 +120,36 @@ fn set_ttl(ttl: u64) -> String {
     format!(r#"[{{"op": "replace", "path": "/spec/entities/0/ttlSeconds", "value": {ttl}}}]"#)
 }
 
-/// A change of the cache's configuration reaches the running application: its pod is counted in
-/// `status.outdatedPods` with an Event; once the cache asks for restarts, the pod is evicted and
-/// recreated with the new configuration (the new TTL is the one the sidecar writes). The figure:
-/// from the change to the sidecar running it.
+fn set_pool_size(size: u32) -> String {
+    format!(r#"[{{"op": "replace", "path": "/spec/database/poolSize", "value": {size}}}]"#)
+}
+
+/// The TTL Redis holds for a fresh write of `key` through the application.
+async fn written_ttl(node: &crate::Node, shop: &Shop, key: &str) -> Option<i64> {
+    let app = shop.app(node).await;
+    let put = wtc_tests::reply(
+        app.http
+            .put(format!("{}/accounts/{key}", app.base))
+            .json(&serde_json::json!({"owner": "t"})),
+    )
+    .await
+    .ok()?;
+    if put.status >= 300 {
+        return None;
+    }
+    let mut redis = shop.redis(node).await;
+    redis::cmd("PTTL")
+        .arg(wtc_tests::entry_key("accounts", key))
+        .query_async(&mut redis)
+        .await
+        .ok()
+}
+
+/// A change of the cache's configuration reaches the running application. A TTL is reloaded by
+/// the running sidecar from its mounted ConfigMap: no restart, not counted as outdated. A change
+/// only a restart applies (the pool size) counts the pod in `status.outdatedPods` with an
+/// Event; once the cache asks for restarts, the pod is evicted and recreated with it. The
+/// figures: from each change to the sidecar running it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_change_reaches_the_running_sidecars() {
     let _serial = serial().await;
@@ -136,9 +162,46 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
         "{pod_hash:?} {cache_hash:?}"
     );
 
-    // A change while restarts are off: counted and told, nothing restarted.
+    // A TTL: reloaded in place (the kubelet updates the file, the sidecar reads it again).
+    let before = shop.pod(node).await;
+    let sidecar_restarts = |pod: &serde_json::Value| {
+        crate::container_status(pod, "wtc-sidecar").map(|c| c["restartCount"].clone())
+    };
+    let changed = Instant::now();
+    patch_shop(node, &ns, "json", &set_ttl(120)).await;
+    let mut n = 0;
+    wait_for(
+        Duration::from_secs(120),
+        "the running sidecar writing with the new TTL",
+        || {
+            n += 1;
+            let key = format!("ttl{n}");
+            let shop = &shop;
+            async move {
+                let ttl = written_ttl(node, shop, &key).await?;
+                (ttl > 0 && ttl <= 120_000).then_some(())
+            }
+        },
+    )
+    .await;
+    let reloaded = changed.elapsed();
+    let after = shop.pod(node).await;
+    assert_eq!(
+        after["metadata"]["uid"], before["metadata"]["uid"],
+        "same pod"
+    );
+    assert_eq!(sidecar_restarts(&after), sidecar_restarts(&before));
+    assert_eq!(shop.cache_status(node).await["outdatedPods"], 0);
+    eprintln!(
+        "config: a TTL change reached the running sidecar {:.1} s after the cache's change (the \
+         kubelet's ConfigMap update, syncFrequency 10 s here, and the sidecar's 2 s check), no \
+         restart",
+        reloaded.as_secs_f64()
+    );
+
+    // A change that takes a restart, while restarts are off: counted and told, nothing restarted.
     let old = shop.pod_name(node).await;
-    patch_shop(node, &ns, "json", &set_ttl(200)).await;
+    patch_shop(node, &ns, "json", &set_pool_size(9)).await;
     wait_for(Duration::from_secs(60), "status.outdatedPods 1", || async {
         (shop.cache_status(node).await["outdatedPods"] == 1).then_some(())
     })
@@ -165,7 +228,7 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
     )
     .await;
     let changed = Instant::now();
-    patch_shop(node, &ns, "json", &set_ttl(120)).await;
+    patch_shop(node, &ns, "json", &set_pool_size(7)).await;
     wait_for(
         Duration::from_secs(120),
         "the sidecar on the new configuration, ready",
@@ -181,24 +244,19 @@ async fn a_configuration_change_reaches_the_running_sidecars() {
         (shop.cache_status(node).await["outdatedPods"] == 0).then_some(())
     })
     .await;
-    // What the new sidecar writes carries the new TTL.
-    let put = shop
-        .exec(node, &["put", "ttl", r#"{"owner": "t"}"#])
-        .await
-        .unwrap();
-    assert!(put.starts_with("201"), "{put}");
-    let mut redis = shop.redis(node).await;
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(wtc_tests::entry_key("accounts", "ttl"))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    // The new sidecar runs the whole file: the reloaded TTL too.
+    let ttl = wait_for(
+        Duration::from_secs(30),
+        "a write through the new pod",
+        || written_ttl(node, &shop, "after-roll"),
+    )
+    .await;
     assert!(
-        pttl > 0 && pttl <= 120_000,
-        "PTTL {pttl} ms: not the new 120 s TTL"
+        ttl > 0 && ttl <= 120_000,
+        "PTTL {ttl} ms: not the 120 s TTL"
     );
     eprintln!(
-        "config: from the cache's change to the application's sidecar running it: {:.1} s \
+        "config: from a pool size change to the application's sidecar running it: {:.1} s \
          (watchdog every 5 s, one eviction, the pod recreated and Ready)",
         took.as_secs_f64()
     );
