@@ -279,12 +279,15 @@ pub enum ConfigError {
 }
 
 /// Values from the environment that override the file (`WTC_DATABASE_URL`, `WTC_REDIS_URL`,
-/// `WTC_LISTEN`, `WTC_METRICS_LISTEN`). Passed in rather than read here so the rules are
-/// testable.
+/// `WTC_REDIS_PASSWORD_FILE`, `WTC_LISTEN`, `WTC_METRICS_LISTEN`). Passed in rather than read
+/// here so the rules are testable.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
+    /// Per pod (the operator's injection), not in the shared ConfigMap: sidecars of earlier
+    /// releases, which refuse unknown settings, read that file too.
+    pub redis_password_file: Option<String>,
     pub listen: Option<String>,
     pub metrics_listen: Option<String>,
 }
@@ -295,6 +298,7 @@ impl Overrides {
         Self {
             database_url: get("WTC_DATABASE_URL"),
             redis_url: get("WTC_REDIS_URL"),
+            redis_password_file: get("WTC_REDIS_PASSWORD_FILE"),
             listen: get("WTC_LISTEN"),
             metrics_listen: get("WTC_METRICS_LISTEN"),
         }
@@ -311,6 +315,9 @@ impl SidecarConfig {
         if let Some(url) = &overrides.redis_url {
             config.redis.url = url.clone();
         }
+        if let Some(file) = &overrides.redis_password_file {
+            config.redis.password_file = Some(file.clone());
+        }
         if let Some(listen) = &overrides.listen {
             config.listen = listen.clone();
         }
@@ -321,7 +328,6 @@ impl SidecarConfig {
         Ok(config)
     }
 
-    /// Renders the TOML document the sidecar reads (used by the operator's ConfigMap).
     /// This configuration with every setting a running sidecar reloads put back to its default.
     /// Two configurations that agree here differ only in what a reload applies; anything else
     /// (connections, listeners, limits, the entities' tables and columns, the sampler, the
@@ -370,6 +376,7 @@ impl SidecarConfig {
         changed
     }
 
+    /// Renders the TOML document the sidecar reads (used by the operator's ConfigMap).
     pub fn render(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration always serializes")
     }
@@ -614,10 +621,15 @@ mod tests {
         let o = Overrides {
             database_url: Some("postgres://other/db".into()),
             redis_url: Some("redis://127.0.0.1:7000".into()),
+            redis_password_file: Some("/etc/wtc-redis-auth/password".into()),
             listen: Some("127.0.0.1:9000".into()),
             metrics_listen: Some("0.0.0.0:9464".into()),
         };
         let c = SidecarConfig::parse(MINIMAL, &o).unwrap();
+        assert_eq!(
+            c.redis.password_file.as_deref(),
+            Some("/etc/wtc-redis-auth/password")
+        );
         assert_eq!(c.database.url, "postgres://other/db");
         assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
         assert_eq!(c.listen, "127.0.0.1:9000");

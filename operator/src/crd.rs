@@ -171,12 +171,13 @@ pub struct ManagedRedis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: Option<String>,
-    /// After the auth Secret's `password` changes (written by a user, or removed to have a new
-    /// one made), how long Redis still accepts the replaced password: the kubelet updates the
-    /// sidecars' mounted copy within about a minute, and they read it for each new connection.
-    /// Then connections still using the old password are closed. No restart either way.
+    /// After a rotation (the auth Secret's `next-password`, once Redis accepts it, becomes its
+    /// `password`), how long Redis still accepts the replaced password: the kubelet updates the
+    /// sidecars' mounted copy within its sync period (a minute by default; keep this at least
+    /// twice that), and they read it for each new connection. Then connections of the old
+    /// password are closed. No restart either way.
     #[serde(default = "default_password_rotation_seconds")]
-    #[schemars(range(min = 10, max = 86_400))]
+    #[schemars(range(min = 60, max = 86_400))]
     pub password_rotation_seconds: u32,
 }
 

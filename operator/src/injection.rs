@@ -257,11 +257,16 @@ pub fn sidecar_container(
             &ext.url_secret.key,
         )),
         (None, Some(endpoint)) => {
-            // The password comes from a mounted file (`redis.password_file`), read for each new
-            // connection, so a rotation reaches the running sidecar.
+            // The password comes from a mounted file, read for each new connection, so a
+            // rotation reaches the running sidecar.
             env.push(EnvVar {
                 name: "WTC_REDIS_URL".into(),
                 value: Some(format!("redis://{endpoint}")),
+                ..EnvVar::default()
+            });
+            env.push(EnvVar {
+                name: "WTC_REDIS_PASSWORD_FILE".into(),
+                value: Some(format!("{REDIS_PASSWORD_DIR}/{PASSWORD_KEY}")),
                 ..EnvVar::default()
             });
         }
@@ -512,9 +517,18 @@ mod tests {
             url.value.as_deref(),
             Some("redis://orders-redis.shop.svc:6379")
         );
-        // The password from a mounted file (rotation reaches a running sidecar), never from the
+        // The password from a mounted file (rotation reaches a running sidecar), never in the
         // environment, and only the sidecar's key of the auth Secret.
-        assert!(env.iter().all(|e| !e.name.contains("PASSWORD")), "{env:?}");
+        let file = env
+            .iter()
+            .find(|e| e.name == "WTC_REDIS_PASSWORD_FILE")
+            .unwrap();
+        assert_eq!(file.value.as_deref(), Some("/etc/wtc-redis-auth/password"));
+        assert!(
+            env.iter()
+                .all(|e| e.name == "WTC_REDIS_PASSWORD_FILE" || !e.name.contains("PASSWORD")),
+            "{env:?}"
+        );
         let volumes = spec.volumes.as_ref().unwrap();
         let auth = volumes
             .iter()

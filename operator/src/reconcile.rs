@@ -11,7 +11,7 @@ use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
 use crate::redis_admin::{self, PasswordChange};
-use crate::redis_auth::RedisAuth;
+use crate::redis_auth::{self, Moment, RedisAuth};
 use crate::resources::{self, Desired, InvalidSpec, Release};
 use crate::sidecars;
 use crate::status::{self, Applied, Observed, RedisHealth};
@@ -138,7 +138,16 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
         .as_ref()
         .map_or(0, |m| u64::from(m.password_rotation_seconds));
     let current = secrets.get_opt(&resources::auth_secret_name(cr)).await?;
-    let auth = RedisAuth::next(current.as_ref(), now, grace, resources::new_password);
+    let holding = match cr.spec.redis.managed {
+        Some(_) => pods_with_password_in_env(ctx, &ns, cr).await?,
+        None => 0,
+    };
+    let moment = Moment {
+        now,
+        grace_seconds: grace,
+        hold: holding > 0,
+    };
+    let auth = RedisAuth::next(current.as_ref(), moment, redis_auth::new_password);
 
     let desired = match resources::desired(cr, &auth, &ctx.images) {
         Ok(d) => d,
@@ -150,9 +159,16 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     };
     let Desired { config_map, redis } = desired;
     apply(client, &ns, &config_map).await?;
+    let mut requeue = Duration::from_secs(60);
     let redis_ready = match redis {
         Some(m) => {
-            apply(client, &ns, &m.secret).await?;
+            // Applied only over the Secret as it was read: a user's change in between (a
+            // `next-password`) is a conflict and a new pass, never overwritten.
+            let mut secret = m.secret.clone();
+            secret.metadata.resource_version = current
+                .as_ref()
+                .and_then(|c| c.metadata.resource_version.clone());
+            let mut secret = apply(client, &ns, &secret).await?;
             apply(client, &ns, &m.service).await?;
             // The claim before the Deployment that mounts it; made once (its spec is immutable
             // but for an expansion, which is left to the user).
@@ -189,9 +205,51 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
             }
             let deployment = apply(client, &ns, &m.deployment).await?;
             let health = deployment_available(&deployment);
-            if health == RedisHealth::Available {
-                apply_passwords(cr, ctx, &auth).await;
+            // Replaced passwords kept past their deadline for pods of an earlier release.
+            let held = match auth.previous_until {
+                Some(until) if until <= now => holding,
+                _ => 0,
+            };
+            let confirmed =
+                health == RedisHealth::Available && apply_passwords(cr, ctx, &auth, held).await;
+            // Once Redis accepts a `next-password`, it becomes the sidecars' password; and
+            // what Redis accepts is written down.
+            let settled = match confirmed {
+                true => RedisAuth {
+                    confirmed: Some(auth.confirmation()),
+                    ..auth.promote(moment)
+                },
+                false => auth.clone(),
+            };
+            if settled != auth {
+                let mut next = resources::auth_secret(cr, &settled);
+                next.metadata.resource_version = secret.metadata.resource_version.take();
+                apply(client, &ns, &next).await?;
+                if settled.password != auth.password {
+                    publish(
+                        ctx,
+                        cr,
+                        status::Notice {
+                            type_: EventType::Normal,
+                            reason: "PasswordRotating".into(),
+                            note: format!(
+                                "Redis accepts the auth Secret's next-password, now its password \
+                                 (the sidecars' copy follows within the kubelet's sync period); \
+                                 the replaced one until {} (Unix time)",
+                                settled.previous_until.unwrap_or_default()
+                            ),
+                        },
+                    )
+                    .await;
+                }
             }
+            requeue = match (&settled.next, settled.previous_until) {
+                // Redis did not take the next password yet: try again soon.
+                (Some(_), _) => Duration::from_secs(10),
+                (None, Some(until)) => Duration::from_secs(until.saturating_sub(now).clamp(1, 60)),
+                (None, None) if settled.step_pending() => Duration::from_secs(10),
+                _ => requeue,
+            };
             health
         }
         None => {
@@ -201,61 +259,98 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     };
     update_status(cr, ctx, Applied::Valid(redis_ready)).await?;
     // Watches on the owned objects bring changes; the periodic pass refreshes the pod count,
-    // and ends a password rotation on time.
-    let next = match auth.previous_until {
-        Some(until) => until.saturating_sub(now).clamp(1, 60),
-        None => 60,
-    };
-    Ok(Action::requeue(Duration::from_secs(next)))
+    // and moves a password rotation on in time.
+    Ok(Action::requeue(requeue))
 }
 
-/// Makes the running managed Redis accept the passwords `auth` lists. Not a reconcile error
-/// when it fails: the objects are applied; the next pass tries again, and the cache's events say
-/// why while a rotation waits on it.
-async fn apply_passwords(cr: &WriteThroughCache, ctx: &Context, auth: &RedisAuth) {
+/// Pods injected for this cache by an earlier release: their sidecar has the managed Redis'
+/// password in its environment, which a rotation cannot change.
+async fn pods_with_password_in_env(
+    ctx: &Context,
+    ns: &str,
+    cr: &WriteThroughCache,
+) -> Result<usize, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let injected = pods
+        .list(&ListParams::default().labels(&format!("{INJECTED_LABEL}={}", cr.name_any())))
+        .await?
+        .items;
+    Ok(injected
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let spec = p.spec.as_ref();
+            spec.into_iter()
+                .flat_map(|s| {
+                    s.containers
+                        .iter()
+                        .chain(s.init_containers.iter().flatten())
+                })
+                .flat_map(|c| c.env.iter().flatten())
+                .any(|e| e.name == "WTC_REDIS_PASSWORD")
+        })
+        .count())
+}
+
+/// Makes the running managed Redis accept exactly the passwords `auth` lists: true once it
+/// does. Not a reconcile error when it fails (the objects are applied; the next pass tries
+/// again), but reported with an Event while Redis is not confirmed to accept what the Secret
+/// says, so a rotation that cannot finish is never silent.
+async fn apply_passwords(
+    cr: &WriteThroughCache,
+    ctx: &Context,
+    auth: &RedisAuth,
+    held: usize,
+) -> bool {
     let Some((host, port)) = resources::redis_endpoint(cr).and_then(|e| {
         let (h, p) = e.rsplit_once(':')?;
         Some((h.to_string(), p.parse::<u16>().ok()?))
     }) else {
-        return;
+        return false;
     };
-    let (type_, reason, note) = match redis_admin::apply(&host, port, auth).await {
-        Ok(PasswordChange::None) => return,
-        Ok(PasswordChange::Added) => (
-            EventType::Normal,
-            "PasswordRotating",
-            "Redis accepts the new password from the auth Secret, and the replaced one until \
-             the rotation's grace period ends"
-                .to_string(),
-        ),
-        Ok(PasswordChange::Retired) => (
+    let notice = |type_, reason: &str, note: String| status::Notice {
+        type_,
+        reason: reason.into(),
+        note,
+    };
+    let outcome = redis_admin::apply(&host, port, auth).await;
+    let confirmed = outcome.is_ok();
+    let notice = match outcome {
+        Ok(PasswordChange::None | PasswordChange::Added) if held == 0 => None,
+        Ok(PasswordChange::None | PasswordChange::Added) => Some(notice(
+            EventType::Warning,
+            "PasswordRotationHeld",
+            format!(
+                "{held} pods have the Redis password in their environment (injected by an \
+                 earlier wtc release): the replaced password stays accepted until they are \
+                 restarted (kubectl rollout restart)"
+            ),
+        )),
+        Ok(PasswordChange::Retired) => Some(notice(
             EventType::Normal,
             "PasswordRotated",
             "Redis accepts only the auth Secret's current password; connections that may have \
-             used a replaced one were closed"
-                .to_string(),
-        ),
+             used a replaced one were closed (the sidecars reconnect)"
+                .into(),
+        )),
         Err(e) => {
-            let pending = auth.previous_until.is_some();
-            if !pending && !matches!(e, redis_admin::AdminError::Refused) {
+            if !auth.step_pending() && !matches!(e, redis_admin::AdminError::Refused) {
                 tracing::debug!(cache = %cr.name_any(), error = %e, "password check skipped");
-                return;
+                return false;
             }
             tracing::warn!(cache = %cr.name_any(), error = %e, "cannot apply the Redis passwords");
-            (EventType::Warning, "PasswordNotApplied", e.to_string())
+            Some(notice(
+                EventType::Warning,
+                "PasswordNotApplied",
+                e.to_string(),
+            ))
         }
     };
-    tracing::info!(cache = %cr.name_any(), reason, "managed Redis passwords");
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "RotatePassword".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &cr.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
+    if let Some(n) = notice {
+        tracing::info!(cache = %cr.name_any(), reason = %n.reason, "managed Redis passwords");
+        publish(ctx, cr, n).await;
     }
+    confirmed
 }
 
 /// The cache is being deleted: done once no injected pod uses it (the finalizer goes, the

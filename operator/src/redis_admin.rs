@@ -2,7 +2,8 @@
 //! passwords `RedisAuth` wants (`ACL SETUSER`, no restart, nothing cached is lost), and closes
 //! the connections of a replaced password once its grace period is over.
 //!
-//! It logs in as its own user (`wtc-operator`, which may only manage users), or, when that user
+//! It logs in as its own user (`wtc-operator`, allowed only to manage users and close
+//! connections, which is still administration: it could grant itself anything), or, when that user
 //! is not there yet (a Redis started from an `auth.conf` of an earlier release), as `default`
 //! with the current password, and then creates it. A Redis that accepts neither (it restarted
 //! from a stale copy of `auth.conf` and missed a rotation) is reported: deleting its pod makes it
@@ -39,7 +40,9 @@ pub enum AdminError {
          have restarted from an older auth.conf); delete its pod to have it read the current one"
     )]
     Refused,
-    #[error("the managed Redis refused {command}: {error}")]
+    /// Only the error's code: Redis' text may repeat the command's arguments (password hashes),
+    /// and Events are readable by roles that cannot read Secrets.
+    #[error("the managed Redis refused {command} ({})", .error.code().unwrap_or("no answer"))]
     Command {
         command: &'static str,
         error: RedisError,

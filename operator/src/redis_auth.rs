@@ -3,25 +3,33 @@
 //!
 //! The Secret (`<cache>-redis-auth`) holds:
 //! - `password`: the `default` user's password, which the sidecars read from their mounted copy
-//!   (`redis.password_file`). A user rotates it by writing a new value, or by removing the key
-//!   (a new one is made);
-//! - `operator-password`: the operator's own Redis user (`wtc-operator`), allowed nothing but
-//!   `ACL GETUSER`/`ACL SETUSER` and `CLIENT KILL`, so it can change the `default` user's
-//!   passwords without knowing the old one and without a restart;
+//!   (`WTC_REDIS_PASSWORD_FILE`, read for each new connection);
+//! - `next-password`: written by a user to rotate (not mounted anywhere);
+//! - `operator-password`: the operator's own Redis user (`wtc-operator`), allowed only `ACL
+//!   GETUSER`/`ACL SETUSER` and `CLIENT KILL` (which still makes it an administrator: `ACL
+//!   SETUSER` can grant anything), so it can change the `default` user's passwords without
+//!   knowing them and without a restart;
 //! - `auth.conf`: both users, passwords as SHA-256 (`#<hex>`), which Redis reads at start.
 //!
-//! Rotation: when `password` no longer matches what `auth.conf` accepts, the passwords accepted
-//! until then stay accepted for the cache's `passwordRotationSeconds` (listed, as hashes, in an
-//! annotation with their deadline). Sidecars meanwhile connect with either: the kubelet updates
-//! their mounted copy within about a minute, and they read it for each new connection. After the
-//! deadline only the new password is accepted, and connections still authenticated with an old
-//! one are closed (their owners reconnect with the new one).
+//! Rotation, in this order so that no sidecar ever holds a password Redis refuses:
+//! 1. a user writes `next-password`; Redis is made to accept it besides the current one;
+//! 2. only once Redis confirmed that, `next-password` becomes `password` (what the sidecars
+//!    read; the kubelet updates their copy within its sync period) and the replaced password
+//!    stays accepted for the cache's `passwordRotationSeconds`, counted from then;
+//! 3. after that, only the new one is accepted, and connections of `default` are closed (their
+//!    owners reconnect with the password their file holds). While pods injected by an earlier
+//!    release, which hold the password in their environment, still run, step 3 waits.
+//!
+//! The hashes still accepted and their deadline are annotations of the Secret, and so is what
+//! the running Redis was last confirmed to accept (`wtc.dev/redis-accepts`): a change not yet
+//! confirmed is reported at every pass until it is.
 
 use k8s_openapi::api::core::v1::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 pub const PASSWORD_KEY: &str = "password";
+pub const NEXT_PASSWORD_KEY: &str = "next-password";
 pub const OPERATOR_PASSWORD_KEY: &str = "operator-password";
 /// Redis' config file with both users, a key of the same Secret.
 pub const REDIS_AUTH_FILE: &str = "auth.conf";
@@ -36,73 +44,140 @@ pub const OPERATOR_RULES: &[&str] = &[
     "+acl|setuser",
     "+client|kill",
 ];
-/// SHA-256 (hex) of passwords of `default` still accepted during a rotation, comma-separated.
+/// SHA-256 (hex) of replaced passwords of `default` still accepted, comma-separated.
 pub const PREVIOUS_ANNOTATION: &str = "wtc.dev/previous-passwords";
 /// Until when (Unix seconds) those stay accepted.
 pub const PREVIOUS_UNTIL_ANNOTATION: &str = "wtc.dev/previous-passwords-until";
+/// A digest of the password hashes the running Redis was last confirmed to accept.
+pub const CONFIRMED_ANNOTATION: &str = "wtc.dev/redis-accepts";
 
 /// The credentials one pass of the reconciler wants.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisAuth {
     pub password: String,
+    /// A password a user asked for, not yet accepted by Redis (so not yet `password`).
+    pub next: Option<String>,
     pub operator_password: String,
-    /// Hashes of earlier passwords still accepted, and until when (Unix seconds).
+    /// Hashes of replaced passwords still accepted, and until when (Unix seconds).
     pub previous: Vec<String>,
     pub previous_until: Option<u64>,
+    /// What the running Redis was last confirmed to accept (`confirmation`), if anything.
+    pub confirmed: Option<String>,
+}
+
+/// What else decides a pass, besides the Secret.
+#[derive(Debug, Clone, Copy)]
+pub struct Moment {
+    /// Unix seconds.
+    pub now: u64,
+    /// How long a replaced password stays accepted.
+    pub grace_seconds: u64,
+    /// Pods still hold the password in their environment (injected by an earlier release):
+    /// replaced passwords stay accepted until they are gone.
+    pub hold: bool,
 }
 
 impl RedisAuth {
-    /// The next state from the Secret as it is (`None`: not made yet) at `now` (Unix seconds),
-    /// keeping replaced passwords for `grace_seconds`; `fresh` makes a password.
-    pub fn next(
-        current: Option<&Secret>,
-        now: u64,
-        grace_seconds: u64,
-        mut fresh: impl FnMut() -> String,
-    ) -> Self {
+    /// The next state from the Secret as it is (`None`: not made yet); `fresh` makes a password.
+    pub fn next(current: Option<&Secret>, at: Moment, mut fresh: impl FnMut() -> String) -> Self {
         let data = current.and_then(|s| s.data.as_ref());
         let text = |key: &str| {
             data.and_then(|d| d.get(key))
                 .map(|b| String::from_utf8_lossy(&b.0).into_owned())
                 .filter(|p| !p.is_empty())
         };
-        let password = text(PASSWORD_KEY).unwrap_or_else(&mut fresh);
-        let operator_password = text(OPERATOR_PASSWORD_KEY).unwrap_or_else(&mut fresh);
         let accepted = text(REDIS_AUTH_FILE)
             .map(|conf| default_user_hashes(&conf))
             .unwrap_or_default();
         let annotations = current.and_then(|s| s.metadata.annotations.as_ref());
-        let until = annotations
-            .and_then(|a| a.get(PREVIOUS_UNTIL_ANNOTATION))
-            .and_then(|u| u.parse::<u64>().ok());
-        let new = sha256_hex(&password);
-        let (previous, previous_until) = if accepted.is_empty() || accepted.contains(&new) {
-            // No change, or a rotation under way: earlier passwords stay until their deadline.
-            match until {
-                Some(u) if u > now => {
-                    let kept: Vec<String> = accepted.into_iter().filter(|h| *h != new).collect();
-                    let until = (!kept.is_empty()).then_some(u);
-                    (kept, until)
-                }
-                _ => (vec![], None),
+        let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+        let until = annotation(PREVIOUS_UNTIL_ANNOTATION).and_then(|u| u.parse::<u64>().ok());
+        let confirmed = annotation(CONFIRMED_ANNOTATION);
+        let password = text(PASSWORD_KEY).unwrap_or_else(&mut fresh);
+        let operator_password = text(OPERATOR_PASSWORD_KEY).unwrap_or_else(&mut fresh);
+        let current_hash = sha256_hex(&password);
+        // `password` written over or removed by hand (the documented way is `next-password`):
+        // whatever was accepted stays accepted for the grace period, as after a promotion.
+        let replaced = !accepted.is_empty() && !accepted.contains(&current_hash);
+        let next = text(NEXT_PASSWORD_KEY).filter(|n| *n != password);
+        let next_hash = next.as_deref().map(sha256_hex);
+        let others = accepted
+            .into_iter()
+            .filter(|h| *h != current_hash && Some(h) != next_hash.as_ref());
+        let (previous, previous_until) = match until {
+            _ if replaced => (others.collect(), Some(at.now + at.grace_seconds)),
+            Some(u) if u > at.now || at.hold => {
+                let kept: Vec<String> = others.collect();
+                let until = (!kept.is_empty()).then_some(u);
+                (kept, until)
             }
-        } else {
-            // The password changed: everything accepted until now stays accepted for a while.
-            (accepted, Some(now + grace_seconds))
+            // No rotation under way, or its grace period is over: only the current one (and a
+            // `next` being added).
+            _ => (vec![], None),
         };
         Self {
             password,
+            next,
             operator_password,
             previous,
             previous_until,
+            confirmed,
         }
     }
 
-    /// Hashes of the passwords `default` accepts: the current one first.
+    /// Once the running Redis accepts `next`: it becomes the password the sidecars read, and the
+    /// replaced one stays accepted for the grace period, counted from now.
+    pub fn promote(&self, at: Moment) -> Self {
+        let Some(next) = &self.next else {
+            return self.clone();
+        };
+        let mut previous = vec![sha256_hex(&self.password)];
+        previous.extend(self.previous.iter().cloned());
+        Self {
+            password: next.clone(),
+            next: None,
+            previous,
+            previous_until: Some(at.now + at.grace_seconds),
+            ..self.clone()
+        }
+    }
+
+    /// Hashes of the passwords `default` accepts: the current one first, then the one being
+    /// added, then the replaced ones.
     pub fn accepted(&self) -> Vec<String> {
-        let current = sha256_hex(&self.password);
-        let previous = self.previous.iter().filter(|h| **h != current).cloned();
-        std::iter::once(current.clone()).chain(previous).collect()
+        let mut all = vec![sha256_hex(&self.password)];
+        for h in self
+            .next
+            .iter()
+            .map(|n| sha256_hex(n))
+            .chain(self.previous.iter().cloned())
+        {
+            if !all.contains(&h) {
+                all.push(h);
+            }
+        }
+        all
+    }
+
+    /// A digest of `accepted` (order aside), for `CONFIRMED_ANNOTATION`.
+    pub fn confirmation(&self) -> String {
+        let mut hashes = self.accepted();
+        hashes.sort();
+        sha256_hex(&hashes.join(","))
+    }
+
+    /// The running Redis has not been confirmed to accept what this state lists.
+    pub fn unconfirmed(&self) -> bool {
+        self.confirmed.as_deref() != Some(self.confirmation().as_str())
+    }
+
+    /// A rotation step waits for the running Redis: a password to add, replaced ones still
+    /// accepted, or a set that changed since Redis last confirmed one (a Redis never confirmed,
+    /// just made, is not a rotation).
+    pub fn step_pending(&self) -> bool {
+        self.next.is_some()
+            || !self.previous.is_empty()
+            || (self.confirmed.is_some() && self.unconfirmed())
     }
 
     /// Redis' config file: both users, hashes only.
@@ -118,25 +193,31 @@ impl RedisAuth {
 
     /// The Secret's data.
     pub fn data(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut data = BTreeMap::from([
             (PASSWORD_KEY.to_string(), self.password.clone()),
             (
                 OPERATOR_PASSWORD_KEY.to_string(),
                 self.operator_password.clone(),
             ),
             (REDIS_AUTH_FILE.to_string(), self.auth_conf()),
-        ])
+        ]);
+        if let Some(next) = &self.next {
+            data.insert(NEXT_PASSWORD_KEY.to_string(), next.clone());
+        }
+        data
     }
 
-    /// The Secret's annotations: the rotation under way, if any.
+    /// The Secret's annotations: the rotation under way, if any, and what Redis confirmed.
     pub fn annotations(&self) -> BTreeMap<String, String> {
-        match self.previous_until {
-            Some(until) if !self.previous.is_empty() => BTreeMap::from([
-                (PREVIOUS_ANNOTATION.to_string(), self.previous.join(",")),
-                (PREVIOUS_UNTIL_ANNOTATION.to_string(), until.to_string()),
-            ]),
-            _ => BTreeMap::new(),
+        let mut a = BTreeMap::new();
+        if let (Some(until), false) = (self.previous_until, self.previous.is_empty()) {
+            a.insert(PREVIOUS_ANNOTATION.to_string(), self.previous.join(","));
+            a.insert(PREVIOUS_UNTIL_ANNOTATION.to_string(), until.to_string());
         }
+        if let Some(c) = &self.confirmed {
+            a.insert(CONFIRMED_ANNOTATION.to_string(), c.clone());
+        }
+        a
     }
 }
 
@@ -175,6 +256,24 @@ pub fn sha256_hex(password: &str) -> String {
         .collect()
 }
 
+/// A password for the managed Redis: 32 alphanumerics from the operating system's random
+/// source (about 190 bits), safe in a URL and a shell.
+pub fn new_password() -> String {
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let rng = ring::rand::SystemRandom::new();
+    let mut out = String::with_capacity(32);
+    let mut byte = [0u8; 1];
+    while out.len() < 32 {
+        rng.fill(&mut byte).expect("the OS random source");
+        // 62 * 4 = 248: bytes above are dropped, so every character is equally likely.
+        if (byte[0] as usize) < ALPHABET.len() * 4 {
+            out.push(ALPHABET[byte[0] as usize % ALPHABET.len()] as char);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,13 +304,29 @@ mod tests {
         }
     }
 
-    fn with_password(s: &Secret, password: &str) -> Secret {
+    fn at(now: u64) -> Moment {
+        Moment {
+            now,
+            grace_seconds: 300,
+            hold: false,
+        }
+    }
+
+    fn with(s: &Secret, key: &str, value: &str) -> Secret {
         let mut s = s.clone();
-        s.data.as_mut().unwrap().insert(
-            PASSWORD_KEY.into(),
-            ByteString(password.as_bytes().to_vec()),
-        );
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert(key.into(), ByteString(value.as_bytes().to_vec()));
         s
+    }
+
+    /// A pass after which the running Redis accepts what it asked for.
+    fn confirmed(a: RedisAuth) -> RedisAuth {
+        RedisAuth {
+            confirmed: Some(a.confirmation()),
+            ..a
+        }
     }
 
     #[test]
@@ -224,13 +339,22 @@ mod tests {
     }
 
     #[test]
+    fn new_passwords_are_long_alphanumeric_and_fresh() {
+        let (a, b) = (new_password(), new_password());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
     fn a_first_pass_makes_both_passwords_and_no_rotation() {
-        let a = RedisAuth::next(None, 100, 300, fresh());
+        let a = RedisAuth::next(None, at(100), fresh());
         assert_eq!(
             (a.password.as_str(), a.operator_password.as_str()),
             ("made1", "made2")
         );
-        assert!(a.previous.is_empty() && a.annotations().is_empty());
+        assert!(a.previous.is_empty() && a.next.is_none());
+        assert!(a.unconfirmed(), "nothing confirmed yet");
         let conf = a.auth_conf();
         assert!(
             !conf.contains("made"),
@@ -242,64 +366,110 @@ mod tests {
 
     #[test]
     fn a_steady_secret_stays_as_it_is() {
-        let a = RedisAuth::next(None, 100, 300, fresh());
-        let b = RedisAuth::next(Some(&secret(&a)), 5_000, 300, || unreachable!());
+        let a = confirmed(RedisAuth::next(None, at(100), fresh()));
+        let b = RedisAuth::next(Some(&secret(&a)), at(5_000), || unreachable!());
         assert_eq!(a, b);
+        assert!(!b.unconfirmed());
     }
 
     #[test]
-    fn a_new_password_keeps_the_old_one_until_the_deadline_then_drops_it() {
-        let a = RedisAuth::next(None, 100, 300, fresh());
-        let rotated = with_password(&secret(&a), "new one");
-        let b = RedisAuth::next(Some(&rotated), 1_000, 300, || unreachable!());
-        assert_eq!(b.password, "new one");
-        assert_eq!(b.previous, vec![sha256_hex("made1")]);
-        assert_eq!(b.previous_until, Some(1_300));
+    fn a_next_password_is_added_first_and_promoted_only_when_redis_took_it() {
+        let a = confirmed(RedisAuth::next(None, at(100), fresh()));
+        let asked = with(&secret(&a), NEXT_PASSWORD_KEY, "new one");
+        // Added: both accepted, the sidecars' password unchanged, no deadline yet.
+        let b = RedisAuth::next(Some(&asked), at(1_000), || unreachable!());
+        assert_eq!(b.password, "made1");
+        assert_eq!(b.next.as_deref(), Some("new one"));
         assert_eq!(
             b.accepted(),
-            vec![sha256_hex("new one"), sha256_hex("made1")]
+            vec![sha256_hex("made1"), sha256_hex("new one")]
         );
-        assert_eq!(b.annotations()[PREVIOUS_UNTIL_ANNOTATION], "1300");
-        // During the grace period, passes keep both (and the deadline does not move).
-        let c = RedisAuth::next(Some(&secret(&b)), 1_200, 300, || unreachable!());
-        assert_eq!(c, b);
-        // After it, only the new one.
-        let d = RedisAuth::next(Some(&secret(&c)), 1_300, 300, || unreachable!());
-        assert_eq!(d.accepted(), vec![sha256_hex("new one")]);
-        assert!(d.annotations().is_empty());
+        assert!(b.previous_until.is_none() && b.unconfirmed());
+        // Redis not reached: the next pass asks the same.
+        let again = RedisAuth::next(Some(&secret(&b)), at(1_100), || unreachable!());
+        assert_eq!(again, b);
+        // Redis took it: promoted, the deadline counted from then.
+        let c = confirmed(b).promote(at(1_200));
+        assert_eq!((c.password.as_str(), c.next.as_deref()), ("new one", None));
+        assert_eq!(c.previous, vec![sha256_hex("made1")]);
+        assert_eq!(c.previous_until, Some(1_500));
+        assert!(!c.unconfirmed(), "the same set Redis accepts");
+        assert!(!c.data().contains_key(NEXT_PASSWORD_KEY));
+        // During the grace period, passes keep both.
+        let d = RedisAuth::next(Some(&secret(&c)), at(1_400), || unreachable!());
+        assert_eq!(d, c);
+        // After it, only the new one, to be confirmed.
+        let e = RedisAuth::next(Some(&secret(&d)), at(1_500), || unreachable!());
+        assert_eq!(e.accepted(), vec![sha256_hex("new one")]);
+        assert!(e.previous.is_empty() && e.unconfirmed());
+        assert!(!e.annotations().contains_key(PREVIOUS_ANNOTATION));
+    }
+
+    #[test]
+    fn pods_holding_the_password_in_their_environment_hold_the_old_one() {
+        let a = confirmed(RedisAuth::next(None, at(100), fresh()));
+        let b = RedisAuth::next(
+            Some(&with(&secret(&a), NEXT_PASSWORD_KEY, "two")),
+            at(1_000),
+            || unreachable!(),
+        );
+        let c = confirmed(b).promote(at(1_000));
+        let held = RedisAuth::next(
+            Some(&secret(&c)),
+            Moment {
+                hold: true,
+                ..at(9_999)
+            },
+            || unreachable!(),
+        );
+        assert_eq!(
+            held.accepted(),
+            vec![sha256_hex("two"), sha256_hex("made1")]
+        );
+    }
+
+    #[test]
+    fn a_password_written_over_by_hand_keeps_the_old_one_for_the_grace_period() {
+        let a = confirmed(RedisAuth::next(None, at(100), fresh()));
+        let b = RedisAuth::next(
+            Some(&with(&secret(&a), PASSWORD_KEY, "by hand")),
+            at(1_000),
+            || unreachable!(),
+        );
+        assert_eq!(
+            b.accepted(),
+            vec![sha256_hex("by hand"), sha256_hex("made1")]
+        );
+        assert_eq!(b.previous_until, Some(1_300));
+        // Removed: a new one is made, the same way.
+        let mut s = secret(&a);
+        s.data.as_mut().unwrap().remove(PASSWORD_KEY);
+        let c = RedisAuth::next(Some(&s), at(1_000), || "made again".into());
+        assert_eq!(c.password, "made again");
+        assert_eq!(c.operator_password, a.operator_password);
+        assert_eq!(c.previous, vec![sha256_hex("made1")]);
     }
 
     #[test]
     fn a_second_rotation_during_the_grace_period_keeps_every_password_in_use() {
-        let a = RedisAuth::next(None, 100, 300, fresh());
+        let a = confirmed(RedisAuth::next(None, at(100), fresh()));
         let b = RedisAuth::next(
-            Some(&with_password(&secret(&a), "two")),
-            1_000,
-            300,
+            Some(&with(&secret(&a), NEXT_PASSWORD_KEY, "two")),
+            at(1_000),
             || unreachable!(),
         );
+        let b = confirmed(b).promote(at(1_000));
         let c = RedisAuth::next(
-            Some(&with_password(&secret(&b), "three")),
-            1_100,
-            300,
+            Some(&with(&secret(&b), NEXT_PASSWORD_KEY, "three")),
+            at(1_100),
             || unreachable!(),
         );
+        let c = confirmed(c).promote(at(1_100));
         assert_eq!(
             c.accepted(),
             vec![sha256_hex("three"), sha256_hex("two"), sha256_hex("made1")]
         );
         assert_eq!(c.previous_until, Some(1_400));
-    }
-
-    #[test]
-    fn a_removed_password_is_made_again_and_rotates() {
-        let a = RedisAuth::next(None, 100, 300, fresh());
-        let mut s = secret(&a);
-        s.data.as_mut().unwrap().remove(PASSWORD_KEY);
-        let b = RedisAuth::next(Some(&s), 1_000, 300, || "made again".into());
-        assert_eq!(b.password, "made again");
-        assert_eq!(b.operator_password, a.operator_password);
-        assert_eq!(b.previous, vec![sha256_hex("made1")]);
     }
 
     #[test]
@@ -315,7 +485,7 @@ mod tests {
             ])),
             ..Secret::default()
         };
-        let a = RedisAuth::next(Some(&s), 100, 300, || "op".into());
+        let a = RedisAuth::next(Some(&s), at(100), || "op".into());
         assert_eq!(a.password, "abc123");
         assert_eq!(a.operator_password, "op");
         assert!(a.previous.is_empty());
@@ -325,9 +495,11 @@ mod tests {
     fn any_password_bytes_are_safe_in_auth_conf() {
         let a = RedisAuth {
             password: "sp ace\"quote\nnewline #hash".into(),
+            next: None,
             operator_password: "x".into(),
             previous: vec![],
             previous_until: None,
+            confirmed: None,
         };
         let conf = a.auth_conf();
         assert_eq!(conf.lines().count(), 2, "{conf}");

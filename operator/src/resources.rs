@@ -78,9 +78,14 @@ pub fn auth_secret_name(cr: &WriteThroughCache) -> String {
 /// cache's runs settings from before a change that only a restart applies.
 pub const CONFIG_HASH_ANNOTATION: &str = "wtc.dev/config-hash";
 
-/// The hash of the cache's current `sidecar.toml`, reloadable settings left out.
+/// The hash of the cache's current `sidecar.toml`, reloadable settings left out; all of it when
+/// the cache pins a sidecar image, which may be of a release that does not reload.
 pub fn config_hash(cr: &WriteThroughCache) -> String {
-    restart_hash(&sidecar_config(cr))
+    let config = sidecar_config(cr);
+    match cr.spec.sidecar.image {
+        Some(_) => hash(&config.render()),
+        None => restart_hash(&config),
+    }
 }
 
 fn restart_hash(config: &SidecarConfig) -> String {
@@ -197,11 +202,9 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                     .map(|_| tls_file(TlsPeer::Redis, TLS_CA)),
                 client_cert_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_CERT)),
                 client_key_file: client.map(|_| tls_file(TlsPeer::Redis, TLS_KEY)),
-                password_file: spec
-                    .redis
-                    .managed
-                    .as_ref()
-                    .map(|_| format!("{REDIS_PASSWORD_DIR}/{PASSWORD_KEY}")),
+                // Set per pod by the injection (`WTC_REDIS_PASSWORD_FILE`): sidecars of earlier
+                // releases refuse settings they do not know, and read this file too.
+                password_file: None,
             }
         },
         cache: CacheConfig {
@@ -274,7 +277,7 @@ pub fn desired(
     let mut metadata = meta(cr, config_map_name(cr), "wtc-sidecar");
     metadata.annotations = Some(BTreeMap::from([(
         CONFIG_HASH_ANNOTATION.to_string(),
-        restart_hash(&config),
+        config_hash(cr),
     )]));
     let config_map = ConfigMap {
         metadata,
@@ -288,6 +291,25 @@ pub fn desired(
         .as_ref()
         .map(|m| managed_redis(cr, m, redis_auth, images));
     Ok(Desired { config_map, redis })
+}
+
+/// The managed Redis' auth Secret for the credentials `auth` (`redis_auth`). The passwords
+/// reach redis-server in a file of it (its config file, the first argument), never on its
+/// command line, which every process of the node can read.
+pub fn auth_secret(cr: &WriteThroughCache, auth: &RedisAuth) -> Secret {
+    let mut metadata = meta(cr, auth_secret_name(cr), "wtc-redis");
+    metadata.annotations = Some(auth.annotations());
+    Secret {
+        metadata,
+        data: Some(
+            auth.data()
+                .into_iter()
+                .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
 }
 
 fn managed_redis(
@@ -304,21 +326,7 @@ fn managed_redis(
         ),
         ("app.kubernetes.io/instance".to_string(), cr.name_any()),
     ]);
-    // The passwords reach redis-server in a file of the Secret (its config file, the first
-    // argument), never on its command line, which every process of the node can read.
-    let mut metadata = meta(cr, auth_secret_name(cr), "wtc-redis");
-    metadata.annotations = Some(auth.annotations());
-    let secret = Secret {
-        metadata,
-        data: Some(
-            auth.data()
-                .into_iter()
-                .map(|(k, v)| (k, ByteString(v.into_bytes())))
-                .collect(),
-        ),
-        type_: Some("Opaque".into()),
-        ..Secret::default()
-    };
+    let secret = auth_secret(cr, auth);
     let args = vec![
         format!("{REDIS_AUTH_DIR}/{REDIS_AUTH_FILE}"),
         "--port".to_string(),
@@ -597,14 +605,6 @@ pub fn restricted_container() -> SecurityContext {
     }
 }
 
-/// A password for the managed Redis: 32 alphanumerics, safe inside a URL.
-pub fn new_password() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    (0..32)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect()
-}
-
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! Builder fixtures: a cache as a user would write it, then variations.
@@ -665,9 +665,11 @@ mod tests {
     fn auth(password: &str) -> RedisAuth {
         RedisAuth {
             password: password.into(),
+            next: None,
             operator_password: "op".into(),
             previous: vec![],
             previous_until: None,
+            confirmed: None,
         }
     }
 
@@ -835,6 +837,7 @@ mod tests {
         let overrides = wtc_config::Overrides {
             database_url: Some("postgres://db/app".into()),
             redis_url: Some("redis://r:6379".into()),
+            redis_password_file: None,
             listen: None,
             metrics_listen: None,
         };
@@ -884,12 +887,5 @@ mod tests {
         cr.spec.entities[0].key_column = "version".into();
         let err = desired(&cr, &auth("pw"), &Release::default()).unwrap_err();
         assert!(err.0.contains("same column"), "{err}");
-    }
-
-    #[test]
-    fn passwords_are_url_safe_and_fresh() {
-        let (a, b) = (new_password(), new_password());
-        assert_ne!(a, b);
-        assert!(a.len() == 32 && a.chars().all(|c| c.is_ascii_alphanumeric()));
     }
 }

@@ -50,8 +50,10 @@ pub enum StartError {
     name = "wtc-sidecar",
     version,
     about = "Write-through cache sidecar: PostgreSQL first, then Redis with compare-and-swap.",
-    after_help = "Environment: WTC_DATABASE_URL, WTC_REDIS_URL, WTC_LISTEN, WTC_METRICS_LISTEN and WTC_API_TOKEN \
-                  override the file; RUST_LOG sets the log level."
+    after_help = "Environment: WTC_DATABASE_URL, WTC_REDIS_URL, WTC_REDIS_PASSWORD_FILE, WTC_LISTEN, \
+                  WTC_METRICS_LISTEN and WTC_API_TOKEN override the file; RUST_LOG sets the log \
+                  level. The file is read again every 2 s: TTLs, leases, early refresh and \
+                  retries are reloaded; other changes apply at the next start."
 )]
 struct Args {
     /// The configuration file (TOML).
@@ -141,7 +143,7 @@ pub fn main_with<C: CacheStore>(
         };
     }
     let path = args.config;
-    let config = match load_config(path.clone()) {
+    let (config, read) = match load_config(path.clone()) {
         Ok(c) => c,
         Err(msg) => {
             eprintln!("wtc-sidecar: {msg}");
@@ -158,7 +160,8 @@ pub fn main_with<C: CacheStore>(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, path, wrap, extension)) {
+    let follow = path.map(|p| (p, read));
+    match runtime.block_on(serve(config, follow, wrap, extension)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("wtc-sidecar: {msg}");
@@ -167,13 +170,15 @@ pub fn main_with<C: CacheStore>(
     }
 }
 
-fn load_config(path: Option<PathBuf>) -> Result<SidecarConfig, String> {
+/// The configuration, and the file's bytes it came from (a later change is told from them).
+fn load_config(path: Option<PathBuf>) -> Result<(SidecarConfig, Vec<u8>), String> {
     let path = path
         .ok_or("no configuration file given (--config PATH or WTC_CONFIG=PATH; --help for more)")?;
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("cannot read configuration {}: {e}", path.display()))?;
-    SidecarConfig::parse(&text, &Overrides::from_env())
-        .map_err(|e| format!("{}: {e}", path.display()))
+    let config = SidecarConfig::parse(&text, &Overrides::from_env())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((config, text.into_bytes()))
 }
 
 /// GET `url` (plain `http://host:port/path`) and succeed on a 2xx answer.
@@ -199,7 +204,7 @@ fn probe(url: &str) -> Result<(), String> {
 
 async fn serve<C: CacheStore>(
     config: SidecarConfig,
-    path: Option<PathBuf>,
+    follow: Option<(PathBuf, Vec<u8>)>,
     wrap: impl FnOnce(RedisStore, &SidecarConfig) -> C,
     extension: Option<Arc<dyn Extension>>,
 ) -> Result<(), StartError> {
@@ -222,8 +227,8 @@ async fn serve<C: CacheStore>(
     let app = Arc::new(app);
     let background = protocol.start_background();
     tokio::spawn(say_what_answers(Arc::clone(&protocol)));
-    if let Some(path) = path {
-        tokio::spawn(follow_config(path, Arc::clone(&protocol)));
+    if let Some((path, read)) = follow {
+        tokio::spawn(follow_config(path, read, Arc::clone(&protocol)));
     }
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -285,9 +290,10 @@ const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// the operator rolls the pod for those (its config hash leaves the reloadable settings out).
 async fn follow_config<C: CacheStore>(
     path: PathBuf,
+    read_at_start: Vec<u8>,
     protocol: Arc<Protocol<C, crate::postgres::Database>>,
 ) {
-    let mut seen = tokio::fs::read(&path).await.ok();
+    let mut seen = Some(read_at_start);
     let mut tick = tokio::time::interval(CONFIG_CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

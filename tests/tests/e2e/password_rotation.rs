@@ -14,12 +14,14 @@ use wtc_tests::*;
 
 const KEYS: usize = 20;
 
-fn auth(password: &str, previous: &[&str]) -> RedisAuth {
+fn auth(password: &str, next: Option<&str>, previous: &[&str]) -> RedisAuth {
     RedisAuth {
         password: password.into(),
+        next: next.map(String::from),
         operator_password: "operator's own".into(),
         previous: previous.iter().map(|p| sha256_hex(p)).collect(),
         previous_until: (!previous.is_empty()).then_some(u64::MAX),
+        confirmed: None,
     }
 }
 
@@ -59,7 +61,7 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_failed_request
     let bed = TestBed::new("rotation").await;
     let port = bed.redis.port;
     // A new server lets anyone in: the operator's first pass sets the password and its own user.
-    let first = auth("first password", &[]);
+    let first = auth("first password", None, &[]);
     assert_eq!(
         redis_admin::apply("127.0.0.1", port, &first).await.unwrap(),
         PasswordChange::Added
@@ -121,13 +123,22 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_failed_request
         })
     };
 
-    // The auth Secret's password changes: Redis takes both while the kubelet updates the file.
-    let both = auth("second password", &["first password"]);
+    // A `next-password`: Redis takes it besides the current one (the sidecars' file still
+    // holds the current one, which Redis still accepts)...
+    let adding = auth("first password", Some("second password"), &[]);
     assert_eq!(
-        redis_admin::apply("127.0.0.1", port, &both).await.unwrap(),
+        redis_admin::apply("127.0.0.1", port, &adding)
+            .await
+            .unwrap(),
         PasswordChange::Added
     );
     assert!(accepts(port, "first password").await && accepts(port, "second password").await);
+    // ...then it becomes the password (the same set accepted), and the kubelet updates the file.
+    let both = auth("second password", None, &["first password"]);
+    assert_eq!(
+        redis_admin::apply("127.0.0.1", port, &both).await.unwrap(),
+        PasswordChange::None
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&file, "second password").unwrap();
     // A connection made now uses the new password.
@@ -145,7 +156,7 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_failed_request
         .unwrap();
 
     // The grace period ends: only the new password, and every connection of `default` closed.
-    let after = auth("second password", &[]);
+    let after = auth("second password", None, &[]);
     assert_eq!(
         redis_admin::apply("127.0.0.1", port, &after).await.unwrap(),
         PasswordChange::Retired

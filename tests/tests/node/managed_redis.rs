@@ -207,7 +207,7 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
             edit: Some(|y| {
                 y.replace(
                     "    managed:\n",
-                    "    managed:\n      passwordRotationSeconds: 30\n",
+                    "    managed:\n      passwordRotationSeconds: 60\n",
                 )
             }),
             ..ShopOptions::default()
@@ -238,8 +238,18 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
     // Redis (`hit`) and what goes around it (`bypass`, Redis refused or unreachable).
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // done, failed, hit, bypass
+    // When each read around Redis happened (Unix seconds), to compare with the rotation's
+    // deadline.
+    let bypassed_at = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
     let traffic = {
         let (app, stop, counts) = (Arc::clone(&app), stop.clone(), counts.clone());
+        let bypassed_at = bypassed_at.clone();
         tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -253,7 +263,10 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
                 match wtc_tests::reply(req.timeout(Duration::from_secs(5))).await {
                     Ok(r) if r.status < 300 => match r.cache.as_deref() {
                         Some("hit") => drop(counts[2].fetch_add(1, Ordering::Relaxed)),
-                        Some("bypass") => drop(counts[3].fetch_add(1, Ordering::Relaxed)),
+                        Some("bypass") => {
+                            counts[3].fetch_add(1, Ordering::Relaxed);
+                            bypassed_at.lock().unwrap().push(unix_now());
+                        }
                         _ => {}
                     },
                     other => {
@@ -268,7 +281,7 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
 
     let old = shop.redis_password(node).await;
     let new = format!("rotated {:x}", fastrand::u64(..));
-    let patch = serde_json::json!({"stringData": {"password": new}}).to_string();
+    let patch = serde_json::json!({"stringData": {"next-password": new}}).to_string();
     let started = Instant::now();
     node.kubectl(&[
         "-n",
@@ -300,8 +313,18 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
         redis_with(&shop, &new).await.is_some(),
         "the new password works"
     );
+    // Promoted only once Redis took it: the sidecars' password is the new one now, and the old
+    // one is retired from this deadline on.
+    assert_eq!(shop.redis_password(node).await, new);
+    let secret = node
+        .json(&["-n", &shop.ns, "get", "secret", "shop-redis-auth"])
+        .await;
+    let deadline: f64 = secret["metadata"]["annotations"]["wtc.dev/previous-passwords-until"]
+        .as_str()
+        .and_then(|u| u.parse().ok())
+        .expect("the rotation's deadline");
     wait_for(
-        Duration::from_secs(90),
+        Duration::from_secs(120),
         "a PasswordRotated event",
         || async {
             let e = crate::events(node, &shop.ns, "shop", "PasswordRotated").await;
@@ -327,15 +350,27 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
     let [done, failed, hits, bypass] = counts.each_ref().map(|c| c.load(Ordering::Relaxed));
+    // Until the old password's deadline, no read went around Redis: the sidecars never held a
+    // password Redis refused.
+    let bypass_before = bypassed_at
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t < deadline)
+        .count() as u64;
     eprintln!(
         "rotate: both passwords accepted {:.1} s after the Secret changed, the old one retired \
          at {:.1} s, hits again {:.2} s after that; {done} requests, {failed} failed, {hits} \
-         hits, {bypass} around Redis",
+         hits, {bypass} around Redis ({bypass_before} before the retirement)",
         both.as_secs_f64(),
         retired.as_secs_f64(),
         back.as_secs_f64()
     );
     assert_eq!(failed, 0, "no request fails during a rotation");
+    assert_eq!(bypass_before, 0, "reads around Redis before the retirement");
+    // Closing the old password's connections costs each sidecar one reconnect: reads go to the
+    // database for its back-off (1 s) at most.
+    assert!(bypass - bypass_before <= 60, "{bypass} reads around Redis");
     // Nothing restarted: the same application pod and sidecar, the same Redis pod.
     let app_after = shop.pod(node).await;
     assert_eq!(app_after["metadata"]["uid"], app_pod["metadata"]["uid"]);
