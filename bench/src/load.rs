@@ -48,6 +48,9 @@ pub enum Client {
     InProcess(Arc<Sidecar>),
     /// The sidecar process, over HTTP on loopback.
     Http(Box<HttpConn>),
+    /// daprd's state API, over HTTP on loopback, on one of its stores (`dapr`): reads and saves
+    /// (it has no cache to miss).
+    Dapr(Box<HttpConn>, &'static str),
 }
 
 /// Which keys and bodies the requests of a phase use.
@@ -119,6 +122,24 @@ pub async fn exec(client: &mut Client, plan: &Plan, i: u64) -> bool {
                 )
             }
         },
+        Client::Dapr(conn, store) => {
+            let r = match plan.kind {
+                Kind::Hit | Kind::Miss => {
+                    let path = format!("/v1.0/state/{store}/{key}");
+                    conn.request("GET", &path, None).await
+                }
+                Kind::Write => {
+                    let body = format!("[{{\"key\":{key:?},\"value\":{}}}]", write_body(i));
+                    let path = format!("/v1.0/state/{store}");
+                    conn.request("POST", &path, Some(body.as_bytes())).await
+                }
+            };
+            match (plan.kind, r) {
+                (Kind::Write, Ok(r)) => r.status == 204,
+                (_, Ok(r)) => r.status == 200 && r.body_len > 0,
+                (_, Err(_)) => false,
+            }
+        }
         Client::Http(conn) => {
             let path = format!("/v1/entities/{}/{key}", plan.entity);
             let r = match plan.kind {

@@ -6,6 +6,7 @@
 //! workload at the same fixed rates and in a closed loop. See docs/benchmarks.md.
 #![forbid(unsafe_code)]
 
+mod dapr;
 mod hop;
 mod http;
 mod load;
@@ -36,10 +37,13 @@ const USAGE: &str = "usage: wtc-bench [--short] [--seconds S] [--peak-seconds S]
                  [--hit-rates R,R] [--miss-rates R,R] [--write-rates R,R]
                  [--herd N] [--herd-rounds N] [--batches N]
                  [--sidecar PATH|embedded] [--json PATH] [--doc PATH] [--plot PATH]
-                 [--only hit,miss,write,peak,herd,batch,tls] [--sidecar-threads N] [--slices N]
+                 [--only hit,miss,write,peak,herd,batch,tls,dapr] [--sidecar-threads N] [--slices N]
+                 [--daprd PATH]
 Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\"); the tls part
 (the sidecar on the same Redis over TLS) also WTC_REDIS_TLS_URL and WTC_REDIS_CA_FILE.
---sidecar defaults to the wtc-sidecar next to this binary (target/release/wtc-sidecar).";
+--sidecar defaults to the wtc-sidecar next to this binary (target/release/wtc-sidecar).
+The dapr part (daprd's Redis and PostgreSQL state stores beside wtc) runs when --daprd or
+WTC_DAPRD names a daprd (scripts/daprd builds one).";
 
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -63,6 +67,8 @@ pub struct Opts {
     pub slices: usize,
     /// TOKIO_WORKER_THREADS for the sidecar process (default: one per core).
     pub sidecar_threads: Option<usize>,
+    /// daprd to compare with (`--daprd`, else `WTC_DAPRD`); `None`: no dapr part.
+    pub daprd: Option<PathBuf>,
     pub command: String,
 }
 
@@ -90,6 +96,9 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         plot: None,
         only: Vec::new(),
         sidecar_threads: None,
+        daprd: std::env::var_os("WTC_DAPRD")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
         slices: 5,
         command: std::iter::once("wtc-bench".to_string())
             .chain(args.iter().cloned())
@@ -123,6 +132,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
             "--herd-rounds" => rounds = Some(num(it.next(), &a)? as usize),
             "--batches" => batches = Some(num(it.next(), &a)? as usize),
             "--sidecar" => o.sidecar = Some(it.next().ok_or("--sidecar needs a path")?),
+            "--daprd" => o.daprd = Some(it.next().ok_or("--daprd needs a path")?.into()),
             "--json" => o.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--doc" => o.doc = Some(it.next().ok_or("--doc needs a path")?.into()),
             "--plot" => o.plot = Some(it.next().ok_or("--plot needs a path")?.into()),
@@ -296,6 +306,13 @@ impl ServerProcess {
     }
 }
 
+struct DaprTarget {
+    daprd: dapr::Daprd,
+    redis_store: Vec<Client>,
+    postgres_store: Vec<Client>,
+    table_prefix: String,
+}
+
 struct Bench {
     opts: Opts,
     entity: String,
@@ -306,6 +323,8 @@ struct Bench {
     tls: Option<(ServerProcess, Vec<Client>)>,
     hop: ServerProcess,
     hop_http: Vec<Client>,
+    /// daprd and its connections, per store (the `dapr` part).
+    dapr: Option<DaprTarget>,
     redis_pid: Option<u32>,
     http: Vec<Client>,
     pg: sqlx::PgPool,
@@ -397,6 +416,49 @@ async fn run(opts: Opts) -> Result<(), String> {
         }
         (false, _, _) => None,
     };
+    let dapr = match (&opts.daprd, opts.runs("dapr")) {
+        (Some(bin), true) => {
+            let prefix = format!("wtc_bench_dapr_{pid}_");
+            let daprd = dapr::Daprd::start(bin, &redis_url, &db_url, &prefix).await?;
+            log(&format!(
+                "daprd {} (pid {}) on {}",
+                daprd.binary, daprd.pid, daprd.addr
+            ));
+            // The rows wtc reads, as values of daprd's stores: the same keys and sizes.
+            let keys: Vec<String> = (0..hot_keys).map(|i| format!("h{i}")).collect();
+            let value = load::write_body(0);
+            for store in [dapr::REDIS_STORE, dapr::POSTGRES_STORE] {
+                daprd.seed(store, &keys, &value).await?;
+            }
+            let clients = |store: &'static str| {
+                let addr = daprd.addr;
+                async move {
+                    let mut v = Vec::with_capacity(conns);
+                    for _ in 0..conns {
+                        let c = HttpConn::connect(addr)
+                            .await
+                            .map_err(|e| format!("cannot connect to daprd: {e}"))?;
+                        v.push(Client::Dapr(Box::new(c), store));
+                    }
+                    Ok::<_, String>(v)
+                }
+            };
+            let (redis_store, postgres_store) = (
+                clients(dapr::REDIS_STORE).await?,
+                clients(dapr::POSTGRES_STORE).await?,
+            );
+            Some(DaprTarget {
+                daprd,
+                redis_store,
+                postgres_store,
+                table_prefix: prefix,
+            })
+        }
+        (None, true) if !opts.only.is_empty() => {
+            return Err("the dapr part needs --daprd PATH or WTC_DAPRD (scripts/daprd)".into());
+        }
+        _ => None,
+    };
     let hop = ServerProcess::start_hop(opts.sidecar_threads).await?;
     let http = http_clients(sidecar.addr, conns, "the sidecar").await?;
     let hop_http = http_clients(hop.addr, conns, "the HTTP hop").await?;
@@ -410,6 +472,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         tls,
         hop,
         hop_http,
+        dapr,
         redis_pid,
         http,
         pg,
@@ -531,6 +594,10 @@ pub enum Target {
     Sidecar,
     /// A second sidecar, on the same Redis through its TLS port.
     SidecarTls,
+    /// daprd's `state.redis` store: a cache without the database.
+    DaprRedis,
+    /// daprd's `state.postgresql` store: the database without a cache.
+    DaprPostgres,
 }
 
 impl Target {
@@ -542,7 +609,17 @@ impl Target {
             Target::InProcess => "in-process",
             Target::Sidecar => "sidecar",
             Target::SidecarTls => "sidecar, TLS",
+            Target::DaprRedis => "daprd, Redis store",
+            Target::DaprPostgres => "daprd, PostgreSQL store",
         }
+    }
+
+    /// A process answering HTTP whose memory is sampled (the sidecars, daprd).
+    fn is_sidecar(self) -> bool {
+        matches!(
+            self,
+            Target::Sidecar | Target::SidecarTls | Target::DaprRedis | Target::DaprPostgres
+        )
     }
 }
 
@@ -661,6 +738,16 @@ impl Bench {
                 .as_mut()
                 .map(|(_, c)| std::mem::take(c))
                 .unwrap_or_default(),
+            Target::DaprRedis => self
+                .dapr
+                .as_mut()
+                .map(|d| std::mem::take(&mut d.redis_store))
+                .unwrap_or_default(),
+            Target::DaprPostgres => self
+                .dapr
+                .as_mut()
+                .map(|d| std::mem::take(&mut d.postgres_store))
+                .unwrap_or_default(),
         }
     }
 
@@ -672,6 +759,16 @@ impl Bench {
             Target::SidecarTls => {
                 if let Some((_, c)) = self.tls.as_mut() {
                     *c = clients;
+                }
+            }
+            Target::DaprRedis => {
+                if let Some(d) = self.dapr.as_mut() {
+                    d.redis_store = clients;
+                }
+            }
+            Target::DaprPostgres => {
+                if let Some(d) = self.dapr.as_mut() {
+                    d.postgres_store = clients;
                 }
             }
             _ => {}
@@ -722,7 +819,7 @@ impl Bench {
             let run = Run::merge(a.parts, a.elapsed);
             let requests = run.ok + run.bad;
             let cpu = a.cpu.unwrap_or_default().per_request(requests);
-            let rss = matches!(t, Target::Sidecar | Target::SidecarTls).then_some(a.rss_max);
+            let rss = t.is_sidecar().then_some(a.rss_max);
             let p = Phase::new(kind, *t, rate, self.opts.conns, &run, cpu, rss);
             log(&p.one_line());
             self.phases.push(p);
@@ -753,13 +850,15 @@ impl Bench {
         let plan = Arc::new(self.plan(kind, cold_count));
         let clients = self.clients(target);
         let tls_pid = self.tls.as_ref().map(|(p, _)| p.pid);
+        let dapr_pid = self.dapr.as_ref().map(|d| d.daprd.pid);
         let server_pid = match target {
             Target::Sidecar => Some(self.sidecar.pid),
             Target::SidecarTls => tls_pid,
             Target::HttpHop => Some(self.hop.pid),
+            Target::DaprRedis | Target::DaprPostgres => dapr_pid,
             _ => None,
         };
-        let is_sidecar = matches!(target, Target::Sidecar | Target::SidecarTls);
+        let is_sidecar = target.is_sidecar();
         let pid = server_pid.unwrap_or(self.sidecar.pid);
         let cpu0 = CpuSpent::now(self.redis_pid, server_pid);
         let stop = Arc::new(AtomicBool::new(false));
@@ -824,6 +923,14 @@ impl Bench {
                 (Target::SidecarTls, Kind::Write),
             ]);
         }
+        if self.dapr.is_some() {
+            warm_ups.extend([
+                (Target::DaprRedis, Kind::Hit),
+                (Target::DaprRedis, Kind::Write),
+                (Target::DaprPostgres, Kind::Hit),
+                (Target::DaprPostgres, Kind::Write),
+            ]);
+        }
         for (target, kind) in warm_ups {
             let plan = Arc::new(self.plan(kind, 0));
             let clients = self.clients(target);
@@ -840,6 +947,10 @@ impl Bench {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_idle = procfs::rss_kib(self.sidecar.pid);
+        let dapr_rss_idle = self
+            .dapr
+            .as_ref()
+            .and_then(|d| procfs::rss_kib(d.daprd.pid));
 
         let opts = self.opts.clone();
         let hit_rates = if opts.runs("hit") {
@@ -898,6 +1009,25 @@ impl Bench {
             self.phases(Kind::Hit, &both, None).await?;
         }
         let tls_phases = self.phases.split_off(before_tls);
+        // Side by side with Dapr: the same keys, payloads, Redis and PostgreSQL, slices
+        // alternating between the four targets; kept apart like the TLS part.
+        if self.dapr.is_some() {
+            let all = [
+                Target::InProcess,
+                Target::Sidecar,
+                Target::DaprRedis,
+                Target::DaprPostgres,
+            ];
+            for &rate in &opts.hit_rates {
+                self.phases(Kind::Hit, &all, Some(rate)).await?;
+            }
+            for &rate in &opts.write_rates {
+                self.phases(Kind::Write, &all, Some(rate)).await?;
+            }
+            self.phases(Kind::Hit, &all, None).await?;
+            self.phases(Kind::Write, &all, None).await?;
+        }
+        let dapr_phases = self.phases.split_off(before_tls);
         let mut herds = Vec::new();
         if opts.runs("herd") {
             // The sidecar's consistency sampler checks a share of the writes above against the
@@ -936,6 +1066,8 @@ impl Bench {
             rss_after_kib: rss_after,
             phases: std::mem::take(&mut self.phases),
             tls: tls_phases,
+            dapr: dapr_phases,
+            dapr_rss_idle_kib: dapr_rss_idle,
             herds,
             batches,
             wall_seconds: started.elapsed().as_secs_f64(),
@@ -1216,6 +1348,24 @@ impl Bench {
     async fn cleanup(&mut self) {
         let _ = self.sidecar.child.start_kill();
         let _ = self.sidecar.child.wait().await;
+        // daprd's tables (named after this run's prefix).
+        if let Some(d) = self.dapr.take() {
+            let prefix = d.table_prefix.clone();
+            drop(d);
+            let tables: Vec<(String,)> = sqlx::query_as(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND starts_with(tablename, $1)",
+            )
+            .bind(&prefix)
+            .fetch_all(&self.pg)
+            .await
+            .unwrap_or_default();
+            for (t,) in tables {
+                let sql = format!("DROP TABLE IF EXISTS \"{t}\"");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&self.pg)
+                    .await;
+            }
+        }
         // The table, its sequence and every Redis key of this run's entity.
         for sql in [
             format!("DROP TABLE IF EXISTS {}", self.table),

@@ -36,6 +36,10 @@ fn color(target: Target, rate_rank: usize) -> RGBColor {
         (Target::Sidecar, true) => RGBColor(170, 20, 20),
         (Target::SidecarTls, false) => RGBColor(230, 130, 200),
         (Target::SidecarTls, true) => RGBColor(150, 20, 110),
+        (Target::DaprRedis, false) => RGBColor(170, 150, 230),
+        (Target::DaprRedis, true) => RGBColor(80, 50, 160),
+        (Target::DaprPostgres, false) => RGBColor(150, 210, 210),
+        (Target::DaprPostgres, true) => RGBColor(20, 110, 110),
     }
 }
 

@@ -259,6 +259,9 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// The sidecar on plain TCP against the same on TLS to Redis (the `tls` part).
     pub tls: Vec<Phase>,
+    /// The `dapr` part: in-process, the sidecar and daprd's two stores, side by side.
+    pub dapr: Vec<Phase>,
+    pub dapr_rss_idle_kib: Option<u64>,
     pub herds: Vec<Herd>,
     pub batches: Vec<Batches>,
     pub wall_seconds: f64,
@@ -319,6 +322,8 @@ impl Report {
             "rss_after_kib": self.rss_after_kib,
             "phases": self.phases.iter().map(Phase::to_json).collect::<Vec<_>>(),
             "tls": self.tls.iter().map(Phase::to_json).collect::<Vec<_>>(),
+            "dapr": self.dapr.iter().map(Phase::to_json).collect::<Vec<_>>(),
+            "dapr_rss_idle_kib": self.dapr_rss_idle_kib,
             "herds": self.herds.iter().map(Herd::to_json).collect::<Vec<_>>(),
             "batches": self.batches.iter().map(Batches::to_json).collect::<Vec<_>>(),
             "targets": self.targets().iter().map(|t| json!({
@@ -829,7 +834,76 @@ impl Report {
             }
         }
         self.tls_table(w);
+        self.dapr_table(w);
         s
+    }
+
+    /// wtc next to Dapr's sidecar (the `dapr` part): latency added over the in-process library,
+    /// throughput, CPU and memory of each sidecar process.
+    fn dapr_table(&self, w: &mut String) {
+        if self.dapr.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            w,
+            "\n### Side by side with Dapr\n\nThe same keys and payloads, the same redis-server and \
+             PostgreSQL, slices alternating between the targets. daprd (one process, both stores \
+             loaded) is driven through its HTTP state API: a read is `GET /v1.0/state/<store>/<key>`, \
+             a write `POST /v1.0/state/<store>` of one item. What each promises differs: wtc commits \
+             to PostgreSQL first and serves reads from Redis never older than an acknowledged \
+             write; daprd's Redis store is a cache with no database behind it, its PostgreSQL store \
+             a database with no cache. \"added\" is over the in-process library in the same slices.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| phase | target | p50 / p99 (µs) | added p50 / p99 (µs) | req/s | server CPU/req (µs) | Redis CPU/req (µs) | RSS max (MiB) |"
+        );
+        let _ = writeln!(w, "| --- | --- | --: | --: | --: | --: | --: | --: |");
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
+        for base in self.dapr.iter().filter(|p| p.target == Target::InProcess) {
+            let mode = match base.rate {
+                Some(r) => format!("{r:.0} req/s"),
+                None => format!("closed loop x{}", base.conns),
+            };
+            for p in self
+                .dapr
+                .iter()
+                .filter(|p| p.kind == base.kind && p.rate == base.rate)
+            {
+                let added = match p.target {
+                    Target::InProcess => "".to_string(),
+                    _ => format!(
+                        "{:+.0} / {:+.0}",
+                        p.pcts_us[0] - base.pcts_us[0],
+                        p.pcts_us[2] - base.pcts_us[2]
+                    ),
+                };
+                let _ = writeln!(
+                    w,
+                    "| {} at {mode} | {} | {:.0} / {:.0} | {added} | {:.0} | {} | {} | {} |",
+                    p.kind.name(),
+                    p.target.name(),
+                    p.pcts_us[0],
+                    p.pcts_us[2],
+                    p.throughput,
+                    us(p.cpu.server_us),
+                    us(p.cpu.redis_us),
+                    p.sidecar_rss_max_kib
+                        .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "".into()),
+                );
+            }
+        }
+        if let Some(idle) = self.dapr_rss_idle_kib {
+            let _ = writeln!(
+                w,
+                "\ndaprd's RSS idle (both stores loaded): {:.1} MiB; the sidecar's: {}.",
+                idle as f64 / 1024.0,
+                self.rss_idle_kib
+                    .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "n/a".into())
+            );
+        }
     }
 
     /// The sidecar with Redis over TLS next to plain TCP (the `tls` part), as ratios.

@@ -95,8 +95,30 @@ fn short_run_reports_sane_figures() {
         assert!(num(&p["cpu_us_per_req"], "server") > 0.0, "{p}");
     }
     assert!(tls.iter().any(|p| p["target"] == "sidecar, TLS"), "{tls:?}");
+    // The dapr part, when scripts/test gave a daprd (WTC_DAPRD, from scripts/daprd): every rate
+    // and both peaks, for in-process, the sidecar and daprd's two stores, all answered.
+    let dapr = report["dapr"].as_array().expect("dapr");
+    if std::env::var_os("WTC_DAPRD").is_some() {
+        assert_eq!(dapr.len(), 4 * (2 + 2 + 2), "{dapr:?}\n{stderr}");
+        for p in dapr {
+            assert!(
+                num(p, "ok") > 0.0 && num(p, "bad") <= 0.1 * num(p, "ok"),
+                "{p}\n{stderr}"
+            );
+            if p["target"].as_str().unwrap().starts_with("daprd") {
+                assert!(num(&p["cpu_us_per_req"], "server") > 0.0, "{p}");
+                assert!(num(p, "sidecar_rss_max_kib") > 0.0, "{p}");
+            }
+        }
+        assert!(num(&report, "dapr_rss_idle_kib") > 0.0);
+    } else {
+        assert!(dapr.is_empty(), "{dapr:?}");
+    }
     assert!(!report["targets"].as_array().unwrap().is_empty());
     let md = std::fs::read_to_string(&doc).unwrap();
+    if !dapr.is_empty() {
+        assert!(md.contains("### Side by side with Dapr"), "{md}");
+    }
     assert!(
         md.contains("wtc-bench:begin") && md.contains("| hit |") && md.contains("### TLS to Redis"),
         "{md}"
