@@ -15,6 +15,12 @@ use tokio::process::{Child, Command};
 pub const REDIS_STORE: &str = "wtcbench-redis";
 pub const POSTGRES_STORE: &str = "wtcbench-postgres";
 
+/// daprd's app id, this run's own: its Redis store's keys start with it (`<app id>||<key>`),
+/// so the run deletes them at the end.
+pub fn app_id() -> String {
+    format!("wtcbench{}", std::process::id())
+}
+
 /// A running daprd; killed on drop.
 pub struct Daprd {
     _child: Child,
@@ -59,7 +65,7 @@ impl Daprd {
         let port = || free_port().map(|p| p.to_string());
         let (http, grpc, internal) = (port()?, port()?, port()?);
         let mut child = Command::new(binary)
-            .args(["--app-id", "wtcbench", "--resources-path"])
+            .args(["--app-id", &app_id(), "--resources-path"])
             .arg(&dir)
             .args(["--dapr-http-port", &http, "--dapr-grpc-port", &grpc])
             .args(["--dapr-internal-grpc-port", &internal])

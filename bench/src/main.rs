@@ -1375,13 +1375,27 @@ impl Bench {
                 .execute(&self.pg)
                 .await;
         }
-        let pattern = format!("wtc:{{{}:*", self.entity);
+        self.unlink_matching(&format!("wtc:{{{}:*", self.entity))
+            .await;
+        // daprd's Redis store: its keys are `<app id>||<key>`, the app id this run's own.
+        self.unlink_matching(&format!("{}||*", dapr::app_id()))
+            .await;
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("wtc-bench-{}", std::process::id())),
+        );
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("wtc-bench-dapr-{}", std::process::id())),
+        );
+    }
+
+    /// Deletes the Redis keys matching `pattern`.
+    async fn unlink_matching(&mut self, pattern: &str) {
         let mut cursor: u64 = 0;
         loop {
             let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(5000)
                 .query_async(&mut self.redis)
@@ -1398,8 +1412,5 @@ impl Bench {
             }
             cursor = next;
         }
-        let _ = std::fs::remove_dir_all(
-            std::env::temp_dir().join(format!("wtc-bench-{}", std::process::id())),
-        );
     }
 }
