@@ -732,14 +732,22 @@ pub async fn events(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<Stri
 
 /// Waits up to 30 s for an Event of `reason` about `name` in `ns`: their messages.
 pub async fn wait_for_event(node: &Node, ns: &str, name: &str, reason: &str) -> Vec<String> {
-    wait_for(
-        Duration::from_secs(30),
-        &format!("a {reason} event on {name}"),
-        || async {
-            let e = events(node, ns, name, reason).await;
-            (!e.is_empty()).then_some(e)
-        },
-    )
+    wait_for_event_within(node, ns, name, reason, Duration::from_secs(30)).await
+}
+
+/// `wait_for_event` with a timeout of its own (events that follow an operator's pass or a
+/// deadline).
+pub async fn wait_for_event_within(
+    node: &Node,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Vec<String> {
+    wait_for(timeout, &format!("a {reason} event on {name}"), || async {
+        let e = events(node, ns, name, reason).await;
+        (!e.is_empty()).then_some(e)
+    })
     .await
 }
 

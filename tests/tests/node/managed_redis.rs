@@ -295,13 +295,12 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
     .await;
     // The operator does not watch Secrets (list and watch on every Secret would be a right it
     // does not otherwise need): a rotation starts at its next pass of the cache, within 60 s.
-    wait_for(
+    crate::wait_for_event_within(
+        node,
+        &shop.ns,
+        "shop",
+        "PasswordRotating",
         Duration::from_secs(90),
-        "a PasswordRotating event",
-        || async {
-            let e = crate::events(node, &shop.ns, "shop", "PasswordRotating").await;
-            (!e.is_empty()).then_some(())
-        },
     )
     .await;
     let both = started.elapsed();
@@ -323,13 +322,12 @@ async fn a_rotated_password_reaches_the_running_sidecar_without_a_restart() {
         .as_str()
         .and_then(|u| u.parse().ok())
         .expect("the rotation's deadline");
-    wait_for(
+    crate::wait_for_event_within(
+        node,
+        &shop.ns,
+        "shop",
+        "PasswordRotated",
         Duration::from_secs(120),
-        "a PasswordRotated event",
-        || async {
-            let e = crate::events(node, &shop.ns, "shop", "PasswordRotated").await;
-            (!e.is_empty()).then_some(())
-        },
     )
     .await;
     let retired = started.elapsed();
