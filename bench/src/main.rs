@@ -37,6 +37,7 @@ const USAGE: &str = "usage: wtc-bench [--short] [--seconds S] [--peak-seconds S]
                  [--hit-rates R,R] [--miss-rates R,R] [--write-rates R,R]
                  [--herd N] [--herd-rounds N] [--batches N]
                  [--sidecar PATH|embedded] [--json PATH] [--doc PATH] [--plot PATH]
+                 [--dapr-plot PATH]
                  [--only hit,miss,write,peak,herd,batch,tls,dapr] [--sidecar-threads N] [--slices N]
                  [--daprd PATH]
 Needs WTC_DATABASE_URL and WTC_REDIS_URL (eval \"$(scripts/local-services)\"); the tls part
@@ -61,6 +62,8 @@ pub struct Opts {
     pub json: Option<PathBuf>,
     pub doc: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// The dapr part's plot (needs the dapr part).
+    pub dapr_plot: Option<PathBuf>,
     /// Parts to run (`hit`, `miss`, `write`, `peak`, `herd`, `batch`, `tls`); empty: all.
     pub only: Vec<String>,
     /// Each phase runs as this many slices, alternating between the targets.
@@ -94,6 +97,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         json: None,
         doc: None,
         plot: None,
+        dapr_plot: None,
         only: Vec::new(),
         sidecar_threads: None,
         daprd: std::env::var_os("WTC_DAPRD")
@@ -136,6 +140,9 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
             "--json" => o.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--doc" => o.doc = Some(it.next().ok_or("--doc needs a path")?.into()),
             "--plot" => o.plot = Some(it.next().ok_or("--plot needs a path")?.into()),
+            "--dapr-plot" => {
+                o.dapr_plot = Some(it.next().ok_or("--dapr-plot needs a path")?.into())
+            }
             "--slices" => o.slices = num(it.next(), &a)? as usize,
             "--sidecar-threads" => o.sidecar_threads = Some(num(it.next(), &a)? as usize),
             "--only" => {
@@ -167,6 +174,11 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
     o.herd_rounds = rounds.unwrap_or(o.herd_rounds);
     o.batches = batches.unwrap_or(o.batches);
     o.conns = o.conns.max(1);
+    if o.dapr_plot.is_some() && (o.daprd.is_none() || !o.runs("dapr")) {
+        return Err(
+            "--dapr-plot needs the dapr part: --daprd PATH or WTC_DAPRD, and dapr in --only".into(),
+        );
+    }
     Ok(Some(o))
 }
 
@@ -1083,6 +1095,10 @@ impl Bench {
             log(&format!("wrote {}", path.display()));
         } else {
             println!("{md}");
+        }
+        if let Some(path) = &self.opts.dapr_plot {
+            plot::dapr_png(&report, path)?;
+            log(&format!("wrote {}", path.display()));
         }
         if let Some(path) = &self.opts.plot {
             plot::latency_png(&report, path)?;

@@ -1,4 +1,5 @@
-//! docs/benchmarks-latency.png: latency percentiles at fixed rates, in-process against sidecar.
+//! docs/benchmarks-latency.png: latency percentiles at fixed rates, in-process against sidecar;
+//! docs/benchmarks-dapr.png: the same beside daprd's state stores (the dapr part).
 
 use crate::Target;
 use crate::load::Kind;
@@ -12,14 +13,19 @@ const FONT_FILES: [&str; 2] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
 
+/// Registers the font once per process (the dapr plot follows the latency one).
 fn register_font() -> Result<(), String> {
-    let bytes = FONT_FILES
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .ok_or("no DejaVuSans.ttf for the plot's text (apt-get install fonts-dejavu-core)")?;
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| "DejaVuSans.ttf is not a usable font".to_string())
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = FONT_FILES
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or("no DejaVuSans.ttf for the plot's text (apt-get install fonts-dejavu-core)")?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| "DejaVuSans.ttf is not a usable font".to_string())
+    })
+    .clone()
 }
 
 fn color(target: Target, rate_rank: usize) -> RGBColor {
@@ -44,38 +50,144 @@ fn color(target: Target, rate_rank: usize) -> RGBColor {
 }
 
 pub fn latency_png(report: &Report, path: &Path) -> Result<(), String> {
-    register_font()?;
-    let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
-    let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
     let title = format!(
         "wtc sidecar vs in-process: latency at fixed rates ({} CPUs, {})",
         report.machine.nproc, report.machine.date
     );
+    let panels: Vec<Panel> = [Kind::Hit, Kind::Miss, Kind::Write]
+        .into_iter()
+        .map(|kind| {
+            let rates = report.rates(kind);
+            Panel {
+                caption: format!("{} (µs, log scale)", kind.name()),
+                lines: report
+                    .phases
+                    .iter()
+                    .filter(|p| p.kind == kind && p.rate.is_some() && p.target != Target::Generator)
+                    .map(|p| Line {
+                        label: format!("{} {:.0}/s", p.target.name(), p.rate.unwrap_or_default()),
+                        color: color(p.target, rank(&rates, p.rate)),
+                        pcts_us: p.pcts_us,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    draw(path, &title, &panels)
+}
+
+/// docs/benchmarks-dapr.png: the dapr part's latency percentiles, reads and writes at fixed
+/// rates and at saturation, for the in-process library, the wtc sidecar and daprd's two stores.
+pub fn dapr_png(report: &Report, path: &Path) -> Result<(), String> {
+    if report.dapr.is_empty() {
+        return Err("plot: the dapr part did not run (--daprd PATH or WTC_DAPRD)".into());
+    }
+    let title = format!(
+        "wtc sidecar vs daprd's state stores: latency ({} CPUs, {})",
+        report.machine.nproc, report.machine.date
+    );
+    let rates = |kind: Kind| {
+        let mut r: Vec<f64> = Vec::new();
+        for x in report
+            .dapr
+            .iter()
+            .filter(|p| p.kind == kind)
+            .filter_map(|p| p.rate)
+        {
+            if !r.contains(&x) {
+                r.push(x);
+            }
+        }
+        r
+    };
+    let fixed = |kind: Kind, what: &str| {
+        let rates = rates(kind);
+        Panel {
+            caption: format!("{what} at fixed rates (µs, log scale)"),
+            lines: report
+                .dapr
+                .iter()
+                .filter(|p| p.kind == kind && p.rate.is_some())
+                .map(|p| Line {
+                    label: format!("{} {:.0}/s", p.target.name(), p.rate.unwrap_or_default()),
+                    color: color(p.target, rank(&rates, p.rate)),
+                    pcts_us: p.pcts_us,
+                })
+                .collect(),
+        }
+    };
+    let saturated = Panel {
+        caption: "at saturation, 16 connections (µs, log scale)".into(),
+        lines: report
+            .dapr
+            .iter()
+            .filter(|p| p.rate.is_none())
+            .map(|p| Line {
+                label: format!(
+                    "{} {}s {:.0}/s",
+                    p.target.name(),
+                    if p.kind == Kind::Write {
+                        "write"
+                    } else {
+                        "read"
+                    },
+                    p.throughput
+                ),
+                color: color(p.target, usize::from(p.kind == Kind::Write)),
+                pcts_us: p.pcts_us,
+            })
+            .collect(),
+    };
+    draw(
+        path,
+        &title,
+        &[
+            fixed(Kind::Hit, "reads"),
+            fixed(Kind::Write, "writes"),
+            saturated,
+        ],
+    )
+}
+
+/// Where a phase's rate falls among the rates of its kind: the shade of its line.
+fn rank(rates: &[f64], rate: Option<f64>) -> usize {
+    rates.iter().position(|r| Some(*r) == rate).unwrap_or(0)
+}
+
+/// One chart: a line of percentiles per phase.
+struct Panel {
+    caption: String,
+    lines: Vec<Line>,
+}
+
+struct Line {
+    label: String,
+    color: RGBColor,
+    pcts_us: [f64; 4],
+}
+
+fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<(), String> {
+    register_font()?;
+    let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
+    let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
-        .titled(&title, ("sans-serif", 22))
+        .titled(title, ("sans-serif", 22))
         .map_err(|e| err(&e))?;
-    let panels = root.split_evenly((1, 3));
-    for (panel, kind) in panels.iter().zip([Kind::Hit, Kind::Miss, Kind::Write]) {
-        let phases: Vec<_> = report
-            .phases
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (area, panel) in areas.iter().zip(panels) {
+        let (lo, hi) = panel
+            .lines
             .iter()
-            .filter(|p| p.kind == kind && p.rate.is_some() && p.target != Target::Generator)
-            .collect();
-        let (lo, hi) = phases
-            .iter()
-            .flat_map(|p| p.pcts_us)
+            .flat_map(|l| l.pcts_us)
             .filter(|v| *v > 0.0)
             .fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-        if phases.is_empty() || hi <= 0.0 {
+        if panel.lines.is_empty() || hi <= 0.0 {
             continue;
         }
         let (lo, hi) = (lo * 0.7, hi * 1.5);
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("{} (µs, log scale)", kind.name()),
-                ("sans-serif", 18),
-            )
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.caption, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(32)
             .y_label_area_size(60)
@@ -96,11 +208,9 @@ pub fn latency_png(report: &Report, path: &Path) -> Result<(), String> {
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(|e| err(&e))?;
-        let rates = report.rates(kind);
-        for p in phases {
-            let rank = rates.iter().position(|r| Some(*r) == p.rate).unwrap_or(0);
-            let c = color(p.target, rank);
-            let pts: Vec<(f64, f64)> = p
+        for line in &panel.lines {
+            let c = line.color;
+            let pts: Vec<(f64, f64)> = line
                 .pcts_us
                 .iter()
                 .enumerate()
@@ -109,11 +219,7 @@ pub fn latency_png(report: &Report, path: &Path) -> Result<(), String> {
             chart
                 .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
                 .map_err(|e| err(&e))?
-                .label(format!(
-                    "{} {:.0}/s",
-                    p.target.name(),
-                    p.rate.unwrap_or_default()
-                ))
+                .label(line.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3))
                 });

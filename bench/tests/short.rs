@@ -29,15 +29,19 @@ fn short_run_reports_sane_figures() {
     // The sidecar runs as a child process of the bench binary itself (`embedded`): the same
     // entry point as target/release/wtc-sidecar, without needing a release build here.
     let sidecar = std::env::var("WTC_BENCH_SIDECAR").unwrap_or_else(|_| "embedded".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_wtc-bench"))
-        .args(["--short", "--sidecar", &sidecar, "--json"])
+    let dapr_png = dir.join("dapr.png");
+    let with_dapr = std::env::var_os("WTC_DAPRD").is_some();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wtc-bench"));
+    cmd.args(["--short", "--sidecar", &sidecar, "--json"])
         .arg(&json)
         .arg("--doc")
         .arg(&doc)
         .arg("--plot")
-        .arg(&png)
-        .output()
-        .expect("run wtc-bench");
+        .arg(&png);
+    if with_dapr {
+        cmd.arg("--dapr-plot").arg(&dapr_png);
+    }
+    let out = cmd.output().expect("run wtc-bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "wtc-bench --short failed:\n{stderr}");
 
@@ -98,7 +102,7 @@ fn short_run_reports_sane_figures() {
     // The dapr part, when scripts/test gave a daprd (WTC_DAPRD, from scripts/daprd): every rate
     // and both peaks, for in-process, the sidecar and daprd's two stores, all answered.
     let dapr = report["dapr"].as_array().expect("dapr");
-    if std::env::var_os("WTC_DAPRD").is_some() {
+    if with_dapr {
         assert_eq!(dapr.len(), 4 * (2 + 2 + 2), "{dapr:?}\n{stderr}");
         for p in dapr {
             assert!(
@@ -125,5 +129,12 @@ fn short_run_reports_sane_figures() {
     );
     let png_bytes = std::fs::read(&png).unwrap();
     assert!(png_bytes.starts_with(b"\x89PNG"), "not a PNG");
+    if with_dapr {
+        let png_bytes = std::fs::read(&dapr_png).unwrap();
+        assert!(
+            png_bytes.starts_with(b"\x89PNG"),
+            "the dapr plot is not a PNG"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
