@@ -524,6 +524,48 @@ async fn sigterm_finishes_the_write_in_flight() {
     );
 }
 
+/// A client that hangs up after its write committed cannot cut the write off before its cache
+/// step: the cached row is replaced by the committed one (not left at the older version, which
+/// every later read would be served until its TTL ends).
+#[tokio::test]
+async fn a_write_whose_client_hangs_up_still_gets_its_cache_step() {
+    let s = setup().await;
+    let sc = &s.sidecar;
+    assert_eq!(sc.put("accounts", "h", json!({"n": 1})).await.status, 201);
+    assert_eq!(sc.get("accounts", "h").await.cache.as_deref(), Some("hit"));
+    let before = s.redis.cached_version("accounts", "h").await;
+    assert!(before.is_some());
+    // The second write commits, then waits 600 ms before its cache step; its client gives up
+    // after 150 ms and closes the connection.
+    let hold = sc
+        .hold_for(WRITE_BEFORE_CACHE_STEP, "accounts", "h", 600)
+        .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let sent = sc
+        .authed(impatient.put(sc.url("accounts", "h")))
+        .header("content-type", "application/json")
+        .body(r#"{"n": 2}"#)
+        .send();
+    let (sent, ()) = tokio::join!(sent, sc.wait_held(hold));
+    assert!(sent.is_err(), "the client gave up before the answer");
+    let committed = db_version(&s.pool, &s.table, "h").await;
+    assert!(committed > before, "the second write committed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.redis.cached_version("accounts", "h").await != committed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache step never ran: Redis holds version {:?}, the database {committed:?}",
+            s.redis.cached_version("accounts", "h").await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let read = sc.get("accounts", "h").await;
+    assert_eq!(read.body["data"]["n"], 2, "{}", read.raw);
+}
+
 /// A request target without a path (the authority form) is refused with 400, and the connection
 /// stays usable: warp's path filters panic on such a target (found by the `request` fuzz target).
 #[tokio::test]
