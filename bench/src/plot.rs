@@ -3,7 +3,7 @@
 
 use crate::Target;
 use crate::load::Kind;
-use crate::report::{PCTS, Report};
+use crate::report::{PCTS, Phase, Report, rates_of};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use std::path::Path;
@@ -57,20 +57,10 @@ pub fn latency_png(report: &Report, path: &Path) -> Result<(), String> {
     let panels: Vec<Panel> = [Kind::Hit, Kind::Miss, Kind::Write]
         .into_iter()
         .map(|kind| {
-            let rates = report.rates(kind);
-            Panel {
-                caption: format!("{} (µs, log scale)", kind.name()),
-                lines: report
-                    .phases
-                    .iter()
-                    .filter(|p| p.kind == kind && p.rate.is_some() && p.target != Target::Generator)
-                    .map(|p| Line {
-                        label: format!("{} {:.0}/s", p.target.name(), p.rate.unwrap_or_default()),
-                        color: color(p.target, rank(&rates, p.rate)),
-                        pcts_us: p.pcts_us,
-                    })
-                    .collect(),
-            }
+            let caption = format!("{} (µs, log scale)", kind.name());
+            fixed_rates(&report.phases, kind, caption, |p| {
+                p.target != Target::Generator
+            })
         })
         .collect();
     draw(path, &title, &panels)
@@ -86,35 +76,9 @@ pub fn dapr_png(report: &Report, path: &Path) -> Result<(), String> {
         "wtc sidecar vs daprd's state stores: latency ({} CPUs, {})",
         report.machine.nproc, report.machine.date
     );
-    let rates = |kind: Kind| {
-        let mut r: Vec<f64> = Vec::new();
-        for x in report
-            .dapr
-            .iter()
-            .filter(|p| p.kind == kind)
-            .filter_map(|p| p.rate)
-        {
-            if !r.contains(&x) {
-                r.push(x);
-            }
-        }
-        r
-    };
     let fixed = |kind: Kind, what: &str| {
-        let rates = rates(kind);
-        Panel {
-            caption: format!("{what} at fixed rates (µs, log scale)"),
-            lines: report
-                .dapr
-                .iter()
-                .filter(|p| p.kind == kind && p.rate.is_some())
-                .map(|p| Line {
-                    label: format!("{} {:.0}/s", p.target.name(), p.rate.unwrap_or_default()),
-                    color: color(p.target, rank(&rates, p.rate)),
-                    pcts_us: p.pcts_us,
-                })
-                .collect(),
-        }
+        let caption = format!("{what} at fixed rates (µs, log scale)");
+        fixed_rates(&report.dapr, kind, caption, |_| true)
     };
     let saturated = Panel {
         caption: "at saturation, 16 connections (µs, log scale)".into(),
@@ -147,6 +111,29 @@ pub fn dapr_png(report: &Report, path: &Path) -> Result<(), String> {
             saturated,
         ],
     )
+}
+
+/// A panel of the fixed-rate phases of one kind (those `keep` keeps), a line per phase, shaded
+/// by rate.
+fn fixed_rates(
+    phases: &[Phase],
+    kind: Kind,
+    caption: String,
+    keep: impl Fn(&Phase) -> bool,
+) -> Panel {
+    let rates = rates_of(phases, kind);
+    Panel {
+        caption,
+        lines: phases
+            .iter()
+            .filter(|p| p.kind == kind && p.rate.is_some() && keep(p))
+            .map(|p| Line {
+                label: format!("{} {:.0}/s", p.target.name(), p.rate.unwrap_or_default()),
+                color: color(p.target, rank(&rates, p.rate)),
+                pcts_us: p.pcts_us,
+            })
+            .collect(),
+    }
 }
 
 /// Where a phase's rate falls among the rates of its kind: the shade of its line.

@@ -289,16 +289,7 @@ impl Report {
 
     /// Fixed rates measured for a kind, in order.
     pub fn rates(&self, kind: Kind) -> Vec<f64> {
-        let mut r: Vec<f64> = Vec::new();
-        for p in &self.phases {
-            if p.kind == kind
-                && let Some(x) = p.rate
-                && !r.contains(&x)
-            {
-                r.push(x);
-            }
-        }
-        r
+        rates_of(&self.phases, kind)
     }
 
     pub fn to_json(&self) -> Value {
@@ -972,4 +963,18 @@ pub fn write_doc(path: &Path, generated: &str) -> Result<(), String> {
         _ => format!("# Benchmarks\n\n{old}{block}\n"),
     };
     std::fs::write(path, new).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Fixed rates of `phases` for a kind, in order (a part's phases: `Report::phases`, `dapr`...).
+pub fn rates_of(phases: &[Phase], kind: Kind) -> Vec<f64> {
+    let mut r: Vec<f64> = Vec::new();
+    for p in phases {
+        if p.kind == kind
+            && let Some(x) = p.rate
+            && !r.contains(&x)
+        {
+            r.push(x);
+        }
+    }
+    r
 }
