@@ -3,7 +3,8 @@
 //! the cache asks) recreated.
 
 use crate::{
-    Node, events, has_sidecar, node, probe_cache, probe_pod, serial, wait_for, wait_for_event,
+    Node, events, has_sidecar, node, pod_ready, probe_cache, probe_pod, serial, wait_for,
+    wait_for_event,
 };
 use serde_json::Value;
 use std::sync::Arc;
@@ -88,15 +89,6 @@ async fn operator_pods(node: &Node) -> Vec<Value> {
         ])
         .await;
     list["items"].as_array().cloned().unwrap_or_default()
-}
-
-fn pod_ready(pod: &Value) -> bool {
-    pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 async fn lease_holder(node: &Node) -> Option<String> {

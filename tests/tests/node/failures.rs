@@ -1,6 +1,6 @@
 //! What breaks in real pods, on the real node.
 
-use crate::{Shop, ShopOptions, container_status, node, serial, wait_for};
+use crate::{Shop, ShopOptions, container_status, node, pod_ready, serial, wait_for};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -69,14 +69,6 @@ fn workload_through_the_app(
     let fault_done = Arc::new(AtomicBool::new(false));
     workload.until_also = Some(Arc::clone(&fault_done));
     (workload, fault_done)
-}
-
-fn pod_ready(pod: &serde_json::Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 /// Readiness does not follow the database: a 20 s outage (longer than the 15 s a

@@ -82,6 +82,8 @@ pub struct Node {
     pub containerd_socket: String,
     /// The database URL pods use (PostgreSQL on the bridge's gateway, behind a Service).
     pub postgres_url: String,
+    /// busybox (sh, nc, wget) and kubectl: pods that probe from inside the cluster.
+    pub tools_image: String,
     pub helm: PathBuf,
     /// From `helm install` to the chart's operator Ready and injecting.
     pub install_took: Duration,
@@ -182,6 +184,7 @@ impl Node {
             kubeconfig: get("WTC_NODE_KUBECONFIG"),
             containerd_socket: get("WTC_NODE_CONTAINERD_SOCKET"),
             postgres_url: get("WTC_NODE_POSTGRES_URL"),
+            tools_image: get("WTC_NODE_TOOLS_IMAGE"),
             helm: Path::new(&assets).join("helm"),
             install_took: Duration::ZERO,
             installed_at: Instant::now(),
@@ -416,6 +419,51 @@ impl Node {
             .unwrap();
     }
 
+    /// A pod of the tools image that sleeps, with these labels, Ready.
+    pub async fn tools_pod(&self, ns: &str, name: &str, labels: &[(&str, &str)]) {
+        let labels: String = labels
+            .iter()
+            .map(|(k, v)| format!("{k}: \"{v}\", "))
+            .collect();
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+             spec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: tools\n    \
+             image: {image}\n    imagePullPolicy: Never\n    command: [/bin/sleep, \"3600\"]\n",
+            image = self.tools_image
+        );
+        self.apply(&pod).await;
+        self.kubectl(&[
+            "-n",
+            ns,
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=60s",
+        ])
+        .await;
+    }
+
+    /// What `host:port` answers a tools pod that sends `line` (busybox `nc`, 3 s to connect,
+    /// 5 s in all); empty when it could not connect.
+    pub async fn answer_to(
+        &self,
+        ns: &str,
+        pod: &str,
+        host: &str,
+        port: u16,
+        line: &str,
+    ) -> String {
+        let script = format!("echo '{line}' | timeout 5 nc -w 3 {host} {port}");
+        match self
+            .try_kubectl(&["-n", ns, "exec", pod, "--", "sh", "-c", &script])
+            .await
+        {
+            Ok(out) => out,
+            // `timeout` ends nc with 143 once the server has answered and kept the connection.
+            Err(e) => e,
+        }
+    }
+
     pub async fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
@@ -542,7 +590,7 @@ impl Shop {
     /// turns Ready with the Redis Deployment, a moment before kube-proxy routes its Service and
     /// before the sidecar's back-off after a refused connection ends; a write meanwhile is
     /// acknowledged `repairing` (committed, the cache repaired later).
-    async fn wait_for_redis(&self, node: &Node) {
+    pub async fn wait_for_redis(&self, node: &Node) {
         let app = self.app(node).await;
         let started = Instant::now();
         wait_for(
@@ -752,6 +800,16 @@ pub async fn wait_for_event_within(
 }
 
 /// The pod's container `name` is ready.
+/// The pod is Ready and not being deleted.
+pub fn pod_ready(pod: &Value) -> bool {
+    pod["metadata"]["deletionTimestamp"].is_null()
+        && pod["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
 pub fn ready(pod: &Value, name: &str) -> bool {
     container_status(pod, name).is_some_and(|c| c["ready"] == true)
 }

@@ -1,8 +1,8 @@
 //! The managed Redis' production settings on the real node: its data on a PersistentVolumeClaim
-//! (a local PersistentVolume here) survives the pod; its NetworkPolicy admits only the cache's
-//! injected pods.
+//! (a local PersistentVolume here) survives the pod; its NetworkPolicy, enforced on the node by
+//! kube-network-policies, admits only the cache's injected pods (and the operator).
 
-use crate::{Shop, ShopOptions, node, serial, wait_for};
+use crate::{Shop, ShopOptions, node, pod_ready, serial, wait_for};
 use redis::AsyncCommands;
 use std::time::{Duration, Instant};
 
@@ -130,23 +130,6 @@ spec:
         restarted.elapsed().as_secs_f64()
     );
 
-    // The NetworkPolicy (on by default) admits only this cache's injected pods, on Redis' port.
-    // Not enforced on this node: its network plugin (bridge) implements no NetworkPolicy.
-    let np = node
-        .json(&["-n", &shop.ns, "get", "networkpolicy", "shop-redis"])
-        .await;
-    assert_eq!(
-        np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
-        "shop"
-    );
-    assert_eq!(
-        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["wtc.dev/injected-for"],
-        "shop",
-        "{np}"
-    );
-    let app = shop.pod(node).await;
-    assert_eq!(app["metadata"]["labels"]["wtc.dev/injected-for"], "shop");
-
     // Persistence off: the claim goes with it (the data is the cache's, rebuilt from PostgreSQL).
     node.kubectl(&[
         "-n",
@@ -173,6 +156,104 @@ spec:
 }
 
 /// A connection to the managed Redis through its Service with `password`; `None` when refused.
+/// The managed Redis' NetworkPolicy (on by default) on a node that enforces NetworkPolicies: a
+/// pod of the cache's namespace that was not injected gets no connection, nor does a pod of
+/// another namespace carrying the injected label; the same outsider, labelled as injected pods
+/// are, gets Redis' answer (so the probe itself works); the application's injected pod, started
+/// anew, reaches Redis through its sidecar. Without the enforcer (or with a policy admitting
+/// everyone) the outsider gets Redis' answer and the test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caches_injected_pods_reach_its_redis() {
+    let _serial = serial().await;
+    let node = node().await;
+    let shop = Shop::deploy(node, "redisnp", ShopOptions::default()).await;
+    let np = node
+        .json(&["-n", &shop.ns, "get", "networkpolicy", "shop-redis"])
+        .await;
+    assert_eq!(
+        np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["wtc.dev/injected-for"],
+        "shop",
+        "{np}"
+    );
+    let app = shop.pod(node).await;
+    assert_eq!(app["metadata"]["labels"]["wtc.dev/injected-for"], "shop");
+    let app_ip = app["status"]["podIP"].as_str().unwrap().to_string();
+
+    let redis = format!("shop-redis.{}.svc.cluster.local", shop.ns);
+    // Redis answers anyone who connects, even without the password.
+    let reached = |answer: &str| answer.contains("NOAUTH");
+    node.tools_pod(&shop.ns, "outsider", &[]).await;
+    let other = format!("{}-other", shop.ns);
+    node.kubectl(&["create", "namespace", &other]).await;
+    node.tools_pod(&other, "impostor", &[("wtc.dev/injected-for", "shop")])
+        .await;
+
+    let answer = node
+        .answer_to(&shop.ns, "outsider", &redis, 6379, "PING")
+        .await;
+    assert!(
+        !reached(&answer),
+        "a pod that was not injected reached Redis: {answer}"
+    );
+    let answer = node
+        .answer_to(&other, "impostor", &redis, 6379, "PING")
+        .await;
+    assert!(
+        !reached(&answer),
+        "a pod of another namespace reached Redis with the injected label: {answer}"
+    );
+    // The impostor's network works: the application (no policy selects it) answers it.
+    let answer = node
+        .answer_to(&other, "impostor", &app_ip, 8080, "PING")
+        .await;
+    assert!(
+        answer.contains("HTTP/1.1 400"),
+        "the impostor reaches nothing at all: {answer}"
+    );
+
+    // Labelled as injected pods are, the outsider is admitted: the probe works.
+    node.kubectl(&[
+        "-n",
+        &shop.ns,
+        "label",
+        "pod",
+        "outsider",
+        "wtc.dev/injected-for=shop",
+    ])
+    .await;
+    wait_for(
+        Duration::from_secs(20),
+        "the labelled outsider to reach Redis",
+        || async {
+            let answer = node
+                .answer_to(&shop.ns, "outsider", &redis, 6379, "PING")
+                .await;
+            reached(&answer).then_some(())
+        },
+    )
+    .await;
+
+    // A new application pod: its sidecar's connections are judged too, and admitted.
+    let old = shop.pod_name(node).await;
+    node.kubectl(&["-n", &shop.ns, "delete", "pod", &old, "--wait=false"])
+        .await;
+    wait_for(
+        Duration::from_secs(90),
+        "a new application pod Ready",
+        || async {
+            let pod = shop.live_pod(node, "app=shop-app").await?;
+            (pod["metadata"]["name"] != old.as_str() && pod_ready(&pod)).then_some(())
+        },
+    )
+    .await;
+    shop.wait_for_redis(node).await;
+
+    let _ = node
+        .try_kubectl(&["delete", "namespace", &other, "--wait=false"])
+        .await;
+    shop.delete(node).await;
+}
+
 async fn redis_with(shop: &Shop, password: &str) -> Option<redis::aio::MultiplexedConnection> {
     let node = node().await;
     let svc = node
