@@ -28,6 +28,41 @@ pub fn database_url() -> String {
     })
 }
 
+/// `url` with its port replaced (to reach PostgreSQL through a `proxy::FaultProxy`).
+pub fn with_port(url: &str, port: u16) -> String {
+    let at = url.rfind('@').map_or(0, |i| i + 1);
+    let rest = &url[at..];
+    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host = rest[..host_end]
+        .rsplit_once(':')
+        .map_or(&rest[..host_end], |(h, _)| h);
+    format!("{}{host}:{port}{}", &url[..at], &rest[host_end..])
+}
+
+/// The port of `WTC_DATABASE_URL`.
+pub fn database_port() -> u16 {
+    let url = database_url();
+    let at = url.rfind('@').map_or(0, |i| i + 1);
+    url[at..]
+        .split(['/', '?'])
+        .next()
+        .and_then(|host| host.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("a port in WTC_DATABASE_URL")
+}
+
+#[test]
+fn with_port_replaces_only_the_port() {
+    assert_eq!(
+        with_port("postgres://wtc:wtc@127.0.0.1:55432/wtc", 1234),
+        "postgres://wtc:wtc@127.0.0.1:1234/wtc"
+    );
+    assert_eq!(
+        with_port("postgres://wtc@[::1]:5/wtc?sslmode=disable", 7),
+        "postgres://wtc@[::1]:7/wtc?sslmode=disable"
+    );
+}
+
 pub async fn pg() -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -485,6 +520,7 @@ impl Fixture {
                     enabled: false,
                     ..Default::default()
                 },
+                commit_stream: Default::default(),
                 entities: vec![],
             },
             env: vec![],
@@ -499,6 +535,7 @@ impl Fixture {
             key_column: "id".into(),
             version_column: "version".into(),
             ttl_seconds: 300,
+            versions: Default::default(),
         });
         self
     }

@@ -8,26 +8,9 @@ use std::time::Duration;
 use wtc_tests::proxy::{FaultProxy, Mode};
 use wtc_tests::*;
 
-/// `url` with its port replaced.
-fn with_port(url: &str, port: u16) -> String {
-    let at = url.rfind('@').map_or(0, |i| i + 1);
-    let rest = &url[at..];
-    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let host = rest[..host_end]
-        .rsplit_once(':')
-        .map_or(&rest[..host_end], |(h, _)| h);
-    format!("{}{host}:{port}{}", &url[..at], &rest[host_end..])
-}
-
 async fn through_proxy(prefix: &str) -> (TestBed, FaultProxy, Sidecar) {
     let bed = TestBed::new(prefix).await;
-    let url = database_url();
-    let port: u16 = url
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split(['/', '?']).next())
-        .and_then(|p| p.parse().ok())
-        .expect("a port in WTC_DATABASE_URL");
-    let proxy = FaultProxy::start(([127, 0, 0, 1], port).into()).await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], database_port()).into()).await;
     let sc = Fixture::new(&bed.redis.url())
         .entity("accounts", &bed.table)
         .with(|c| {

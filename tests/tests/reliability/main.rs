@@ -166,26 +166,3 @@ pub fn history_figures(r: &Report, stats: &RunStats, w: Duration) -> Value {
         "w_ms": w.as_secs_f64() * 1e3,
     })
 }
-
-/// `postgres://user:pass@host:port/db` with another port (to go through a proxy).
-pub fn with_port(url: &str, port: u16) -> String {
-    let at = url.rfind('@').expect("user@host in the database URL");
-    let rest = &url[at + 1..];
-    let host_end = rest.find(':').expect("host:port in the database URL");
-    let path = &rest[host_end..];
-    let path_start = path.find('/').unwrap_or(path.len());
-    format!(
-        "{}{}:{port}{}",
-        &url[..=at],
-        &rest[..host_end],
-        &path[path_start..]
-    )
-}
-
-#[test]
-fn with_port_replaces_only_the_port() {
-    assert_eq!(
-        with_port("postgres://wtc:wtc@127.0.0.1:55432/wtc", 1234),
-        "postgres://wtc:wtc@127.0.0.1:1234/wtc"
-    );
-}

@@ -5,7 +5,7 @@
 //! no acknowledged write is lost, no read returns a version the database never committed, and no
 //! read is older than a clean acknowledgement.
 
-use crate::{FaultCycle, history_figures, report, serial, stop, with_port};
+use crate::{FaultCycle, history_figures, report, serial, stop};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,16 +98,7 @@ async fn postgres_faults_under_load_keep_the_promise() {
     let pool = pg().await;
     let (table, audit) = history::audited_table(&pool, "pgfault").await;
     let redis = RedisServer::start().await;
-    let db_addr = {
-        let url = database_url();
-        let port: u16 = url
-            .rsplit_once(':')
-            .and_then(|(_, rest)| rest.split('/').next())
-            .and_then(|p| p.parse().ok())
-            .expect("a port in WTC_DATABASE_URL");
-        std::net::SocketAddr::from(([127, 0, 0, 1], port))
-    };
-    let proxy = FaultProxy::start(db_addr).await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], database_port()).into()).await;
     let mut sidecars = vec![];
     for _ in 0..2 {
         let sc = Fixture::new(&redis.url())
