@@ -36,7 +36,62 @@ pub struct SidecarConfig {
     pub limits: Limits,
     #[serde(default)]
     pub sampler: SamplerConfig,
+    /// Changes committed by anyone, read from PostgreSQL's logical decoding: they invalidate
+    /// the cached rows they changed (docs/commit-stream.md). Off by default.
+    #[serde(default, skip_serializing_if = "CommitStreamConfig::is_default")]
+    pub commit_stream: CommitStreamConfig,
     pub entities: Vec<Entity>,
+}
+
+/// The commit stream: one logical replication slot (pgoutput) and one publication of the
+/// entities' tables, polled by one sidecar at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommitStreamConfig {
+    pub enabled: bool,
+    /// The replication slot (created when missing; needs the REPLICATION attribute).
+    pub slot: String,
+    /// The publication (created when missing, or extended with missing tables: needs the
+    /// tables' ownership then).
+    pub publication: String,
+    /// Pause between two polls of the slot when the last one found nothing.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for CommitStreamConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slot: "wtc_commit_stream".into(),
+            publication: "wtc_commit_stream".into(),
+            poll_interval_ms: 10,
+        }
+    }
+}
+
+impl CommitStreamConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Where a table's versions come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionSource {
+    /// The sidecar draws them from its sequence; other writers must do the same
+    /// (`nextval('<table>_<column>_wtc_seq')`) or their rows are refused by the CAS as older.
+    #[default]
+    Sidecar,
+    /// A trigger the sidecar installs draws a version from the same sequence on every insert
+    /// and update, whoever writes (docs/protocol.md "Versions").
+    Trigger,
+}
+
+impl VersionSource {
+    fn is_sidecar(&self) -> bool {
+        *self == VersionSource::Sidecar
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,6 +245,8 @@ pub struct Entity {
     pub version_column: String,
     #[serde(default = "default_ttl_seconds")]
     pub ttl_seconds: u64,
+    #[serde(default, skip_serializing_if = "VersionSource::is_sidecar")]
+    pub versions: VersionSource,
 }
 
 fn default_listen() -> String {
@@ -496,6 +553,27 @@ impl SidecarConfig {
                 ));
             }
         }
+        let cs = &self.commit_stream;
+        if cs.enabled {
+            if !is_slot_name(&cs.slot) {
+                return invalid(format!(
+                    "commit_stream.slot {:?} must be 1-63 characters of a-z, 0-9 or '_'",
+                    cs.slot
+                ));
+            }
+            if cs.publication.is_empty()
+                || cs.publication.len() > 63
+                || cs.publication.contains('\0')
+            {
+                return invalid(format!(
+                    "commit_stream.publication {:?} is not a valid identifier",
+                    cs.publication
+                ));
+            }
+            if cs.poll_interval_ms == 0 {
+                return invalid("commit_stream.poll_interval_ms must be at least 1".into());
+            }
+        }
         if self.cache.lease_ttl_ms == 0 || self.cache.tombstone_ttl_seconds == 0 {
             return invalid(
                 "cache.lease_ttl_ms and cache.tombstone_ttl_seconds must be positive".into(),
@@ -553,6 +631,15 @@ fn is_entity_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// PostgreSQL's rule for replication slot names.
+fn is_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]
@@ -653,6 +740,50 @@ mod tests {
         );
         let e = with("127.0.0.1:7480").unwrap_err().to_string();
         assert!(e.contains("the API's own address"), "{e}");
+    }
+
+    #[test]
+    fn the_commit_stream_and_trigger_versions_are_opt_in_and_checked() {
+        let c = SidecarConfig::parse(MINIMAL, &Overrides::default()).unwrap();
+        assert!(!c.commit_stream.enabled);
+        assert_eq!(c.entities[0].versions, VersionSource::Sidecar);
+        // Left at their defaults, they are not written out: sidecars of earlier releases
+        // refuse unknown settings, and the operator's config hash stays the same.
+        let text = c.render();
+        assert!(
+            !text.contains("commit_stream") && !text.contains("versions"),
+            "{text}"
+        );
+        let on = format!(
+            "{MINIMAL}versions = \"trigger\"\n[commit_stream]\nenabled = true\nslot = \"shop_1\"\n"
+        );
+        let c = SidecarConfig::parse(&on, &Overrides::default()).unwrap();
+        assert_eq!(c.entities[0].versions, VersionSource::Trigger);
+        assert_eq!(c.commit_stream.slot, "shop_1");
+        assert_eq!(c.commit_stream.publication, "wtc_commit_stream");
+        assert_eq!(
+            SidecarConfig::parse(&c.render(), &Overrides::default()).unwrap(),
+            c
+        );
+        for (bad, says) in [
+            ("slot = \"Shop\"", "commit_stream.slot"),
+            ("slot = \"a-b\"", "commit_stream.slot"),
+            ("publication = \"\"", "commit_stream.publication"),
+            ("poll_interval_ms = 0", "poll_interval_ms"),
+        ] {
+            let text = format!("{MINIMAL}[commit_stream]\nenabled = true\n{bad}\n");
+            let e = SidecarConfig::parse(&text, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = SidecarConfig::parse(
+            &format!("{MINIMAL}versions = \"database\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("versions"), "{e}");
     }
 
     #[test]

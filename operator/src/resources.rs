@@ -218,6 +218,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
         },
         limits: Limits::default(),
         sampler: Default::default(),
+        commit_stream: Default::default(),
         entities: spec
             .entities
             .iter()
@@ -227,6 +228,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                 key_column: e.key_column.clone(),
                 version_column: e.version_column.clone(),
                 ttl_seconds: e.ttl_seconds,
+                versions: Default::default(),
             })
             .collect(),
     }

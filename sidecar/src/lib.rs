@@ -11,6 +11,7 @@
 //! - `run`: process wiring.
 #![forbid(unsafe_code)]
 
+mod commit_stream;
 pub mod core;
 pub mod http;
 pub mod postgres;

@@ -226,6 +226,11 @@ async fn serve<C: CacheStore>(
     }
     let app = Arc::new(app);
     let background = protocol.start_background();
+    let commit_stream = protocol.config().commit_stream.enabled.then(|| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = crate::commit_stream::start(Arc::clone(&protocol), stop.clone());
+        (task, stop)
+    });
     tokio::spawn(say_what_answers(Arc::clone(&protocol)));
     if let Some((path, read)) = follow {
         tokio::spawn(follow_config(path, read, Arc::clone(&protocol)));
@@ -274,6 +279,10 @@ async fn serve<C: CacheStore>(
     app.writes_in_flight.wait().await;
     protocol.finish_refreshes().await;
     background.stop().await;
+    if let Some((task, stop)) = commit_stream {
+        stop.cancel();
+        let _ = task.await;
+    }
     // One last repair pass: keys left in the queue could be served stale by other sidecars.
     protocol.repair_once().await;
     tracing::info!("stopped");

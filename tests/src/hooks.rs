@@ -155,6 +155,13 @@ macro_rules! forward_to_inner {
             self.inner.write_intents(intents, ttl).await
         }
 
+        async fn invalidate(
+            &self,
+            items: &[wtc_sidecar::core::ports::Invalidation<'_>],
+        ) -> Result<Vec<wtc_sidecar::core::ports::InvalidateOutcome>, CacheError> {
+            self.inner.invalidate(items).await
+        }
+
         async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
             self.inner.evict(keys).await
         }

@@ -10,8 +10,8 @@
 use super::envelope::Envelope;
 use super::metrics::Metrics;
 use super::ports::{
-    CacheError, CacheKey, CacheStore, CommitFailure, FillOutcome, KeyForm, LeaseEnd, LeaseToken,
-    PrepareError, RowStore, StoreCall, StoreOutcome,
+    CacheError, CacheKey, CacheStore, CommitFailure, FillOutcome, InvalidateOutcome, Invalidation,
+    KeyForm, LeaseEnd, LeaseToken, PrepareError, RowStore, Stale, StoreCall, StoreOutcome,
 };
 use super::protocol::Protocol;
 use super::types::*;
@@ -81,6 +81,11 @@ fn prefix_version(bytes: &[u8]) -> Option<i64> {
 }
 
 impl MemoryCache {
+    /// What is stored under `key`'s entry.
+    pub(crate) fn entry_bytes(&self, key: &CacheKey) -> Option<Vec<u8>> {
+        self.entries.lock().unwrap().get(&key.entry).cloned()
+    }
+
     fn weakened() -> Self {
         Self {
             weakened: true,
@@ -321,6 +326,36 @@ impl CacheStore for MemoryCache {
         Ok(ends.iter().map(|e| self.end_one(e)).collect())
     }
 
+    async fn invalidate(
+        &self,
+        items: &[Invalidation<'_>],
+    ) -> Result<Vec<InvalidateOutcome>, CacheError> {
+        self.check()?;
+        let mut entries = self.entries.lock().unwrap();
+        let mut leases = self.leases.lock().unwrap();
+        Ok(items
+            .iter()
+            .map(|i| {
+                leases.remove(&i.key.lease);
+                let Some(cur) = entries.get(&i.key.entry) else {
+                    return InvalidateOutcome::Absent;
+                };
+                let v = prefix_version(cur);
+                let stale = match (i.stale, v) {
+                    (Stale::Any, _) | (_, None) => true,
+                    (Stale::Below(b), Some(v)) => v < b.get(),
+                    (Stale::AtMost(b), Some(v)) => v <= b.get(),
+                };
+                if stale {
+                    entries.remove(&i.key.entry);
+                    InvalidateOutcome::Evicted
+                } else {
+                    InvalidateOutcome::Kept
+                }
+            })
+            .collect())
+    }
+
     async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {
         self.check()?;
         for k in keys {
@@ -446,7 +481,7 @@ impl RowStore for MemoryRows {
     }
 }
 
-type Mem = Protocol<MemoryCache, MemoryRows>;
+pub(crate) type Mem = Protocol<MemoryCache, MemoryRows>;
 
 fn protocol_with(cache: MemoryCache) -> Arc<Mem> {
     protocol_of(cache, MemoryRows::default())
@@ -458,7 +493,21 @@ fn protocol_of(cache: MemoryCache, rows: MemoryRows) -> Arc<Mem> {
 
 /// `beta`: `cache.early_expiration_beta` (0: no early refresh, so that hits stay hits).
 fn protocol_with_beta(cache: MemoryCache, rows: MemoryRows, beta: f64) -> Arc<Mem> {
-    let config = SidecarConfig::parse(
+    protocol_configured(cache, rows, beta, |_| {})
+}
+
+/// An in-memory protocol whose configuration `edit` changed (entity `accounts`).
+pub(crate) fn protocol_edited(edit: impl FnOnce(&mut SidecarConfig)) -> Arc<Mem> {
+    protocol_configured(MemoryCache::default(), MemoryRows::default(), 0.0, edit)
+}
+
+fn protocol_configured(
+    cache: MemoryCache,
+    rows: MemoryRows,
+    beta: f64,
+    edit: impl FnOnce(&mut SidecarConfig),
+) -> Arc<Mem> {
+    let mut config = SidecarConfig::parse(
         &format!(
             "[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
              [redis]\nurl = \"redis://127.0.0.1:1\"\n\
@@ -469,6 +518,7 @@ fn protocol_with_beta(cache: MemoryCache, rows: MemoryRows, beta: f64) -> Arc<Me
         &Overrides::default(),
     )
     .expect("config");
+    edit(&mut config);
     Arc::new(Protocol::new(
         config,
         cache,

@@ -34,6 +34,26 @@ pub struct EpochCounters {
     pub swept_keys: IntCounter,
 }
 
+/// The commit stream (`commit_stream`): what it applied and how far behind it is.
+#[derive(Clone)]
+pub struct CommitStreamMetrics {
+    /// Row changes applied, by `outcome`: evicted, kept (the cached version is as new),
+    /// absent (nothing cached), unusable (no key in the change, or not a key of the column).
+    pub changes: IntCounterVec,
+    /// TRUNCATEs of a cached table (each sweeps the cache).
+    pub truncates: IntCounter,
+    /// From a transaction's commit to its changes applied to the cache.
+    pub apply_delay: Histogram,
+    /// Age of the oldest committed change read but not yet applied (0: none).
+    pub lag: Gauge,
+    /// WAL the slot keeps on the database server's disk.
+    pub retained_wal: IntGauge,
+    /// 1 on the sidecar polling the slot.
+    pub leading: IntGauge,
+    /// Failures by `stage`: connect, poll, decode, apply, advance.
+    pub errors: IntCounterVec,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub entities: Vec<EntityMetrics>,
@@ -65,6 +85,7 @@ pub struct Metrics {
     pub sampler_inconsistent: IntCounter,
     pub sampler_oldest_inconsistency: Gauge,
     pub sampler_queued: IntGauge,
+    pub commit_stream: CommitStreamMetrics,
     reads: IntCounter,
     writes: IntCounter,
     /// Writes / all operations over a sliding window (`wtc_write_ratio`).
@@ -143,6 +164,49 @@ impl Metrics {
         }
         let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap();
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
+        let commit_stream = CommitStreamMetrics {
+            changes: IntCounterVec::new(
+                Opts::new("wtc_commit_stream_changes_total", "Row changes read from the commit stream, by outcome: evicted (the cached entry was older), kept (it was as new), absent (nothing cached), unusable (no usable key)."),
+                &["outcome"],
+            )
+            .unwrap(),
+            truncates: counter(
+                "wtc_commit_stream_truncates_total",
+                "TRUNCATEs of a cached table read from the commit stream (each sweeps the cache).",
+            ),
+            apply_delay: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wtc_commit_stream_apply_delay_seconds",
+                    "From a transaction's commit (database clock) to its changes applied to the cache.",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0]),
+            )
+            .unwrap(),
+            lag: Gauge::new(
+                "wtc_commit_stream_lag_seconds",
+                "Age of the oldest committed change read from the commit stream and not yet applied (0: none).",
+            )
+            .unwrap(),
+            retained_wal: gauge(
+                "wtc_commit_stream_retained_wal_bytes",
+                "WAL the commit stream's replication slot keeps on the database server.",
+            ),
+            leading: gauge(
+                "wtc_commit_stream_leading",
+                "1 on the sidecar that polls the commit stream (one per slot).",
+            ),
+            errors: IntCounterVec::new(
+                Opts::new("wtc_commit_stream_errors_total", "Commit stream failures by stage: connect, poll, decode, apply, advance."),
+                &["stage"],
+            )
+            .unwrap(),
+        };
+        for o in ["evicted", "kept", "absent", "unusable"] {
+            commit_stream.changes.with_label_values(&[o]);
+        }
+        for s in ["connect", "poll", "decode", "apply", "advance"] {
+            commit_stream.errors.with_label_values(&[s]);
+        }
         let m = Metrics {
             registry,
             entities: entity_names
@@ -242,6 +306,7 @@ impl Metrics {
                 "wtc_sampler_queued",
                 "Sampled keys waiting for their check (or second look).",
             ),
+            commit_stream,
             reads: counter("wtc_reads_total", "Reads served (all outcomes)."),
             writes: counter(
                 "wtc_write_operations_total",
@@ -277,6 +342,13 @@ impl Metrics {
             Box::new(m.sampler_inconsistent.clone()),
             Box::new(m.sampler_oldest_inconsistency.clone()),
             Box::new(m.sampler_queued.clone()),
+            Box::new(m.commit_stream.changes.clone()),
+            Box::new(m.commit_stream.truncates.clone()),
+            Box::new(m.commit_stream.apply_delay.clone()),
+            Box::new(m.commit_stream.lag.clone()),
+            Box::new(m.commit_stream.retained_wal.clone()),
+            Box::new(m.commit_stream.leading.clone()),
+            Box::new(m.commit_stream.errors.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.writes.clone()),
         ] {

@@ -5,11 +5,13 @@
 //! - `types`, `envelope`: the vocabulary (entity, version, what the cache holds, outcomes).
 //! - `read` (with single-flight in `flights`), `bulk_read`: the read path.
 //! - `write`: the write path, single writes and batches.
+//! - `external`: changes committed by anyone (the commit stream) invalidating cached rows.
 //! - `repair`: the repair queue. `sampler`: the consistency sampler. `metrics`, `write_ratio`.
 //! - `protocol`: the state they share, and the background loops.
 
 mod bulk_read;
 pub mod envelope;
+pub mod external;
 mod flights;
 mod ids;
 mod metrics;
@@ -26,7 +28,7 @@ mod write_ratio;
 mod memory;
 
 pub use envelope::Envelope;
-pub use metrics::{EntityMetrics, EpochCounters, Metrics};
+pub use metrics::{CommitStreamMetrics, EntityMetrics, EpochCounters, Metrics};
 pub use ports::{CacheKey, CacheStore, RowStore};
 pub use protocol::{Background, NeedsRestart, Protocol};
 pub use types::*;

@@ -73,6 +73,34 @@ pub struct StoreCall<'a> {
     pub intent: Option<&'a LeaseToken>,
 }
 
+/// Which cached versions a change committed elsewhere makes stale (the commit stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Versions below this one.
+    Below(Version),
+    /// Versions up to this one (a delete, or a table whose versions other writers may leave as
+    /// they were).
+    AtMost(Version),
+    /// Any version (the change carries none).
+    Any,
+}
+
+/// The eviction of an entry a change committed elsewhere made stale.
+pub struct Invalidation<'a> {
+    pub key: &'a CacheKey,
+    pub stale: Stale,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidateOutcome {
+    /// The entry was stale and is gone: the next read fills it from the database.
+    Evicted,
+    /// The entry is as new as the change or newer.
+    Kept,
+    /// No entry.
+    Absent,
+}
+
 /// How a reader that won a fill lease ends it.
 pub enum LeaseEnd<'a> {
     /// `FILL` with the row just read.
@@ -171,6 +199,13 @@ pub trait CacheStore: Send + Sync + 'static {
         ends: &[LeaseEnd<'_>],
     ) -> impl Future<Output = Result<Vec<Option<FillOutcome>>, CacheError>> + Send;
 
+    /// Evicts each entry that is stale by its `Invalidation`, and deletes every lease named (a
+    /// filler that read the row before the change can no longer fill). Never stores anything:
+    /// a change applied late cannot put an older version back. Outcomes in order.
+    fn invalidate(
+        &self,
+        items: &[Invalidation<'_>],
+    ) -> impl Future<Output = Result<Vec<InvalidateOutcome>, CacheError>> + Send;
     /// Removes entries and their leases: always safe, the next read fills from the database.
     fn evict(&self, keys: &[&CacheKey]) -> impl Future<Output = Result<(), CacheError>> + Send;
 

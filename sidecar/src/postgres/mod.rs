@@ -5,10 +5,14 @@
 //! (table, key). `nextval` is evaluated under that lock, so for one key the versions increase in
 //! commit order, across update, delete and re-insert. Without it, an INSERT evaluates its
 //! `nextval` before it meets a concurrent DELETE of the same key and can commit a version below
-//! the delete's tombstone.
+//! the delete's tombstone. With `versions = "trigger"` a trigger draws the version instead
+//! (every writer's), after the row lock; the statements read it back with `RETURNING`.
+//! `commit_stream` (with the `pgoutput` decoder) reads what every writer committed.
 
+pub mod commit_stream;
 mod error;
 mod keys;
+mod pgoutput;
 mod table;
 mod values;
 
@@ -28,7 +32,9 @@ use table::{Table, lock_key};
 use wtc_config::{DatabaseConfig, Entity};
 
 pub use keys::KeyType;
-pub use table::{quote_ident, quote_literal, sequence_name};
+pub use table::{
+    VERSION_TRIGGER, quote_ident, quote_literal, sequence_name, version_function_name,
+};
 
 /// What `prepare` learned about a write: its table, and the columns a put sets (table order).
 pub struct Prepared {
@@ -206,6 +212,11 @@ impl Database {
             unreachable: entities.iter().map(|_| Mutex::new(None)).collect(),
             entities: entities.to_vec(),
         })
+    }
+
+    /// How to open a connection of its own, as the pool does (the commit stream's).
+    pub fn connect_options(&self) -> PgConnectOptions {
+        (*self.pool.connect_options()).clone()
     }
 
     /// The table of `entity`, introspected on first use (the application may create or migrate

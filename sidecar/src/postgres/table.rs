@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Row};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use wtc_config::Entity;
+use wtc_config::{Entity, VersionSource};
 
 /// `written_at` in RFC 3339, UTC, from the database clock.
 const NOW_RFC3339: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#;
@@ -147,7 +147,7 @@ impl Table {
         }
 
         let sequence = sequence_name(&entity.table, &entity.version_column);
-        ensure_sequence(pool, &entity.table, &entity.version_column, &sequence).await?;
+        ensure_versions(pool, entity, &sequence).await?;
         Ok(Table::new(entity, &key_type, &attnums, &types, &sequence))
     }
 
@@ -403,14 +403,52 @@ pub fn sequence_name(table: &str, version_column: &str) -> String {
     name
 }
 
+/// Name of the version trigger's function for a table: short and unique, since table names
+/// may already take the 63 bytes an identifier has.
+pub fn version_function_name(table: &str, version_column: &str) -> String {
+    format!(
+        "wtc_version_{:016x}",
+        lock_key(table, version_column) as u64
+    )
+}
+
+/// The trigger that gives every inserted and updated row its version (`versions = "trigger"`).
+pub const VERSION_TRIGGER: &str = "wtc_version";
+
+/// The statements that install the version trigger: a function drawing `nextval` of the
+/// sequence (never below the row's previous version, should the sequence be set back), and the
+/// trigger. A BEFORE UPDATE trigger runs after the row lock, so one key's versions follow commit
+/// order whoever writes; the sidecar's statements read the version back (`RETURNING`).
+fn version_trigger_sql(entity: &Entity, sequence: &str) -> [String; 2] {
+    let q_fn = quote_ident(&version_function_name(
+        &entity.table,
+        &entity.version_column,
+    ));
+    let v = quote_ident(&entity.version_column);
+    let seq = quote_literal(&quote_ident(sequence));
+    let body = format!(
+        "BEGIN NEW.{v} := nextval({seq}::regclass); \
+         IF TG_OP = 'UPDATE' AND NEW.{v} <= OLD.{v} THEN NEW.{v} := OLD.{v} + 1; END IF; \
+         RETURN NEW; END"
+    );
+    [
+        format!(
+            "CREATE OR REPLACE FUNCTION {q_fn}() RETURNS trigger LANGUAGE plpgsql AS {}",
+            quote_literal(&body)
+        ),
+        format!(
+            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {q_fn}()",
+            quote_ident(VERSION_TRIGGER),
+            quote_ident(&entity.table)
+        ),
+    ]
+}
+
 /// Creates the version sequence when missing and moves it past the versions already in the table
-/// (adopting an existing table). Serialized across sidecars by an advisory lock.
-async fn ensure_sequence(
-    pool: &PgPool,
-    table: &str,
-    version_column: &str,
-    sequence: &str,
-) -> Result<(), DbError> {
+/// (adopting an existing table); with `versions = "trigger"`, installs the version trigger.
+/// Serialized across sidecars by an advisory lock.
+async fn ensure_versions(pool: &PgPool, entity: &Entity, sequence: &str) -> Result<(), DbError> {
+    let (table, version_column) = (&entity.table, &entity.version_column);
     let q_seq = quote_ident(sequence);
     let mut tx = pool.begin().await.map_err(|e| db_error(e, false))?;
     let steps = [
@@ -432,6 +470,26 @@ async fn ensure_sequence(
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error(e, false))?;
+    }
+    if entity.versions == VersionSource::Trigger {
+        // Under the lock: two sidecars starting together create it once. One that exists
+        // (perhaps made by a DBA, owned by another role) is left as it is.
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2)",
+        )
+        .bind(quote_ident(table))
+        .bind(VERSION_TRIGGER)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| db_error(e, false))?;
+        if !exists {
+            for sql in version_trigger_sql(entity, sequence) {
+                sqlx::query(AssertSqlSafe(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(e, false))?;
+            }
+        }
     }
     tx.commit().await.map_err(|e| db_error(e, false))
 }
@@ -460,6 +518,7 @@ mod tests {
             key_column: "id".into(),
             version_column: "version".into(),
             ttl_seconds: 60,
+            versions: Default::default(),
         };
         let attnums = HashMap::from([
             ("id".to_string(), 1),
@@ -600,5 +659,36 @@ mod tests {
             "accounts_version_wtc_seq"
         );
         assert!(sequence_name(&"x".repeat(63), "version").len() <= 63);
+    }
+
+    #[test]
+    fn the_version_trigger_quotes_every_name() {
+        let entity = Entity {
+            name: "accounts".into(),
+            table: "we\"ird".into(),
+            key_column: "id".into(),
+            version_column: "v'er".into(),
+            ttl_seconds: 60,
+            versions: VersionSource::Trigger,
+        };
+        let sql = version_trigger_sql(&entity, "s");
+        let function = version_function_name("we\"ird", "v'er");
+        assert!(function.len() <= 63);
+        assert_ne!(function, version_function_name("we\"ird", "version"));
+        // The body is one string literal: the column's quote is doubled inside it.
+        assert!(sql[0].starts_with(&format!("CREATE OR REPLACE FUNCTION \"{function}\"()")));
+        assert!(
+            sql[0].contains(r#"NEW."v''er" := nextval(''"s"''::regclass)"#),
+            "{}",
+            sql[0]
+        );
+        assert!(sql[0].contains("NEW.\"v''er\" <= OLD.\"v''er\""));
+        assert_eq!(
+            sql[1],
+            format!(
+                "CREATE TRIGGER \"wtc_version\" BEFORE INSERT OR UPDATE ON \"we\"\"ird\" \
+                 FOR EACH ROW EXECUTE FUNCTION \"{function}\"()"
+            )
+        );
     }
 }

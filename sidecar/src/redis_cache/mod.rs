@@ -20,7 +20,8 @@ pub use source::SourceError;
 
 use crate::core::EpochCounters;
 use crate::core::ports::{
-    CacheError, CacheKey, CacheStore, FillOutcome, LeaseEnd, LeaseToken, StoreCall, StoreOutcome,
+    CacheError, CacheKey, CacheStore, FillOutcome, InvalidateOutcome, Invalidation, LeaseEnd,
+    LeaseToken, StoreCall, StoreOutcome,
 };
 use crate::core::types::Cached;
 use connection::Connection;
@@ -43,6 +44,7 @@ pub struct RedisStore {
     store: Script,
     fill: Script,
     release: Script,
+    invalidate: Script,
     started: Instant,
     down_until_ms: AtomicU64,
     down_backoff: Duration,
@@ -67,6 +69,7 @@ impl RedisStore {
             store: Script::new(scripts::STORE),
             fill: Script::new(scripts::FILL),
             release: Script::new(scripts::RELEASE),
+            invalidate: Script::new(scripts::INVALIDATE),
             started: Instant::now(),
             down_until_ms: AtomicU64::new(0),
             down_backoff,
@@ -514,6 +517,35 @@ impl CacheStore for RedisStore {
                 LeaseEnd::Fill { .. } => scripts::fill_outcome(r).map(Some),
             })
             .collect()
+    }
+
+    async fn invalidate(
+        &self,
+        items: &[Invalidation<'_>],
+    ) -> Result<Vec<InvalidateOutcome>, CacheError> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let c = self.conn_for(items.iter().map(|i| i.key)).await?;
+        let replies = self
+            .grouped(
+                &c,
+                items.len(),
+                |i| items[i].key.entry.as_str(),
+                |_| 1,
+                |pipe, group| {
+                    load(pipe, scripts::INVALIDATE);
+                    for &i in group {
+                        let (version, inclusive) = scripts::invalidate_args(items[i].stale);
+                        let key = items[i].key;
+                        evalsha(pipe, &self.invalidate, &[&key.entry, &key.lease])
+                            .arg(version)
+                            .arg(inclusive);
+                    }
+                },
+            )
+            .await?;
+        replies.iter().map(scripts::invalidate_outcome).collect()
     }
 
     async fn evict(&self, keys: &[&CacheKey]) -> Result<(), CacheError> {

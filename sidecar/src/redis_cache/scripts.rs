@@ -11,7 +11,7 @@
 //! write's cache step deletes the lease, so a filler or an older writer that read or committed
 //! before it can no longer install its value, even if the entry was evicted in between.
 
-use crate::core::ports::{CacheError, FillOutcome, StoreOutcome};
+use crate::core::ports::{CacheError, FillOutcome, InvalidateOutcome, Stale, StoreOutcome};
 use redis::Value;
 
 /// Cache step of a committed write (row or tombstone).
@@ -59,6 +59,29 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 'stored'
 "#;
 
+/// A change committed elsewhere (the commit stream): evicts the entry when its version is
+/// stale, deletes the lease either way. Never sets a value, so applying a change late (or twice)
+/// cannot bring an older version back.
+/// ARGV: the change's version ("" when it has none: any entry is stale), "1" when an entry of
+/// exactly that version is stale too.
+/// Returns "evicted", "kept" or "absent".
+pub const INVALIDATE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local result = 'absent'
+if cur then
+  local v = tonumber(string.match(cur, '^{"v":(%d+),'))
+  local bound = tonumber(ARGV[1])
+  if bound == nil or v == nil or v < bound or (ARGV[2] == '1' and v == bound) then
+    redis.call('DEL', KEYS[1])
+    result = 'evicted'
+  else
+    result = 'kept'
+  end
+end
+redis.call('DEL', KEYS[2])
+return result
+"#;
+
 /// Gives a lease back without filling (the row does not exist). ARGV: lease token.
 pub const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -74,6 +97,27 @@ pub(super) fn store_outcome(reply: &Value) -> Result<StoreOutcome, CacheError> {
         Some("stale") => Ok(StoreOutcome::Stale),
         Some("skipped") => Ok(StoreOutcome::Skipped),
         _ => Err(CacheError::Protocol(format!("STORE answered {reply:?}"))),
+    }
+}
+
+/// `INVALIDATE`'s arguments for `stale`.
+pub(super) fn invalidate_args(stale: Stale) -> (String, &'static str) {
+    match stale {
+        Stale::Below(v) => (v.get().to_string(), "0"),
+        Stale::AtMost(v) => (v.get().to_string(), "1"),
+        Stale::Any => (String::new(), "0"),
+    }
+}
+
+/// What an `INVALIDATE` answered.
+pub(super) fn invalidate_outcome(reply: &Value) -> Result<InvalidateOutcome, CacheError> {
+    match text(reply) {
+        Some("evicted") => Ok(InvalidateOutcome::Evicted),
+        Some("kept") => Ok(InvalidateOutcome::Kept),
+        Some("absent") => Ok(InvalidateOutcome::Absent),
+        _ => Err(CacheError::Protocol(format!(
+            "INVALIDATE answered {reply:?}"
+        ))),
     }
 }
 

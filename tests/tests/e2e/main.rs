@@ -6,6 +6,7 @@ mod auth;
 mod batch;
 mod bounded;
 mod cluster;
+mod commit_stream;
 mod conditional;
 mod early_refresh;
 mod faults;

@@ -1,0 +1,368 @@
+//! The commit stream (docs/commit-stream.md): writes that bypass the sidecar (plain SQL here, as
+//! a migration or an admin's `psql` would) reach its readers, through PostgreSQL's logical
+//! decoding. A real PostgreSQL with `wal_level = logical` (scripts/local-services).
+
+use serde_json::json;
+use sqlx::PgPool;
+use std::time::{Duration, Instant};
+use wtc_config::VersionSource;
+use wtc_tests::*;
+
+/// A slot and a publication of their own, dropped at the end.
+struct Stream {
+    name: String,
+}
+
+impl Stream {
+    /// Also drops what earlier runs' failed tests left (slots keep WAL, and there are few).
+    async fn new(pool: &PgPool) -> Self {
+        let ours = format!("wtc_cs_{}_%", std::process::id());
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'wtc_cs_%' AND slot_name NOT LIKE $1 AND NOT active",
+        )
+        .bind(&ours)
+        .execute(pool)
+        .await
+        .unwrap();
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'wtc_cs_%' AND pubname NOT LIKE $1",
+        )
+        .bind(&ours)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        for p in old {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP PUBLICATION IF EXISTS {p}"
+            )))
+            .execute(pool)
+            .await;
+        }
+        Self {
+            name: unique("wtc_cs"),
+        }
+    }
+
+    fn fixture(&self, bed: &TestBed, versions: VersionSource) -> Fixture {
+        let name = self.name.clone();
+        bed.fixture().with(move |c| {
+            c.commit_stream.enabled = true;
+            c.commit_stream.slot = name.clone();
+            c.commit_stream.publication = name;
+            c.entities[0].versions = versions;
+        })
+    }
+
+    /// Drops the slot (once no sidecar reads it) and the publication.
+    async fn drop(self, pool: &PgPool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = sqlx::query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(&self.name)
+            .execute(pool)
+            .await;
+            if r.is_ok() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sql = format!("DROP PUBLICATION IF EXISTS {}", self.name);
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await;
+    }
+}
+
+async fn sql(pool: &PgPool, text: String) {
+    sqlx::query(sqlx::AssertSqlSafe(text))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Until this sidecar reads the slot (it creates it first, which waits for the transactions
+/// running then to end: other tests may hold theirs for seconds).
+async fn wait_leading(sc: &Sidecar) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sc.metric("wtc_commit_stream_leading").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never read the slot:\n{}",
+            sc.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `key` until its `n` is `want`; how long that took (at most 10 s).
+async fn served(sc: &Sidecar, key: &str, want: Option<i64>) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = sc.get("accounts", key).await;
+        let n = (r.status == 200)
+            .then(|| r.body["data"]["n"].as_i64())
+            .flatten();
+        if n == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{key}: still {} {} 10 s after the external commit",
+            r.status,
+            r.raw
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Until a read of `key` is a hit. The sidecar's own write may find its entry evicted: the
+/// reader applied its commit before its cache step (the change's eviction takes every lease,
+/// the write's intent too); with `versions = "sidecar"` it always does. A read fills it again.
+async fn cached(sc: &Sidecar, key: &str) {
+    let start = Instant::now();
+    while sc.get("accounts", key).await.cache.as_deref() != Some("hit") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{key} never cached"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// `rounds` external updates of cached keys, each timed from its commit to the first read
+/// that returns it.
+async fn measure(bed: &TestBed, sc: &Sidecar, rounds: i64) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for i in 0..rounds {
+        let key = format!("m{}", i % 10);
+        sc.put("accounts", &key, json!({"n": -1})).await;
+        cached(sc, &key).await;
+        sql(
+            &bed.pool,
+            format!("UPDATE {} SET n = {i} WHERE id = '{key}'", bed.table),
+        )
+        .await;
+        took.push(served(sc, &key, Some(i)).await);
+    }
+    took.sort();
+    took
+}
+
+/// With the trigger, an external `UPDATE` (no version given, or a lower one) gets a new version
+/// from the sequence, and the cached row is evicted: the next read serves it. The bound, from
+/// the commit to the first read returning it, is measured at rest and under the sidecar's own
+/// write load (printed; docs/commit-stream.md has the figures). Fails without the commit stream
+/// (the old row stays until its TTL: "still 200 ... 10 s after the external commit").
+#[tokio::test]
+async fn external_writes_are_served_within_the_bound() {
+    let bed = TestBed::new("cs_bound").await;
+    let stream = Stream::new(&bed.pool).await;
+    let sc = stream.fixture(&bed, VersionSource::Trigger).start().await;
+    wait_leading(&sc).await;
+
+    // The sidecar's own write: the version it answers is the row's (the trigger drew it).
+    let put = sc.put("accounts", "k", json!({"n": 1})).await;
+    assert_eq!(
+        Some(put.version()),
+        db_version(&bed.pool, &bed.table, "k").await
+    );
+    // One source of versions: an external writer's own (lower) version is replaced.
+    sql(
+        &bed.pool,
+        format!("UPDATE {} SET n = 2, version = 1 WHERE id = 'k'", bed.table),
+    )
+    .await;
+    let external = db_version(&bed.pool, &bed.table, "k").await.unwrap();
+    assert!(
+        external > put.version(),
+        "the trigger did not draw a version"
+    );
+    served(&sc, "k", Some(2)).await;
+    assert_eq!(sc.get("accounts", "k").await.version(), external);
+
+    let rest = measure(&bed, &sc, 100).await;
+    // The same under the sidecar's own writes (4 writers on other keys, each at most 50 a
+    // second: the suite's other tests share the 2 cores).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (http, url, stop) = (sc.http.clone(), sc.url("accounts", ""), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = http
+                        .put(format!("{url}w{w}-{}", n % 50))
+                        .json(&json!({"n": n}));
+                    let r = reply(req).await.unwrap();
+                    assert!(matches!(r.status, 200 | 201), "{}", r.raw);
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let loaded = measure(&bed, &sc, 100).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    let rate = written as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "commit stream bound (external commit -> first read serving it, ms): \
+         at rest p50 {:.1} p99 {:.1} max {:.1}; under {rate:.0} sidecar writes/s p50 {:.1} p99 {:.1} max {:.1}",
+        percentile(&rest, 0.5),
+        percentile(&rest, 0.99),
+        percentile(&rest, 1.0),
+        percentile(&loaded, 0.5),
+        percentile(&loaded, 0.99),
+        percentile(&loaded, 1.0),
+    );
+    eprintln!(
+        "commit stream changes: evicted {} kept {} absent {}",
+        sc.metric("wtc_commit_stream_changes_total{outcome=\"evicted\"}")
+            .await,
+        sc.metric("wtc_commit_stream_changes_total{outcome=\"kept\"}")
+            .await,
+        sc.metric("wtc_commit_stream_changes_total{outcome=\"absent\"}")
+            .await,
+    );
+    drop(sc);
+    stream.drop(&bed.pool).await;
+}
+
+/// Without the trigger, an external writer may leave the version as it was: an entry of the
+/// same version is stale too. External inserts and deletes reach readers as well.
+#[tokio::test]
+async fn external_writes_that_keep_the_version_inserts_and_deletes_reach_readers() {
+    let bed = TestBed::new("cs_sidecar_versions").await;
+    let stream = Stream::new(&bed.pool).await;
+    let sc = stream.fixture(&bed, VersionSource::Sidecar).start().await;
+    wait_leading(&sc).await;
+    let v = sc.put("accounts", "k", json!({"n": 1})).await.version();
+    cached(&sc, "k").await;
+    sql(
+        &bed.pool,
+        format!("UPDATE {} SET n = 5 WHERE id = 'k'", bed.table),
+    )
+    .await;
+    assert_eq!(db_version(&bed.pool, &bed.table, "k").await, Some(v));
+    served(&sc, "k", Some(5)).await;
+
+    sql(
+        &bed.pool,
+        format!("DELETE FROM {} WHERE id = 'k'", bed.table),
+    )
+    .await;
+    served(&sc, "k", None).await;
+    assert_eq!(sc.get("accounts", "k").await.status, 404);
+    let next = format!("nextval('{}_version_wtc_seq')", bed.table);
+    sql(
+        &bed.pool,
+        format!(
+            "INSERT INTO {} (id, n, version) VALUES ('k', 6, {next})",
+            bed.table
+        ),
+    )
+    .await;
+    served(&sc, "k", Some(6)).await;
+    drop(sc);
+    stream.drop(&bed.pool).await;
+}
+
+/// The slot keeps what was committed while no sidecar read it: the reader is killed, a row is
+/// changed behind the cache meanwhile, and the next sidecar to start applies it. Fails if the
+/// slot were advanced past changes not applied, or made anew.
+#[tokio::test]
+async fn a_change_committed_while_no_sidecar_reads_the_slot_is_applied_by_the_next() {
+    let bed = TestBed::new("cs_failover").await;
+    let stream = Stream::new(&bed.pool).await;
+    let mut a = stream.fixture(&bed, VersionSource::Trigger).start().await;
+    wait_leading(&a).await;
+    a.put("accounts", "k", json!({"n": 1})).await;
+    cached(&a, "k").await;
+    signal(a.pid(), "KILL");
+    a.wait_exit(Duration::from_secs(5)).await;
+    sql(
+        &bed.pool,
+        format!("UPDATE {} SET n = 2 WHERE id = 'k'", bed.table),
+    )
+    .await;
+    let b = stream.fixture(&bed, VersionSource::Trigger).start().await;
+    let took = served(&b, "k", Some(2)).await;
+    eprintln!(
+        "commit stream: a change committed while no sidecar ran, served {:.0} ms after the next one started",
+        took.as_secs_f64() * 1e3
+    );
+    assert_eq!(b.metric("wtc_commit_stream_leading").await, 1.0);
+    drop((a, b));
+    stream.drop(&bed.pool).await;
+}
+
+/// Two regions on this machine, one primary PostgreSQL (in region A): each region has its own
+/// Redis, sidecar and slot; region B reaches the database through a proxy adding `RTT_HALF`
+/// each way. A write in one region evicts the other region's cached row through that region's
+/// reader; the window, from the write's acknowledgement to the other region serving it, is
+/// printed for both directions. (Within the window, `X-Wtc-Min-Version` with the writer's
+/// version reads it in any region: read_your_writes.rs.) Fails without the commit stream (the
+/// other region serves the old row until its TTL).
+#[tokio::test]
+async fn two_regions_see_each_others_writes_within_a_window() {
+    const RTT_HALF: Duration = Duration::from_millis(30);
+    let bed = TestBed::new("cs_regions").await;
+    let redis_b = RedisServer::start().await;
+    let proxy = proxy::FaultProxy::start(([127, 0, 0, 1], database_port()).into()).await;
+    proxy.set(proxy::Mode::Latency(RTT_HALF));
+    let (stream_a, stream_b) = (Stream::new(&bed.pool).await, Stream::new(&bed.pool).await);
+    let a = stream_a.fixture(&bed, VersionSource::Trigger).start().await;
+    let b = stream_b
+        .fixture(&bed, VersionSource::Trigger)
+        .with(|c| {
+            c.redis.url = redis_b.url();
+            c.database.url = with_port(&database_url(), proxy.port);
+        })
+        .start()
+        .await;
+    wait_leading(&a).await;
+    wait_leading(&b).await;
+
+    let mut windows = [vec![], vec![]];
+    for i in 0..30i64 {
+        let key = format!("r{}", i % 5);
+        for (d, (from, to)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+            // Cached in the reading region first, so that a stale row would be served.
+            from.put("accounts", &key, json!({"n": -1})).await;
+            served(to, &key, Some(-1)).await;
+            cached(to, &key).await;
+            let n = i * 2 + d as i64;
+            let w = from.put("accounts", &key, json!({"n": n})).await;
+            assert_eq!(w.status, 200, "{}", w.raw);
+            windows[d].push(served(to, &key, Some(n)).await);
+        }
+    }
+    for w in &mut windows {
+        w.sort();
+    }
+    eprintln!(
+        "two regions ({} ms each way to the database from B): a write in A served in B after \
+         p50 {:.1} p99 {:.1} max {:.1} ms; a write in B served in A after p50 {:.1} p99 {:.1} max {:.1} ms",
+        RTT_HALF.as_millis(),
+        percentile(&windows[0], 0.5),
+        percentile(&windows[0], 0.99),
+        percentile(&windows[0], 1.0),
+        percentile(&windows[1], 0.5),
+        percentile(&windows[1], 0.99),
+        percentile(&windows[1], 1.0),
+    );
+    drop((a, b));
+    stream_a.drop(&bed.pool).await;
+    stream_b.drop(&bed.pool).await;
+}
