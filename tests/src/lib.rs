@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod commit_stream;
 pub mod history;
 pub mod hooks;
 pub mod proxy;

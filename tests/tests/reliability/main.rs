@@ -8,6 +8,7 @@
 //! measure.
 
 mod cluster;
+mod commit_stream;
 mod herd;
 mod history;
 mod overload;

@@ -17,7 +17,7 @@ use wtc_tests::*;
 const FAULT_KINDS: usize = 6;
 
 /// `pg_ctlcluster <version> <name> restart -m immediate` of the cluster the tests use.
-async fn crash_and_restart_postgres() {
+pub async fn crash_and_restart_postgres() {
     let cluster = std::env::var("WTC_PG_CLUSTER")
         .expect("WTC_PG_CLUSTER (printed by scripts/local-services) names the cluster to restart");
     let (version, name) = cluster
