@@ -15,14 +15,21 @@ impl Stream {
     /// Also drops what earlier runs' failed tests left (slots keep WAL, and there are few).
     pub async fn new(pool: &PgPool) -> Self {
         let ours = format!("wtc_cs_{}_%", std::process::id());
-        sqlx::query(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT slot_name::text FROM pg_replication_slots \
              WHERE slot_name LIKE 'wtc_cs_%' AND slot_name NOT LIKE $1 AND NOT active",
         )
         .bind(&ours)
-        .execute(pool)
+        .fetch_all(pool)
         .await
         .unwrap();
+        for slot in old {
+            // Another run may be reading it now after all.
+            let _ = sqlx::query("SELECT pg_drop_replication_slot($1::name)")
+                .bind(&slot)
+                .execute(pool)
+                .await;
+        }
         let old: Vec<String> = sqlx::query_scalar(
             "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'wtc_cs_%' AND pubname NOT LIKE $1",
         )

@@ -38,6 +38,17 @@ pub enum CommittedChange {
     Truncated { entity: EntityId },
 }
 
+/// Why committed changes were not applied; the caller applies them all again later.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The key's canonical spelling (its entry's name) cannot be told before the table was
+    /// reached once.
+    #[error("the key type of entity {0:?} is not known yet (its table was not reached)")]
+    KeyTypeUnknown(String),
+}
+
 /// Which cached versions `change` makes stale (the table in the module header).
 pub fn stale(versions: VersionSource, version: Option<Version>, deleted: bool) -> Stale {
     match (version, deleted, versions) {
@@ -50,7 +61,7 @@ pub fn stale(versions: VersionSource, version: Option<Version>, deleted: bool) -
 impl<C: CacheStore, R: RowStore> Protocol<C, R> {
     /// Applies committed changes to the cache, in one round trip (a TRUNCATE adds a sweep).
     /// On error nothing is known to be applied: the caller applies them all again.
-    pub async fn apply_committed(&self, changes: &[CommittedChange]) -> Result<(), CacheError> {
+    pub async fn apply_committed(&self, changes: &[CommittedChange]) -> Result<(), ApplyError> {
         let config = self.config();
         let m = &self.metrics.commit_stream;
         if changes
@@ -74,7 +85,12 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             // The entry is named by the key's canonical text (docs/protocol.md "Keys").
             let canonical = match self.rows.canonical_key(*entity, key).await {
                 Ok(KeyForm::Canonical(k)) => k.into_owned(),
-                Ok(KeyForm::Unchecked(k)) => k.to_string(),
+                // `042` of an integer key must evict entry `42`: not a guess.
+                Ok(KeyForm::Unchecked(_)) => {
+                    return Err(ApplyError::KeyTypeUnknown(
+                        self.entity_name(*entity).to_string(),
+                    ));
+                }
                 Err(_) => {
                     m.changes.with_label_values(&["unusable"]).inc();
                     continue;

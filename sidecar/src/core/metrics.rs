@@ -38,7 +38,8 @@ pub struct EpochCounters {
 #[derive(Clone)]
 pub struct CommitStreamMetrics {
     /// Row changes applied, by `outcome`: evicted, kept (the cached version is as new),
-    /// absent (nothing cached), unusable (no key in the change, or not a key of the column).
+    /// absent (nothing cached), unusable (no key in the change, or not a key of the column),
+    /// unknown_table (no entity of this sidecar names the table).
     pub changes: IntCounterVec,
     /// TRUNCATEs of a cached table (each sweeps the cache).
     pub truncates: IntCounter,
@@ -166,7 +167,7 @@ impl Metrics {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
         let commit_stream = CommitStreamMetrics {
             changes: IntCounterVec::new(
-                Opts::new("wtc_commit_stream_changes_total", "Row changes read from the commit stream, by outcome: evicted (the cached entry was older), kept (it was as new), absent (nothing cached), unusable (no usable key)."),
+                Opts::new("wtc_commit_stream_changes_total", "Row changes read from the commit stream, by outcome: evicted (the cached entry was older), kept (it was as new), absent (nothing cached), unusable (no usable key), unknown_table (a published table no entity of this sidecar names)."),
                 &["outcome"],
             )
             .unwrap(),
@@ -201,7 +202,7 @@ impl Metrics {
             )
             .unwrap(),
         };
-        for o in ["evicted", "kept", "absent", "unusable"] {
+        for o in ["evicted", "kept", "absent", "unusable", "unknown_table"] {
             commit_stream.changes.with_label_values(&[o]);
         }
         for s in ["connect", "poll", "decode", "apply", "advance"] {

@@ -2,10 +2,12 @@
 //! publication of the entities' tables, read over an ordinary connection with
 //! `pg_logical_slot_peek_binary_changes` (docs/commit-stream.md).
 //!
-//! One poll: `upto` = `pg_current_wal_lsn()` first, then the slot's transactions committed up
-//! to it, then (after the caller applied them) the slot advanced to `upto`. Taking `upto` before
-//! the peek matters: advancing to a position read after it would skip a transaction that
-//! committed in between. Advancing even when nothing of ours changed keeps every peek short
+//! One poll: `upto` = `pg_current_wal_flush_lsn()` first, then the slot's transactions committed
+//! up to it, then (after the caller applied them) the slot advanced to `upto`. Taking `upto`
+//! before the peek matters: advancing to a position read after it would skip a transaction that
+//! committed in between. And it must be the *flushed* position, the end of what a peek decodes:
+//! the write position may be past a commit record not flushed yet (`synchronous_commit = off`,
+//! or a flush under way), which the peek does not return and the advance would skip. Advancing even when nothing of ours changed keeps every peek short
 //! (a peek decodes all WAL from the slot's restart point). The slot's position reaches disk at
 //! checkpoints only, so after a crash PostgreSQL sends changes again: applying them is
 //! idempotent (`core::external`).
@@ -26,6 +28,17 @@ use wtc_config::{CommitStreamConfig, Entity};
 /// next one goes on from there (a transaction always comes whole, however large).
 pub const POLL_MAX_CHANGES: i32 = 10_000;
 
+/// The slot's connection: a peek decodes every WAL byte since the slot's restart point (a big
+/// migration, a backlog), and creating the slot waits for the transactions running then, so
+/// the pool's statement timeout would make them fail forever; and the server closes it (and
+/// releases the lock) when this machine stops answering, so that another sidecar takes over.
+const SLOT_SESSION: [(&str, &str); 4] = [
+    ("statement_timeout", "600000"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
+
 /// A connection to the slot.
 pub struct Slot {
     conn: PgConnection,
@@ -44,14 +57,20 @@ pub struct Poll {
 }
 
 impl Slot {
-    /// Connects, creates the publication (or adds the tables it lacks) and the slot when
-    /// missing.
+    /// Connects, checks that every table's changes name their key, creates the publication (or
+    /// adds the tables it lacks) and the slot when missing. `true` with a slot made now: what
+    /// was committed before it is not in the stream (a first start, a database failover, a slot
+    /// dropped), so the caller sweeps the cache.
     pub async fn open(
         options: &PgConnectOptions,
         config: &CommitStreamConfig,
         entities: &[Entity],
-    ) -> Result<Slot, sqlx::Error> {
-        let mut conn = PgConnection::connect_with(options).await?;
+    ) -> Result<(Slot, bool), sqlx::Error> {
+        let options = options.clone().options(SLOT_SESSION);
+        let mut conn = PgConnection::connect_with(&options).await?;
+        for e in entities {
+            check_replica_identity(&mut conn, e).await?;
+        }
         let q_publication = quote_ident(&config.publication);
         let published: Option<Vec<String>> = sqlx::query_scalar(
             "SELECT array(SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) \
@@ -66,8 +85,10 @@ impl Slot {
         tables.dedup();
         match published {
             None => {
+                // A partitioned table's changes under its own name, not its partitions'.
                 let sql = format!(
-                    "CREATE PUBLICATION {q_publication} FOR TABLE {}",
+                    "CREATE PUBLICATION {q_publication} FOR TABLE {} \
+                     WITH (publish_via_partition_root = true)",
                     tables.join(", ")
                 );
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
@@ -96,6 +117,7 @@ impl Slot {
         .bind(&config.slot)
         .fetch_optional(&mut conn)
         .await?;
+        let created = plugin.is_none();
         match plugin {
             None => {
                 sqlx::query("SELECT pg_create_logical_replication_slot($1::name, 'pgoutput')")
@@ -112,11 +134,35 @@ impl Slot {
                 )));
             }
         }
-        Ok(Slot {
+        let slot = Slot {
             conn,
             slot: config.slot.clone(),
             publication: config.publication.clone(),
-        })
+        };
+        Ok((slot, created))
+    }
+
+    /// Until every transaction of `xids` is visible to new snapshots. Its commit record is
+    /// decodable once flushed, a moment (a synchronous standby's round trip) before others see
+    /// it: an eviction then would let a reader fill the row as it was before.
+    pub async fn wait_visible(&mut self, xids: &[u32]) -> Result<(), sqlx::Error> {
+        if xids.is_empty() {
+            return Ok(());
+        }
+        let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
+        loop {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x \
+                 WHERE (x::text::int8 % 4294967296) = ANY ($1::int8[])",
+            )
+            .bind(&xids)
+            .fetch_one(&mut self.conn)
+            .await?;
+            if running == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Takes the slot's lock without waiting: whether this connection now reads the slot.
@@ -130,7 +176,7 @@ impl Slot {
     /// The transactions committed since the slot's position, up to now.
     pub async fn poll(&mut self) -> Result<Poll, sqlx::Error> {
         let rows = sqlx::query(
-            "WITH x AS MATERIALIZED (SELECT pg_current_wal_lsn() AS upto) \
+            "WITH x AS MATERIALIZED (SELECT pg_current_wal_flush_lsn() AS upto) \
              SELECT x.upto::text AS upto, c.lsn::text AS lsn, c.data FROM x LEFT JOIN LATERAL \
              pg_logical_slot_peek_binary_changes($1::name, x.upto, $3, \
              'proto_version', '1', 'publication_names', quote_ident($2)) c ON true",
@@ -185,12 +231,52 @@ impl Slot {
     }
 }
 
+/// Refuses a table whose deletes and key changes would not name the key: its replica identity
+/// must be the key column (its primary key or `REPLICA IDENTITY USING INDEX` on it) or
+/// `FULL`. A table with no identity at all would even refuse every writer's UPDATE and DELETE
+/// once published.
+async fn check_replica_identity(conn: &mut PgConnection, e: &Entity) -> Result<(), sqlx::Error> {
+    let ok: Option<bool> = sqlx::query_scalar(
+        "SELECT c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i \
+           WHERE i.indrelid = c.oid AND i.indnkeyatts = 1 \
+           AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = c.oid AND attname = $2) \
+           AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(quote_ident(&e.table))
+    .bind(&e.key_column)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    match ok {
+        Some(true) => Ok(()),
+        None => Err(sqlx::Error::Protocol(format!(
+            "table {:?} (entity {:?}) does not exist",
+            e.table, e.name
+        ))),
+        Some(false) => Err(sqlx::Error::Protocol(format!(
+            "table {:?} (entity {:?}): its changes would not name the key column {:?}; make it \
+             the primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL, before turning the \
+             commit stream on",
+            e.table,
+            e.name,
+            e.key_column,
+            quote_ident(&e.table)
+        ))),
+    }
+}
+
 /// What a poll's messages mean for the cache.
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
     pub changes: Vec<CommittedChange>,
     /// Commit times (µs since 2000-01-01 UTC) of the transactions read, in order.
     pub commits_us: Vec<i64>,
+    /// Their transaction ids.
+    pub xids: Vec<u32>,
+    /// Changes of published tables no entity names (a sidecar of an older configuration reads
+    /// the slot): skipped.
+    pub unknown: u64,
     /// Changes of a cached table from which no key could be read (a TOASTed key that did not
     /// change, a key that is not UTF-8).
     pub unusable: u64,
@@ -227,6 +313,7 @@ pub fn changes(messages: &[Vec<u8>], entities: &[Entity]) -> Result<Changes, Dec
                 relations.insert(r.id, columns);
             }
             Message::Commit { commit_time_us, .. } => out.commits_us.push(commit_time_us),
+            Message::Begin { xid, .. } => out.xids.push(xid),
             Message::Insert { relation, new } => {
                 row_changes(&mut out, relations.get(&relation), &new, false);
             }
@@ -253,7 +340,7 @@ pub fn changes(messages: &[Vec<u8>], entities: &[Entity]) -> Result<Changes, Dec
                     }
                 }
             }
-            Message::Begin { .. } | Message::Other(_) => {}
+            Message::Other(_) => {}
         }
     }
     Ok(out)
@@ -274,6 +361,9 @@ fn version_of(row: &Tuple<'_>, c: &Columns) -> Option<Version> {
 }
 
 fn row_changes(out: &mut Changes, columns: Option<&Vec<Columns>>, row: &Tuple<'_>, deleted: bool) {
+    if columns.is_none_or(Vec::is_empty) {
+        out.unknown += 1;
+    }
     for c in columns.into_iter().flatten() {
         push(out, c, key_of(row, c), version_of(row, c), deleted);
     }

@@ -15,6 +15,7 @@ pub enum Message<'a> {
     Begin {
         final_lsn: u64,
         commit_time_us: i64,
+        xid: u32,
     },
     /// A transaction ends; `end_lsn` is where the next one starts.
     Commit {
@@ -192,10 +193,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, DecodeError> {
         b'B' => {
             let final_lsn = r.u64()?;
             let commit_time_us = r.i64()?;
-            let _xid = r.u32()?;
+            let xid = r.u32()?;
             Message::Begin {
                 final_lsn,
                 commit_time_us,
+                xid,
             }
         }
         b'C' => {
@@ -311,7 +313,8 @@ mod tests {
             decode(&hex(BEGIN)).unwrap(),
             Message::Begin {
                 final_lsn: 0x192c618,
-                commit_time_us: 0x0003_047b_4e1a_f652
+                commit_time_us: 0x0003_047b_4e1a_f652,
+                xid: 0x2d9,
             }
         );
         assert_eq!(

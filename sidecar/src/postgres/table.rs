@@ -419,21 +419,23 @@ pub const VERSION_TRIGGER: &str = "wtc_version";
 /// sequence (never below the row's previous version, should the sequence be set back), and the
 /// trigger. A BEFORE UPDATE trigger runs after the row lock, so one key's versions follow commit
 /// order whoever writes; the sidecar's statements read the version back (`RETURNING`).
-fn version_trigger_sql(entity: &Entity, sequence: &str) -> [String; 2] {
+/// The sequence is named by its oid: a writer's `search_path` plays no part (and the function
+/// runs with `pg_catalog` only, so nothing a writer puts first on its path runs in it).
+fn version_trigger_sql(entity: &Entity, sequence_oid: u32) -> [String; 2] {
     let q_fn = quote_ident(&version_function_name(
         &entity.table,
         &entity.version_column,
     ));
     let v = quote_ident(&entity.version_column);
-    let seq = quote_literal(&quote_ident(sequence));
     let body = format!(
-        "BEGIN NEW.{v} := nextval({seq}::regclass); \
+        "BEGIN NEW.{v} := nextval({sequence_oid}::oid::regclass); \
          IF TG_OP = 'UPDATE' AND NEW.{v} <= OLD.{v} THEN NEW.{v} := OLD.{v} + 1; END IF; \
          RETURN NEW; END"
     );
     [
         format!(
-            "CREATE OR REPLACE FUNCTION {q_fn}() RETURNS trigger LANGUAGE plpgsql AS {}",
+            "CREATE OR REPLACE FUNCTION {q_fn}() RETURNS trigger LANGUAGE plpgsql \
+             SET search_path = pg_catalog, pg_temp AS {}",
             quote_literal(&body)
         ),
         format!(
@@ -483,7 +485,12 @@ async fn ensure_versions(pool: &PgPool, entity: &Entity, sequence: &str) -> Resu
         .await
         .map_err(|e| db_error(e, false))?;
         if !exists {
-            for sql in version_trigger_sql(entity, sequence) {
+            let oid: sqlx::postgres::types::Oid = sqlx::query_scalar("SELECT to_regclass($1)::oid")
+                .bind(&q_seq)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| db_error(e, false))?;
+            for sql in version_trigger_sql(entity, oid.0) {
                 sqlx::query(AssertSqlSafe(sql))
                     .execute(&mut *tx)
                     .await
@@ -671,14 +678,15 @@ mod tests {
             ttl_seconds: 60,
             versions: VersionSource::Trigger,
         };
-        let sql = version_trigger_sql(&entity, "s");
+        let sql = version_trigger_sql(&entity, 16384);
         let function = version_function_name("we\"ird", "v'er");
         assert!(function.len() <= 63);
         assert_ne!(function, version_function_name("we\"ird", "version"));
         // The body is one string literal: the column's quote is doubled inside it.
         assert!(sql[0].starts_with(&format!("CREATE OR REPLACE FUNCTION \"{function}\"()")));
+        assert!(sql[0].contains("SET search_path = pg_catalog, pg_temp AS "));
         assert!(
-            sql[0].contains(r#"NEW."v''er" := nextval(''"s"''::regclass)"#),
+            sql[0].contains(r#"NEW."v''er" := nextval(16384::oid::regclass)"#),
             "{}",
             sql[0]
         );

@@ -239,3 +239,133 @@ async fn two_regions_see_each_others_writes_within_a_window() {
     stream_a.drop(&bed.pool).await;
     stream_b.drop(&bed.pool).await;
 }
+
+/// A table whose changes would not name the key (its key is a unique column, it has no primary
+/// key, so its replica identity is nothing) is refused with a message saying what to do, and
+/// is not published: published, every writer's UPDATE and DELETE on it would fail.
+#[tokio::test]
+async fn a_table_whose_changes_would_not_name_the_key_is_refused_and_not_published() {
+    let pool = pg().await;
+    let table = unique("cs_no_identity");
+    sql(
+        &pool,
+        format!(
+            "CREATE TABLE {table} (id text UNIQUE NOT NULL, n integer, version bigint NOT NULL DEFAULT 0)"
+        ),
+    )
+    .await;
+    let redis = RedisServer::start().await;
+    let stream = Stream::new(&pool).await;
+    let name = stream.name.clone();
+    let sc = Fixture::new(&redis.url())
+        .entity("accounts", &table)
+        .with(move |c| {
+            c.commit_stream.enabled = true;
+            c.commit_stream.slot = name.clone();
+            c.commit_stream.publication = name;
+        })
+        .capture_logs()
+        .start()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sc
+        .metric("wtc_commit_stream_errors_total{stage=\"connect\"}")
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no refusal:\n{}", sc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = sc.logs();
+    assert!(
+        logs.contains("REPLICA IDENTITY FULL") && logs.contains(&table),
+        "{logs}"
+    );
+    assert_eq!(sc.metric("wtc_commit_stream_leading").await, 0.0);
+    // Writers are not hurt: nothing was published.
+    sc.put("accounts", "k", json!({"n": 1})).await;
+    sql(&pool, format!("UPDATE {table} SET n = 2 WHERE id = 'k'")).await;
+    sql(&pool, format!("DELETE FROM {table} WHERE id = 'k'")).await;
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_publication_tables WHERE tablename = $1")
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(published, 0);
+    drop(sc);
+    stream.drop(&pool).await;
+}
+
+/// Keys that PostgreSQL spells otherwise than the URL did (`numeric(10,2)` sends `7.50`, the
+/// entry is `7.5`), a key changed by an UPDATE (its old entry goes), and a TRUNCATE (the cache is
+/// swept), through a real slot. Fails when the stream's key is not canonicalized (the entry of
+/// `7.5` would stay) or the old key of an UPDATE is not evicted.
+#[tokio::test]
+async fn other_key_spellings_key_changes_and_truncates_reach_readers() {
+    let pool = pg().await;
+    let table = table_with_key(&pool, "cs_keys", "numeric(10,2)").await;
+    let redis = RedisServer::start().await;
+    let stream = Stream::new(&pool).await;
+    let name = stream.name.clone();
+    let sc = Fixture::new(&redis.url())
+        .entity("accounts", &table)
+        .with(move |c| {
+            c.commit_stream.enabled = true;
+            c.commit_stream.slot = name.clone();
+            c.commit_stream.publication = name;
+            c.entities[0].versions = VersionSource::Trigger;
+        })
+        .start()
+        .await;
+    wait_leading(&sc).await;
+    let label = |r: &Reply| r.body["data"]["label"].as_str().map(str::to_string);
+    let until = async |key: &str, want: Option<&str>| {
+        let start = Instant::now();
+        loop {
+            let r = sc.get("accounts", key).await;
+            let got = (r.status == 200).then(|| label(&r)).flatten();
+            if got.as_deref() == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{key}: {} {}",
+                r.status,
+                r.raw
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    for key in ["7.5", "8"] {
+        sc.send(
+            sc.http
+                .put(sc.url("accounts", key))
+                .json(&json!({"label": "sidecar"})),
+        )
+        .await;
+        until(key, Some("sidecar")).await;
+        while sc.get("accounts", key).await.cache.as_deref() != Some("hit") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    sql(
+        &pool,
+        format!("UPDATE {table} SET label = 'psql' WHERE id = 7.50"),
+    )
+    .await;
+    until("7.5", Some("psql")).await;
+    // The key changes: 8 is gone, 9 appears.
+    sql(&pool, format!("UPDATE {table} SET id = 9 WHERE id = 8")).await;
+    until("8", None).await;
+    until("9", Some("sidecar")).await;
+    while sc.get("accounts", "9").await.cache.as_deref() != Some("hit") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sql(&pool, format!("TRUNCATE {table}")).await;
+    until("9", None).await;
+    until("7.5", None).await;
+    assert!(sc.metric("wtc_commit_stream_truncates_total").await >= 1.0);
+    drop(sc);
+    stream.drop(&pool).await;
+}
