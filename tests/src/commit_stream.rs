@@ -50,8 +50,13 @@ impl Stream {
     }
 
     pub fn fixture(&self, bed: &TestBed, versions: VersionSource) -> Fixture {
+        self.on(bed.fixture(), versions)
+    }
+
+    /// `fixture` reading this slot, its first entity's versions from `versions`.
+    pub fn on(&self, fixture: Fixture, versions: VersionSource) -> Fixture {
         let name = self.name.clone();
-        bed.fixture().with(move |c| {
+        fixture.with(move |c| {
             c.commit_stream.enabled = true;
             c.commit_stream.slot = name.clone();
             c.commit_stream.publication = name;

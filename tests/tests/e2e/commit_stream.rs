@@ -256,14 +256,9 @@ async fn a_table_whose_changes_would_not_name_the_key_is_refused_and_not_publish
     .await;
     let redis = RedisServer::start().await;
     let stream = Stream::new(&pool).await;
-    let name = stream.name.clone();
-    let sc = Fixture::new(&redis.url())
-        .entity("accounts", &table)
-        .with(move |c| {
-            c.commit_stream.enabled = true;
-            c.commit_stream.slot = name.clone();
-            c.commit_stream.publication = name;
-        })
+    let fixture = Fixture::new(&redis.url()).entity("accounts", &table);
+    let sc = stream
+        .on(fixture, VersionSource::Sidecar)
         .capture_logs()
         .start()
         .await;
@@ -307,17 +302,8 @@ async fn other_key_spellings_key_changes_and_truncates_reach_readers() {
     let table = table_with_key(&pool, "cs_keys", "numeric(10,2)").await;
     let redis = RedisServer::start().await;
     let stream = Stream::new(&pool).await;
-    let name = stream.name.clone();
-    let sc = Fixture::new(&redis.url())
-        .entity("accounts", &table)
-        .with(move |c| {
-            c.commit_stream.enabled = true;
-            c.commit_stream.slot = name.clone();
-            c.commit_stream.publication = name;
-            c.entities[0].versions = VersionSource::Trigger;
-        })
-        .start()
-        .await;
+    let fixture = Fixture::new(&redis.url()).entity("accounts", &table);
+    let sc = stream.on(fixture, VersionSource::Trigger).start().await;
     wait_leading(&sc).await;
     let label = |r: &Reply| r.body["data"]["label"].as_str().map(str::to_string);
     let until = async |key: &str, want: Option<&str>| {
