@@ -8,6 +8,8 @@ pub enum ConditionType {
     RedisReady,
     ConfigValid,
     SidecarsReady,
+    /// Only on caches with the commit stream on (or a slot still to drop).
+    CommitStreamReady,
 }
 
 impl ConditionType {
@@ -17,6 +19,7 @@ impl ConditionType {
             ConditionType::RedisReady => "RedisReady",
             ConditionType::ConfigValid => "ConfigValid",
             ConditionType::SidecarsReady => "SidecarsReady",
+            ConditionType::CommitStreamReady => "CommitStreamReady",
         }
     }
 }
@@ -43,6 +46,20 @@ pub enum Reason {
     SidecarsRunning,
     /// `SidecarsReady` false: some injected pod cannot run its sidecar.
     SidecarFailing,
+    /// `CommitStreamReady` true: the reader holds the slot and is not far behind.
+    Reading,
+    /// `CommitStreamReady` false: no reader pod is running yet.
+    ReaderStarting,
+    /// `CommitStreamReady` false: the operator cannot read the reader's metrics.
+    ReaderUnreadable,
+    /// `CommitStreamReady` false: the reader runs but does not hold the slot.
+    NotLeading,
+    /// `CommitStreamReady` false: the reader is more than 30 s behind.
+    Lagging,
+    /// `CommitStreamReady` false: the slot and publication are being dropped.
+    Dropping,
+    /// `CommitStreamReady` false: the Job could not drop them.
+    DropFailed,
 }
 
 impl Reason {
@@ -57,6 +74,13 @@ impl Reason {
             Reason::Valid => "Valid",
             Reason::SidecarsRunning => "SidecarsRunning",
             Reason::SidecarFailing => "SidecarFailing",
+            Reason::Reading => "Reading",
+            Reason::ReaderStarting => "ReaderStarting",
+            Reason::ReaderUnreadable => "ReaderUnreadable",
+            Reason::NotLeading => "NotLeading",
+            Reason::Lagging => "Lagging",
+            Reason::Dropping => "Dropping",
+            Reason::DropFailed => "DropFailed",
         }
     }
 }

@@ -42,6 +42,43 @@ pub struct WriteThroughCacheSpec {
     /// Which pods may use this cache (besides opting in with the annotation).
     #[serde(default)]
     pub injection: InjectionSpec,
+    /// Writes that bypass the sidecars (psql, migrations, other services, a sidecar that died
+    /// between its commit and its cache step) reach the cache through PostgreSQL's logical
+    /// replication: a reader the operator runs evicts what they changed (docs/commit-stream.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_stream: Option<CommitStreamSpec>,
+    /// The region this cache serves, when one primary database serves caches in several
+    /// regions (a cache object in each region's cluster): part of the default replication slot
+    /// and publication names, so each region reads the stream for its own Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"))]
+    pub region: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitStreamSpec {
+    /// Turning it off (or removing `commitStream`, or deleting the cache) stops the reader and
+    /// drops its slot and publication, so no slot is left retaining WAL.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The replication slot. Unset: `wtc_<namespace>_<name>[_<region>]_<hash>` (status shows
+    /// it). Slot names are shared by all databases of the server: keep them unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    pub slot: Option<String>,
+    /// The publication of the entities' tables. Unset: the slot's default name. The operator
+    /// drops it with the slot: do not share it with anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    pub publication: Option<String>,
+    /// Pause between two polls of the slot when the last one found nothing.
+    #[serde(default = "default_poll_interval_ms")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub poll_interval_ms: u64,
+    /// The reader's container (one pod per cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -115,6 +152,19 @@ pub struct EntitySpec {
     #[serde(default = "default_ttl_seconds")]
     #[schemars(range(min = 1, max = 604800))]
     pub ttl_seconds: u64,
+    /// Where versions come from: `sidecar` (the sidecar draws them; other writers must draw
+    /// from its sequence) or `trigger` (a trigger the sidecar installs draws one on every
+    /// insert and update, whoever writes: docs/protocol.md, "Versions").
+    #[serde(default)]
+    pub versions: Versions,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Versions {
+    #[default]
+    Sidecar,
+    Trigger,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -329,6 +379,24 @@ pub struct WriteThroughCacheStatus {
     /// one. Counted by the watchdog, which owns this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outdated_pods: Option<i32>,
+    /// The commit stream's slot and publication as they exist in the database (the operator
+    /// drops them when the stream is turned off or the cache deleted), and the reader's last
+    /// figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_stream: Option<CommitStreamStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitStreamStatus {
+    pub slot: String,
+    pub publication: String,
+    /// Age of the oldest change read and not yet applied (0: none), from the reader's metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// WAL the slot keeps on the database server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_wal_bytes: Option<i64>,
 }
 
 // The sidecar's defaults come from its configuration type, so a cache that leaves a field out
@@ -344,6 +412,9 @@ fn default_version_column() -> String {
 }
 fn default_ttl_seconds() -> u64 {
     wtc_config::defaults::TTL_SECONDS
+}
+fn default_poll_interval_ms() -> u64 {
+    wtc_config::CommitStreamConfig::default().poll_interval_ms
 }
 fn default_password_rotation_seconds() -> u32 {
     300

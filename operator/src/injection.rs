@@ -130,17 +130,7 @@ pub fn plan(
     } else {
         ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
     }
-    let mut volumes = vec![Volume {
-        name: CONFIG_VOLUME.into(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: config_map_name(cache),
-            ..ConfigMapVolumeSource::default()
-        }),
-        ..Volume::default()
-    }];
-    volumes.extend(tls_mounts(cache).map(|(peer, files)| tls_volume(peer, files)));
-    volumes.extend(redis_password_volume(cache));
-    for (i, volume) in volumes.into_iter().enumerate() {
+    for (i, volume) in sidecar_volumes(cache).into_iter().enumerate() {
         match (&spec.volumes, i) {
             (None, 0) => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
             _ => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
@@ -162,6 +152,27 @@ pub fn plan(
         None => ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {INJECTED_LABEL: cache.name_any()}})),
     }
     Decision::Inject(serde_json::from_value(Value::Array(ops)).expect("well-formed patch"))
+}
+
+/// The volumes `sidecar_container` mounts: the cache's ConfigMap, its TLS files, the managed
+/// Redis' password.
+pub fn sidecar_volumes(cache: &WriteThroughCache) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: CONFIG_VOLUME.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(cache),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    volumes.extend(tls_mounts(cache).map(|(peer, files)| tls_volume(peer, files)));
+    volumes.extend(redis_password_volume(cache));
+    volumes
+}
+
+/// Where the cache's ConfigMap is mounted in the sidecar container.
+pub fn config_path(key: &str) -> String {
+    format!("{CONFIG_DIR}/{key}")
 }
 
 /// The TLS files the cache's sidecars need, by peer.
@@ -313,10 +324,7 @@ pub fn sidecar_container(
                 .clone()
                 .unwrap_or_else(|| images.sidecar.clone()),
         ),
-        args: Some(vec![
-            "--config".into(),
-            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
-        ]),
+        args: Some(vec!["--config".into(), config_path(CONFIG_KEY)]),
         env: Some(env),
         // Named, for PodMonitors and `kubernetes_sd_configs` (`wtc-metrics`).
         ports: (metrics_port != 0).then(|| {

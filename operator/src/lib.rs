@@ -3,7 +3,8 @@
 //!
 //! Pure parts apart from I/O: `crd` (types), `resources` (desired objects), `injection` (the pod
 //! patch; `pod_settings`, the per-pod annotations), `redis_auth` (the managed Redis' passwords and
-//! their rotation), `sidecars` (what injected sidecars are doing, from pod statuses), `status` (the
+//! their rotation), `sidecars` (what injected sidecars are doing, from pod statuses), `commit_stream` (the
+//! reader, its slot's names and drop Job, its condition), `status` (the
 //! cache's conditions and events from what was applied and observed), `uninjected` (pods that
 //! asked for a sidecar and run without it); then `reconcile` (apply, patch the status),
 //! `watchdog` (reports and restarts such pods), `webhook` and `certs` (the admission server), `redis_admin` (applies
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod commit_stream;
 pub mod conditions;
 pub mod crd;
 pub mod injection;

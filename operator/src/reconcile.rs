@@ -7,6 +7,7 @@
 //! collector removes the rest. The webhook keeps injecting into pods of a cache being deleted:
 //! such a pod uses it like the others.
 
+use crate::commit_stream::{self, DropStage, JobOutcome, Names, Reader, Stream};
 use crate::crd::WriteThroughCache;
 use crate::injection::INJECTED_LABEL;
 use crate::metrics::Metrics;
@@ -17,6 +18,7 @@ use crate::sidecars;
 use crate::status::{self, Applied, Observed, RedisHealth};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -57,6 +59,9 @@ pub enum Error {
     InUse(usize),
     #[error("finalizer: {0}")]
     Finalizer(Box<finalizer::Error<Error>>),
+    /// The cache is being deleted and its commit stream's slot is not dropped yet.
+    #[error("the commit stream's slot is not dropped yet: {0}")]
+    SlotNotDropped(String),
 }
 
 impl Error {
@@ -67,6 +72,7 @@ impl Error {
             Error::Kube(_) => "client",
             Error::NoNamespace => "no_namespace",
             Error::InUse(_) => "in_use",
+            Error::SlotNotDropped(_) => "slot_not_dropped",
             Error::Finalizer(e) => match e.as_ref() {
                 finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
                     inner.metric_label()
@@ -152,12 +158,20 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     let desired = match resources::desired(cr, &auth, &ctx.images) {
         Ok(d) => d,
         Err(InvalidSpec(msg)) => {
-            // Nothing to retry until the spec changes: no hot loop.
-            update_status(cr, ctx, Applied::Invalid(msg)).await?;
+            // Nothing to retry until the spec changes: no hot loop. A slot already made stays
+            // named in the status.
+            let stream = recorded_stream(cr, ctx)
+                .await?
+                .map_or(Stream::Off, |names| Stream::Unchanged { names });
+            update_status(cr, ctx, Applied::Invalid(msg), stream).await?;
             return Ok(Action::await_change());
         }
     };
-    let Desired { config_map, redis } = desired;
+    let Desired {
+        config_map,
+        redis,
+        reader,
+    } = desired;
     apply(client, &ns, &config_map).await?;
     let mut requeue = Duration::from_secs(60);
     let redis_ready = match redis {
@@ -257,10 +271,163 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
             RedisHealth::External
         }
     };
-    update_status(cr, ctx, Applied::Valid(redis_ready)).await?;
+    let stream = commit_stream_pass(cr, ctx, &ns).await?;
+    // The status names the slot before the reader that may make it runs.
+    update_status(cr, ctx, Applied::Valid(redis_ready), stream.clone()).await?;
+    match (&stream, reader) {
+        (Stream::Reading { .. }, Some(reader)) => {
+            apply(client, &ns, &reader).await?;
+            // Its lag, in the status.
+            requeue = requeue.min(Duration::from_secs(15));
+        }
+        (Stream::Dropping { .. }, _) => requeue = requeue.min(Duration::from_secs(5)),
+        _ => {}
+    }
     // Watches on the owned objects bring changes; the periodic pass refreshes the pod count,
     // and moves a password rotation on in time.
     Ok(Action::requeue(requeue))
+}
+
+/// The slot and publication the status says exist, read from the API server: the object this
+/// pass was given may predate the status written by the pass before (which applied a reader).
+async fn recorded_stream(cr: &WriteThroughCache, ctx: &Context) -> Result<Option<Names>, Error> {
+    let ns = cr.namespace().ok_or(Error::NoNamespace)?;
+    let caches: Api<WriteThroughCache> = Api::namespaced(ctx.client.clone(), &ns);
+    match caches.get_status(&cr.name_any()).await {
+        Ok(now) => Ok(now
+            .status
+            .and_then(|s| s.commit_stream)
+            .as_ref()
+            .map(Names::of)),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where the commit stream stands: names turned off or renamed are dropped first (the reader
+/// of the new ones waits for that); then the reader is read.
+async fn commit_stream_pass(
+    cr: &WriteThroughCache,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Stream, Error> {
+    let wanted = commit_stream::wanted(cr);
+    if let Some(old) = recorded_stream(cr, ctx).await?
+        && wanted.as_ref() != Some(&old)
+        && let Some(stage) = drop_stream(cr, ctx, ns, &old).await?
+    {
+        return Ok(Stream::Dropping { names: old, stage });
+    }
+    match wanted {
+        Some(names) => Ok(Stream::Reading {
+            reader: read_reader(cr, ctx, ns).await?,
+            names,
+        }),
+        None => {
+            remove_owned::<Deployment>(cr, &ctx.client, ns, &commit_stream::reader_name(cr))
+                .await?;
+            Ok(Stream::Off)
+        }
+    }
+}
+
+/// One step of dropping `names`: the reader removed, then (once its pods are gone) the Job run.
+/// `None` once they are dropped.
+async fn drop_stream(
+    cr: &WriteThroughCache,
+    ctx: &Context,
+    ns: &str,
+    names: &Names,
+) -> Result<Option<DropStage>, Error> {
+    let client = &ctx.client;
+    remove_owned::<Deployment>(cr, client, ns, &commit_stream::reader_name(cr)).await?;
+    if !reader_pods(cr, client, ns).await?.is_empty() {
+        return Ok(Some(DropStage::ReaderStopping));
+    }
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let job = commit_stream::drop_job(cr, &ctx.images, names);
+    let name = job.name_any();
+    let Some(existing) = jobs.get_opt(&name).await? else {
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        match jobs.create(&pp, &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Some(DropStage::Running(name)));
+    };
+    Ok(match commit_stream::job_outcome(&existing) {
+        JobOutcome::Succeeded => {
+            jobs.delete(&name, &DeleteParams::background()).await?;
+            None
+        }
+        JobOutcome::Failed(message) => Some(DropStage::Failed { job: name, message }),
+        JobOutcome::Running => Some(DropStage::Running(name)),
+    })
+}
+
+async fn reader_pods(cr: &WriteThroughCache, client: &Client, ns: &str) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = commit_stream::reader_selector(cr)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
+}
+
+/// The reader's figures, from its `/metrics` on the pod's address.
+async fn read_reader(cr: &WriteThroughCache, ctx: &Context, ns: &str) -> Result<Reader, Error> {
+    let pods = reader_pods(cr, &ctx.client, ns).await?;
+    let running = pods.iter().find_map(|p| {
+        let status = p.status.as_ref()?;
+        (p.metadata.deletion_timestamp.is_none() && status.phase.as_deref() == Some("Running"))
+            .then_some(())?;
+        status.pod_ip.as_deref()?.parse::<std::net::IpAddr>().ok()
+    });
+    let Some(ip) = running else {
+        return Ok(Reader::Starting);
+    };
+    let addr = std::net::SocketAddr::new(ip, commit_stream::reader_metrics_port(cr));
+    Ok(match scrape(addr).await {
+        Ok(text) => match commit_stream::reading(&text) {
+            Some(r) => Reader::Read(r),
+            None => Reader::Unreadable(format!("{addr}/metrics has no commit stream figures")),
+        },
+        Err(e) => Reader::Unreadable(format!("{addr}/metrics: {e}")),
+    })
+}
+
+/// `GET /metrics` over HTTP/1.0 (the answer ends with the connection), within 2 s and 4 MiB.
+async fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = Vec::new();
+        conn.take(4 << 20).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| "no answer within 2 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "not an HTTP answer".to_string())?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("answered {status:?}"));
+    }
+    Ok(body.to_string())
 }
 
 /// Pods injected for this cache by an earlier release: their sidecar has the managed Redis'
@@ -365,7 +532,36 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
         .fields(crate::uninjected::NOT_FINISHED);
     let users = pods.list(&running).await?;
     if users.items.is_empty() {
-        return Ok(Action::await_change());
+        // Last, the commit stream's slot: nothing may be left retaining WAL.
+        let Some(names) = recorded_stream(cr, ctx).await? else {
+            return Ok(Action::await_change());
+        };
+        return match drop_stream(cr, ctx, &ns, &names).await? {
+            None => Ok(Action::await_change()),
+            Some(stage) => {
+                let stream = Stream::Dropping { names, stage };
+                let (_, reason, message) = stream.verdict().expect("a drop has a verdict");
+                if matches!(
+                    stream,
+                    Stream::Dropping {
+                        stage: DropStage::Failed { .. },
+                        ..
+                    }
+                ) {
+                    publish(
+                        ctx,
+                        cr,
+                        status::Notice {
+                            type_: EventType::Warning,
+                            reason: reason.as_str().into(),
+                            note: message.clone(),
+                        },
+                    )
+                    .await;
+                }
+                Err(Error::SlotNotDropped(message))
+            }
+        };
     }
     let n = users.items.len();
     let plural = if n == 1 {
@@ -492,6 +688,7 @@ async fn update_status(
     cr: &WriteThroughCache,
     ctx: &Context,
     applied: Applied,
+    commit_stream: Stream,
 ) -> Result<(), Error> {
     let ns = cr.namespace().ok_or(Error::NoNamespace)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -504,6 +701,7 @@ async fn update_status(
         applied,
         sidecars: sidecars::health(&injected),
         redis_endpoint: resources::redis_endpoint(cr),
+        commit_stream,
     };
     let old = cr.status.as_ref();
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();

@@ -94,7 +94,7 @@ fn restart_hash(config: &SidecarConfig) -> String {
 
 /// FNV-1a, 64 bits: stable across builds and Rust versions (the std hasher is not), so an
 /// upgraded operator computes the same value for the same file.
-fn hash(text: &str) -> String {
+pub(crate) fn hash(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h ^= u64::from(b);
@@ -113,6 +113,9 @@ pub struct Desired {
     pub config_map: ConfigMap,
     /// Present only for `redis.managed`.
     pub redis: Option<ManagedObjects>,
+    /// The commit stream's reader, when the stream is on (`commit_stream`); applied only once
+    /// the status names its slot.
+    pub reader: Option<Deployment>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,7 +231,7 @@ pub fn sidecar_config(cr: &WriteThroughCache) -> SidecarConfig {
                 key_column: e.key_column.clone(),
                 version_column: e.version_column.clone(),
                 ttl_seconds: e.ttl_seconds,
-                versions: Default::default(),
+                versions: crate::commit_stream::version_source(e.versions),
             })
             .collect(),
     }
@@ -246,7 +249,7 @@ pub fn labels(cr: &WriteThroughCache, component: &str) -> BTreeMap<String, Strin
     ])
 }
 
-fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
+pub(crate) fn meta(cr: &WriteThroughCache, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: cr.namespace(),
@@ -281,9 +284,25 @@ pub fn desired(
         CONFIG_HASH_ANNOTATION.to_string(),
         config_hash(cr),
     )]));
+    let mut data = BTreeMap::from([(CONFIG_KEY.to_string(), rendered)]);
+    let reader = match crate::commit_stream::wanted(cr) {
+        Some(names) => {
+            let config = crate::commit_stream::reader_config(cr, &names);
+            let mut probe = config.clone();
+            probe.database.url = "postgres://placeholder".into();
+            probe.redis.url = "redis://placeholder".into();
+            probe.validate().map_err(|e| InvalidSpec(e.to_string()))?;
+            data.insert(
+                crate::commit_stream::READER_CONFIG_KEY.to_string(),
+                config.render(),
+            );
+            Some(crate::commit_stream::reader_deployment(cr, images))
+        }
+        None => None,
+    };
     let config_map = ConfigMap {
         metadata,
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), rendered)])),
+        data: Some(data),
         ..ConfigMap::default()
     };
     let redis = cr
@@ -292,7 +311,11 @@ pub fn desired(
         .managed
         .as_ref()
         .map(|m| managed_redis(cr, m, redis_auth, images));
-    Ok(Desired { config_map, redis })
+    Ok(Desired {
+        config_map,
+        redis,
+        reader,
+    })
 }
 
 /// The managed Redis' auth Secret for the credentials `auth` (`redis_auth`). The passwords
@@ -421,8 +444,8 @@ fn managed_redis(
             pod_selector: Some(redis_pods.clone()),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![
-                    NetworkPolicyPeer {
+                from: Some(
+                    [NetworkPolicyPeer {
                         pod_selector: Some(LabelSelector {
                             match_labels: Some(BTreeMap::from([(
                                 INJECTED_LABEL.to_string(),
@@ -431,26 +454,38 @@ fn managed_redis(
                             ..LabelSelector::default()
                         }),
                         ..NetworkPolicyPeer::default()
-                    },
-                    // The operator, which applies password rotations (`redis_admin`).
-                    NetworkPolicyPeer {
-                        namespace_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                "kubernetes.io/metadata.name".to_string(),
-                                images.operator_namespace.clone(),
-                            )])),
-                            ..LabelSelector::default()
-                        }),
+                    }]
+                    .into_iter()
+                    // The commit stream's reader, which evicts what other writers changed.
+                    .chain(crate::commit_stream::wanted(cr).map(|_| NetworkPolicyPeer {
                         pod_selector: Some(LabelSelector {
-                            match_labels: Some(BTreeMap::from([(
-                                "app.kubernetes.io/name".to_string(),
-                                "wtc-operator".to_string(),
-                            )])),
+                            match_labels: Some(crate::commit_stream::reader_selector(cr)),
                             ..LabelSelector::default()
                         }),
                         ..NetworkPolicyPeer::default()
-                    },
-                ]),
+                    }))
+                    .chain([
+                        // The operator, which applies password rotations (`redis_admin`).
+                        NetworkPolicyPeer {
+                            namespace_selector: Some(LabelSelector {
+                                match_labels: Some(BTreeMap::from([(
+                                    "kubernetes.io/metadata.name".to_string(),
+                                    images.operator_namespace.clone(),
+                                )])),
+                                ..LabelSelector::default()
+                            }),
+                            pod_selector: Some(LabelSelector {
+                                match_labels: Some(BTreeMap::from([(
+                                    "app.kubernetes.io/name".to_string(),
+                                    "wtc-operator".to_string(),
+                                )])),
+                                ..LabelSelector::default()
+                            }),
+                            ..NetworkPolicyPeer::default()
+                        },
+                    ])
+                    .collect(),
+                ),
                 ports: Some(vec![NetworkPolicyPort {
                     protocol: Some("TCP".into()),
                     port: Some(IntOrString::Int(REDIS_PORT)),

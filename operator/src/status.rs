@@ -34,6 +34,7 @@ pub struct Observed {
     pub sidecars: SidecarHealth,
     /// The managed Redis's `host:port`; `None` when Redis is external.
     pub redis_endpoint: Option<String>,
+    pub commit_stream: crate::commit_stream::Stream,
 }
 
 /// One condition before its transition time is settled.
@@ -46,7 +47,7 @@ pub struct Verdict {
 }
 
 /// The conditions' verdicts, in the status's order.
-pub fn verdicts(o: &Observed) -> [Verdict; 4] {
+pub fn verdicts(o: &Observed) -> Vec<Verdict> {
     let valid_msg = match &o.applied {
         Applied::Invalid(msg) => msg.clone(),
         Applied::Valid(_) => "the spec renders a valid sidecar configuration".to_string(),
@@ -80,6 +81,15 @@ pub fn verdicts(o: &Observed) -> [Verdict; 4] {
         (Reason::Ready, "the cache is ready".to_string())
     };
     let (sidecars_ok, sidecars_reason, sidecars_msg) = o.sidecars.condition();
+    let stream = o
+        .commit_stream
+        .verdict()
+        .map(|(ok, reason, message)| Verdict {
+            type_: ConditionType::CommitStreamReady,
+            ok,
+            reason,
+            message,
+        });
     [
         Verdict {
             type_: ConditionType::Ready,
@@ -110,6 +120,9 @@ pub fn verdicts(o: &Observed) -> [Verdict; 4] {
             message: sidecars_msg,
         },
     ]
+    .into_iter()
+    .chain(stream)
+    .collect()
 }
 
 /// The status to write. `old` is the cache's current conditions: lastTransitionTime moves only
@@ -142,6 +155,7 @@ pub fn desired(o: &Observed, old: &[Condition], now: &Time) -> WriteThroughCache
         // The watchdog's field (its own field manager): left out of the controller's apply.
         uninjected_pods: None,
         outdated_pods: None,
+        commit_stream: o.commit_stream.status(),
     }
 }
 
@@ -210,6 +224,7 @@ mod tests {
                 failing: vec![],
             },
             redis_endpoint: Some("c-redis.shop.svc:6379".into()),
+            commit_stream: crate::commit_stream::Stream::Off,
         }
     }
 

@@ -1212,3 +1212,239 @@ async fn replicas_starting_together_share_one_webhook_ca() {
         );
     }
 }
+
+/// The commit stream on the API (kwok runs the pods, and completes the Job's): turned on, the
+/// status names the slot before the reader exists; turned off, the reader goes first, then a
+/// Job drops the slot and the publication, and once it succeeded the status forgets them;
+/// renamed, the old names are dropped before the new reader starts; the cache deleted, its
+/// finalizer holds until the slot is dropped. (The node suite runs the same with real pods
+/// and a real PostgreSQL.) Fails when the drop Job starts while the reader's pod lives ("the
+/// drop started while the reader's pod lived").
+#[tokio::test]
+async fn the_commit_stream_reader_and_its_slot_follow_the_spec() {
+    use k8s_openapi::api::batch::v1::Job;
+    let cp = cluster();
+    let client = cp.client();
+    let ns = cp.namespace("wtc-stream").await.unwrap();
+    let controller = tokio::spawn(wtc_operator::reconcile::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        Some(ns.name().to_string()),
+        Release::default(),
+        std::future::pending(),
+    ));
+    let yaml = cache_yaml(
+        "orders",
+        "    external: {urlSecret: {name: r, key: url}}\n  commitStream: {enabled: true}",
+    );
+    let out = kubectl_apply(cp, ns.name(), &yaml);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    let deployments: Api<Deployment> = ns.api();
+    let config_maps: Api<ConfigMap> = ns.api();
+    let pods: Api<Pod> = ns.api();
+    let jobs: Api<Job> = ns.api();
+    let slot_of = |c: &WriteThroughCache| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.commit_stream.as_ref())
+            .map(|s| s.slot.clone())
+    };
+
+    let reader = eventually("the reader", Duration::from_secs(30), || async {
+        deployments.get_opt("orders-commit-stream").await.unwrap()
+    })
+    .await;
+    let slot = slot_of(&caches.get("orders").await.unwrap()).expect("no slot in the status");
+    assert!(
+        slot.starts_with(&format!("wtc_{}_orders_", ns.name().replace('-', "_"))),
+        "{slot}"
+    );
+    let args = reader.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args, ["--config", "/etc/wtc/commit-stream.toml"]);
+    let cm = config_maps
+        .get("orders-sidecar")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert!(
+        cm["commit-stream.toml"].contains(&format!("slot = \"{slot}\"")),
+        "{cm:?}"
+    );
+    assert!(!cm["sidecar.toml"].contains("[commit_stream]"), "{cm:?}");
+    // kwok's pods have no real address: the condition says the reader cannot be read.
+    let condition = eventually("CommitStreamReady", Duration::from_secs(60), || async {
+        let c = caches.get("orders").await.unwrap();
+        c.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "CommitStreamReady")
+    })
+    .await;
+    assert_eq!(condition.status, "False");
+    assert!(
+        ["ReaderStarting", "ReaderUnreadable"].contains(&condition.reason.as_str()),
+        "{condition:?}"
+    );
+    let reader_pods = || async {
+        pods.list(
+            &kube::api::ListParams::default().labels("app.kubernetes.io/name=wtc-commit-stream"),
+        )
+        .await
+        .unwrap()
+        .items
+    };
+    let reader_pod = eventually("the reader's pod", Duration::from_secs(60), || async {
+        reader_pods().await.into_iter().next()
+    })
+    .await;
+    // The reader's pod outlives its Deployment (a finalizer here; a slow shutdown there).
+    let hold = |finalizers: serde_json::Value| {
+        let pods = pods.clone();
+        let name = reader_pod.name_any();
+        async move {
+            pods.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    hold(json!(["wtc.dev/test-hold"])).await;
+
+    // Off: the reader goes, then the Job; the status forgets the slot once it is dropped.
+    caches
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"commitStream": {"enabled": false}}})),
+        )
+        .await
+        .unwrap();
+    let waiting = eventually(
+        "Dropping, the reader stopping",
+        Duration::from_secs(60),
+        || async {
+            let c = caches.get("orders").await.unwrap();
+            c.status?.conditions.into_iter().find(|c| {
+                c.type_ == "CommitStreamReady" && c.message.contains("waiting for the reader")
+            })
+        },
+    )
+    .await;
+    assert_eq!(waiting.reason, "Dropping");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        jobs.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "the drop started while the reader's pod lived"
+    );
+    hold(serde_json::Value::Null).await;
+    let job = eventually("the drop Job", Duration::from_secs(60), || async {
+        jobs.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(
+        deployments
+            .get_opt("orders-commit-stream")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(
+        args,
+        [
+            "--config",
+            "/etc/wtc/sidecar.toml",
+            "--drop-slot",
+            &slot,
+            "--drop-publication",
+            &slot
+        ]
+    );
+    eventually("the slot forgotten", Duration::from_secs(90), || async {
+        let c = caches.get("orders").await.unwrap();
+        let conditions = c.status.as_ref()?.conditions.clone();
+        (slot_of(&c).is_none() && !conditions.iter().any(|c| c.type_ == "CommitStreamReady"))
+            .then_some(())
+    })
+    .await;
+    eventually("the Job deleted", Duration::from_secs(30), || async {
+        let left = jobs.list(&Default::default()).await.unwrap().items;
+        left.iter()
+            .all(|j| j.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+
+    // On again under a name of the user's, then the cache deleted: held until the drop.
+    caches
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"commitStream": {"enabled": true, "slot": "orders_two"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("the new reader", Duration::from_secs(60), || async {
+        let c = caches.get("orders").await.unwrap();
+        (slot_of(&c).as_deref() == Some("orders_two") && !reader_pods().await.is_empty())
+            .then_some(())
+    })
+    .await;
+    caches
+        .delete("orders", &DeleteParams::background())
+        .await
+        .unwrap();
+    let job = eventually(
+        "the drop Job of the deleted cache",
+        Duration::from_secs(60),
+        || async {
+            jobs.list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|j| j.metadata.deletion_timestamp.is_none())
+        },
+    )
+    .await;
+    let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.windows(2).any(|w| w == ["--drop-slot", "orders_two"]),
+        "{args:?}"
+    );
+    eventually("the cache deleted", Duration::from_secs(90), || async {
+        caches
+            .get_opt("orders")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    controller.abort();
+}

@@ -63,10 +63,30 @@ struct Args {
     /// The API listens on loopback only, out of the kubelet's reach.
     #[arg(long, value_name = "URL")]
     probe: Option<String>,
+    /// Drop this replication slot of the configured database, and exit: what is left of a
+    /// commit stream that was turned off (the operator's Job runs this). Waits up to a minute
+    /// for a reader that still holds the slot. Nothing there is not an error.
+    #[arg(long, value_name = "NAME", value_parser = identifier)]
+    drop_slot: Option<String>,
+    /// With --drop-slot: drop this publication too.
+    #[arg(long, value_name = "NAME", value_parser = identifier, requires = "drop_slot")]
+    drop_publication: Option<String>,
     /// Log lines as text (colours only on a terminal) or as JSON objects, one per line, for log
     /// pipelines. RUST_LOG sets the level either way.
     #[arg(long, env = "WTC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Slot names are `[a-z0-9_]{1,63}` (PostgreSQL's rule); publications are held to the same.
+fn identifier(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+    match ok {
+        true => Ok(s.to_string()),
+        false => Err("1 to 63 characters of a-z, 0-9 and _".into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -160,6 +180,19 @@ pub fn main_with<C: CacheStore>(
             return ExitCode::FAILURE;
         }
     };
+    if let Some(slot) = &args.drop_slot {
+        let dropping = drop_stream(&config, slot, args.drop_publication.as_deref());
+        return match runtime.block_on(dropping) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(msg) => {
+                eprintln!("wtc-sidecar: {msg}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let follow = path.map(|p| (p, read));
     match runtime.block_on(serve(config, follow, wrap, extension)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,6 +201,33 @@ pub fn main_with<C: CacheStore>(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--drop-slot`: the slot and publication dropped, said in one line.
+async fn drop_stream(
+    config: &SidecarConfig,
+    slot: &str,
+    publication: Option<&str>,
+) -> Result<String, String> {
+    let rows =
+        Database::new(&config.database, &[]).map_err(|_| StartError::DatabaseUrl.to_string())?;
+    let dropped = crate::postgres::commit_stream::drop_stream(
+        &rows.connect_options(),
+        slot,
+        publication,
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| format!("cannot drop replication slot {slot:?}: {e}"))?;
+    let said = |done: bool| if done { "dropped" } else { "not there" };
+    Ok(match publication {
+        Some(p) => format!(
+            "replication slot {slot}: {}; publication {p}: {}",
+            said(dropped.slot),
+            said(dropped.publication)
+        ),
+        None => format!("replication slot {slot}: {}", said(dropped.slot)),
+    })
 }
 
 /// The configuration, and the file's bytes it came from (a later change is told from them).

@@ -1,10 +1,10 @@
 //! The commit stream's test scaffolding (docs/commit-stream.md): a slot and publication per
 //! test, and reads that wait for an external commit to be served.
 
-use crate::{Fixture, Sidecar, TestBed, unique};
+use crate::{Fixture, Sidecar, TestBed, scratch_dir, sidecar_binary, unique};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
-use wtc_config::VersionSource;
+use wtc_config::{SidecarConfig, VersionSource};
 
 /// A slot and a publication of their own, dropped at the end.
 pub struct Stream {
@@ -154,4 +154,45 @@ pub async fn cached(sc: &Sidecar, key: &str) {
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e3
+}
+
+/// The sidecar binary's `--drop-slot` (what the operator's drop Job runs) with `config`'s
+/// database and `args`: its exit code and what it printed.
+pub async fn drop_command(config: &SidecarConfig, args: &[&str]) -> (Option<i32>, String) {
+    let dir = scratch_dir("drop");
+    let file = dir.join("sidecar.toml");
+    std::fs::write(&file, config.render()).unwrap();
+    let out = tokio::process::Command::new(sidecar_binary())
+        .arg("--config")
+        .arg(&file)
+        .args(args)
+        .env_remove("WTC_DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
+/// Whether the slot and the publication named `name` exist.
+pub async fn slot_and_publication(pool: &PgPool, name: &str) -> (bool, bool) {
+    let slot: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let publication: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(name)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    (slot, publication)
 }

@@ -865,7 +865,7 @@ impl Drop for Sidecar {
 
 /// The sidecar built with hold points: `target/<profile>/wtc-sidecar-under-test`, next to the
 /// test binary's `deps/` folder (cargo builds a package's binaries before its integration tests).
-fn sidecar_binary() -> PathBuf {
+pub(crate) fn sidecar_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WTC_SIDECAR_BIN") {
         return p.into();
     }

@@ -231,6 +231,105 @@ impl Slot {
     }
 }
 
+/// What `drop_stream` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// The slot existed in this database and was dropped.
+    pub slot: bool,
+    /// The publication existed and was dropped.
+    pub publication: bool,
+}
+
+/// Drops `slot` (this database's, never another's of the same name) and `publication`: what is
+/// left of a commit stream turned off (the operator's drop Job). Takes the slot's lock first,
+/// so that no reader is between two polls, and waits up to `wait` for one that still holds it
+/// or for the slot to be released; idempotent (nothing there is not an error).
+pub async fn drop_stream(
+    options: &PgConnectOptions,
+    slot: &str,
+    publication: Option<&str>,
+    wait: std::time::Duration,
+) -> Result<Dropped, sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let busy = |what: &str| {
+        sqlx::Error::Protocol(format!(
+            "replication slot {slot:?} {what} after {} s: is a reader still running?",
+            wait.as_secs()
+        ))
+    };
+    let mut conn = PgConnection::connect_with(&options.clone().options(SLOT_SESSION)).await?;
+    loop {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key("wtc-commit-stream", slot))
+            .fetch_one(&mut conn)
+            .await?;
+        if locked {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(busy("is still locked by its reader"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let mut dropped = Dropped {
+        slot: false,
+        publication: false,
+    };
+    loop {
+        let found: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT active, database IS NOT DISTINCT FROM current_database() \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .fetch_optional(&mut conn)
+        .await?;
+        match found {
+            None => break,
+            Some((_, false)) => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "replication slot {slot:?} is not a slot of this database: left alone"
+                )));
+            }
+            Some((false, true)) => {
+                let result = sqlx::query("SELECT pg_drop_replication_slot($1::name)")
+                    .bind(slot)
+                    .execute(&mut conn)
+                    .await;
+                match result {
+                    Ok(_) => {
+                        dropped.slot = true;
+                        break;
+                    }
+                    // Taken by a poll in between (object_in_use): again.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") => {}
+                    // Dropped by someone else in between (undefined_object).
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Some((true, true)) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(busy("is still in use"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    if let Some(publication) = publication {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(publication)
+                .fetch_one(&mut conn)
+                .await?;
+        if exists {
+            let sql = format!("DROP PUBLICATION IF EXISTS {}", quote_ident(publication));
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
+            dropped.publication = true;
+        }
+    }
+    conn.close().await?;
+    Ok(dropped)
+}
+
 /// Refuses a table whose deletes and key changes would not name the key: its replica identity
 /// must be the key column (its primary key or `REPLICA IDENTITY USING INDEX` on it) or
 /// `FULL`. A table with no identity at all would even refuse every writer's UPDATE and DELETE

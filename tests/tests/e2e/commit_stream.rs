@@ -5,7 +5,9 @@
 use serde_json::json;
 use std::time::{Duration, Instant};
 use wtc_config::VersionSource;
-use wtc_tests::commit_stream::{Stream, cached, percentile, served, sql, wait_leading};
+use wtc_tests::commit_stream::{
+    Stream, cached, drop_command, percentile, served, slot_and_publication, sql, wait_leading,
+};
 use wtc_tests::*;
 
 /// `rounds` external updates of cached keys, each timed from its commit to the first read
@@ -354,4 +356,73 @@ async fn other_key_spellings_key_changes_and_truncates_reach_readers() {
     assert!(sc.metric("wtc_commit_stream_truncates_total").await >= 1.0);
     drop(sc);
     stream.drop(&pool).await;
+}
+
+/// `wtc-sidecar --drop-slot S --drop-publication P`, what the operator's Job runs when a cache's
+/// stream is turned off or the cache deleted: it waits for the reader that holds the slot's
+/// lock (a reader between two polls would make the slot again), then drops both; again, it
+/// finds nothing and still succeeds; a name that is not an identifier is refused before any
+/// connection. Fails when the command does not wait for the lock: the reader, still running,
+/// makes the slot again ("left behind").
+#[tokio::test]
+async fn the_drop_command_waits_for_the_reader_then_drops_the_slot_and_publication() {
+    let bed = TestBed::new("cs_drop").await;
+    let stream = Stream::new(&bed.pool).await;
+    let name = stream.name.clone();
+    let fixture = stream.fixture(&bed, VersionSource::Trigger);
+    let config = fixture.config.clone();
+    let sc = fixture.start().await;
+    wait_leading(&sc).await;
+    assert_eq!(slot_and_publication(&bed.pool, &name).await, (true, true));
+
+    let args = [
+        "--drop-slot",
+        name.as_str(),
+        "--drop-publication",
+        name.as_str(),
+    ];
+    let dropping = {
+        let config = config.clone();
+        let args = args.map(String::from);
+        tokio::spawn(async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let started = Instant::now();
+            let out = drop_command(&config, &args).await;
+            (out, started.elapsed())
+        })
+    };
+    // The reader keeps the slot for a while, then stops.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !dropping.is_finished(),
+        "the drop did not wait for the reader"
+    );
+    drop(sc);
+    let ((code, said), took) = dropping.await.unwrap();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains(&format!(
+            "replication slot {name}: dropped; publication {name}: dropped"
+        )),
+        "{said}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        slot_and_publication(&bed.pool, &name).await,
+        (false, false),
+        "left behind"
+    );
+    eprintln!(
+        "drop: done {:.1} s after it started (the reader stopped at 2 s)",
+        took.as_secs_f64()
+    );
+
+    let (code, said) = drop_command(&config, &args).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("not there"), "{said}");
+
+    let (code, said) = drop_command(&config, &["--drop-slot", "x'; DROP TABLE t; --"]).await;
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("a-z, 0-9 and _"), "{said}");
+    stream.drop(&bed.pool).await;
 }

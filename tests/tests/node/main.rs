@@ -10,6 +10,8 @@
 //! - `availability`: the operator's replicas through a rollout (no pod admitted without its
 //!   sidecar), leader election (one controller; a killed leader replaced within the lease).
 //! - `lifecycle`: deleting a cache that pods use waits for them.
+//! - `commit_stream`: the reader the operator runs; a write made with SQL reaches the pods; the
+//!   slot goes with the cache.
 //! - `observability`: a real Prometheus discovers and scrapes the sidecars and the operator
 //!   through the Kubernetes API, with the chart's alert rules loaded.
 //! - `settings`: per-pod settings of the sidecar (annotations) in a namespace whose
@@ -23,6 +25,7 @@
 //! database outage cuts every pod off PostgreSQL. `scripts/test` stops the node at the end.
 
 mod availability;
+mod commit_stream;
 mod failures;
 mod journey;
 mod lifecycle;
