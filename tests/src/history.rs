@@ -9,7 +9,10 @@
 //! - stale reads: a read that began after a write of version v was acknowledged with a clean cache
 //!   step (`X-Wtc-Cache: ok`) and returned an older version (P2);
 //! - staleness after a cache-side fault: reads older than a write acknowledged as `repairing`,
-//!   allowed by P3 for a bounded time W; the longest one is reported.
+//!   allowed by P3 for a bounded time W; the longest one is reported;
+//! - with external writers (plain SQL, no sidecar; docs/commit-stream.md): reads older than a
+//!   version PostgreSQL had committed before the read began, and how long after that commit
+//!   (the commit stream's bound W: `Report::assert_external_within`).
 
 use crate::{Target, unique};
 use serde_json::json;
@@ -34,6 +37,9 @@ pub enum Outcome {
     Unknown,
     /// Refused before anything happened (shed, bad request), or a read that got no answer.
     Failed,
+    /// A write made with plain SQL, not through a sidecar: PostgreSQL committed this version
+    /// (the trigger drew it) when the statement returned.
+    Committed { version: i64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +130,10 @@ pub struct Report {
     /// Reads older than a write acknowledged as `repairing` (allowed within W).
     pub stale_after_fault: u64,
     pub max_staleness_after_fault: Duration,
+    pub writes_external: u64,
+    /// Of the reads older than a version committed by an external writer before they began,
+    /// how long after that commit each began (sorted).
+    pub behind_external: Vec<Duration>,
 }
 
 impl Report {
@@ -146,7 +156,39 @@ impl Report {
             self.stale.len(),
             self.stale_after_fault,
             self.max_staleness_after_fault,
-        )
+        ) + &match self.writes_external {
+            0 => String::new(),
+            n => format!(
+                "; external writes {n}, reads behind one {} (longest {:?})",
+                self.behind_external.len(),
+                self.max_behind_external()
+            ),
+        }
+    }
+
+    /// The longest a read that returned an older version began after an external commit.
+    pub fn max_behind_external(&self) -> Duration {
+        self.behind_external.last().copied().unwrap_or_default()
+    }
+
+    /// No read that began later than `w` after an external commit returned an older version
+    /// (and nothing lost or phantom).
+    pub fn assert_external_within(&self, w: Duration) {
+        assert!(
+            self.lost.is_empty() && self.phantom.is_empty(),
+            "lost {:?}, phantom {:?} ({})",
+            self.lost.iter().take(5).collect::<Vec<_>>(),
+            self.phantom.iter().take(5).collect::<Vec<_>>(),
+            self.summary()
+        );
+        let beyond = self.behind_external.iter().filter(|d| **d > w).count();
+        assert!(
+            beyond == 0,
+            "{beyond} reads began more than W = {w:?} after an external commit and returned an \
+             older version (longest {:?}; {})",
+            self.max_behind_external(),
+            self.summary()
+        );
     }
 
     /// P1, P2, no phantoms, and P3's staleness within `w`.
@@ -193,8 +235,17 @@ pub fn check(keys: &[String], ops: &[Op], committed: &HashSet<(String, i64)>) ->
         // Acknowledged writes by end time, with running maxima of their versions: of all of them
         // (any newer version acknowledged), and of the clean ones (P2's floor).
         let mut acked: Vec<(Instant, i64, bool)> = vec![];
+        // External commits by end time, and the running maximum of their versions.
+        let mut external: Vec<(Instant, i64)> = vec![];
         for op in ops.iter().filter(|o| o.kind == Kind::Write) {
             match op.outcome {
+                Outcome::Committed { version } => {
+                    r.writes_external += 1;
+                    if !was_committed(version) {
+                        r.lost.push((key.clone(), version));
+                    }
+                    external.push((op.end, version));
+                }
                 Outcome::Ok { version, clean } => {
                     if clean {
                         r.writes_clean += 1;
@@ -221,6 +272,13 @@ pub fn check(keys: &[String], ops: &[Op], committed: &HashSet<(String, i64)>) ->
             any_max.push(a);
             clean_max.push(c);
         }
+        external.sort_by_key(|e| e.0);
+        let mut external_max = Vec::with_capacity(external.len());
+        let mut m = i64::MIN;
+        for &(_, v) in &external {
+            m = m.max(v);
+            external_max.push(m);
+        }
         for op in ops.iter().filter(|o| o.kind == Kind::Read) {
             let Outcome::Ok { version: v, .. } = op.outcome else {
                 r.reads_failed += 1;
@@ -229,6 +287,12 @@ pub fn check(keys: &[String], ops: &[Op], committed: &HashSet<(String, i64)>) ->
             r.reads += 1;
             if !was_committed(v) {
                 r.phantom.push((key.clone(), v));
+            }
+            let committed_before = external.partition_point(|e| e.0 < op.start);
+            if committed_before > 0 && external_max[committed_before - 1] > v {
+                let first = external_max.partition_point(|m| *m <= v);
+                r.behind_external
+                    .push(op.start.duration_since(external[first].0));
             }
             // Writes acknowledged before this read began.
             let before = acked.partition_point(|w| w.0 < op.start);
@@ -252,6 +316,7 @@ pub fn check(keys: &[String], ops: &[Op], committed: &HashSet<(String, i64)>) ->
             }
         }
     }
+    r.behind_external.sort();
     r
 }
 
@@ -278,6 +343,17 @@ pub struct Workload {
     /// When set, the counts of `stop` are not enough: this must have turned true too (a fault
     /// scenario's full cycle of faults). `stop.max` still ends the run.
     pub until_also: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A writer that bypasses the sidecars (plain SQL on the table, text keys).
+    pub external: Option<ExternalWriter>,
+}
+
+/// Upserts with plain SQL, as a migration or an admin would, one every `pause` (random within
+/// the range); the version comes back from the trigger (`versions = "trigger"`).
+#[derive(Clone)]
+pub struct ExternalWriter {
+    pub pool: PgPool,
+    pub table: String,
+    pub pause: (Duration, Duration),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -297,6 +373,7 @@ impl Workload {
             evict_every: Some((Duration::from_micros(500), Duration::from_millis(3))),
             stop,
             until_also: None,
+            external: None,
         }
     }
 
@@ -381,6 +458,41 @@ impl Workload {
                         end,
                         outcome,
                     });
+                }
+            }));
+        }
+        if let Some(w) = self.external.clone() {
+            let (keys, history, done) = (keys.clone(), history.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let sql = format!(
+                    "INSERT INTO {} (id, n) VALUES ($1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n RETURNING version",
+                    w.table
+                );
+                let mut n = 0i32;
+                while !done() {
+                    n += 1;
+                    let k = fastrand::usize(..keys.len());
+                    let start = Instant::now();
+                    let written: Result<i64, _> =
+                        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                            .bind(&keys[k])
+                            .bind(-n)
+                            .fetch_one(&w.pool)
+                            .await;
+                    history.record(Op {
+                        key: k as u32,
+                        kind: Kind::Write,
+                        start,
+                        end: Instant::now(),
+                        outcome: match written {
+                            Ok(version) => Outcome::Committed { version },
+                            Err(_) => Outcome::Unknown,
+                        },
+                    });
+                    let (lo, hi) = w.pause;
+                    let pause = fastrand::u64(lo.as_micros() as u64..=hi.as_micros() as u64);
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
                 }
             }));
         }

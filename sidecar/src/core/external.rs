@@ -72,6 +72,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
             m.truncates.inc();
         }
         let mut keys: Vec<(CacheKey, Stale)> = Vec::with_capacity(changes.len());
+        let mut sampled: Vec<(EntityId, String)> = Vec::with_capacity(changes.len());
         for change in changes {
             let CommittedChange::Row {
                 entity,
@@ -101,6 +102,7 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                 CacheKey::new(self.entity_name(*entity), &canonical),
                 stale(versions, *version, *deleted),
             ));
+            sampled.push((*entity, canonical));
         }
         let items: Vec<Invalidation<'_>> = keys
             .iter()
@@ -113,6 +115,11 @@ impl<C: CacheStore, R: RowStore> Protocol<C, R> {
                 InvalidateOutcome::Absent => "absent",
             };
             m.changes.with_label_values(&[label]).inc();
+        }
+        // The consistency sampler checks a share of these rows as it does the sidecars' own
+        // writes: a cached row still older than the database one grace period later is counted.
+        for (entity, key) in &sampled {
+            self.sampler.record(*entity, key);
         }
         Ok(())
     }
