@@ -63,3 +63,63 @@ async fn the_commit_stream_misses_no_change_across_postgres_crash_restarts() {
     drop(sc);
     stream.drop(&pg().await).await;
 }
+
+/// Redis away while other writers commit: first paused (SIGSTOP for 3 s, no restart, so no
+/// epoch change sweeps anything: the reader's retries alone must evict), then killed and
+/// restarted from a snapshot that holds the old row (the epoch check sweeps; the reader's
+/// change is applied too). Each time a cached row is changed by plain SQL while Redis is away,
+/// and served changed once Redis is back. Fails if the reader advanced its slot past changes
+/// it could not apply ("still 200 ... after the external commit" in the pause round).
+#[tokio::test]
+async fn the_commit_stream_misses_no_change_while_redis_is_away() {
+    let _serial = serial().await;
+    let pool = pg().await;
+    let mut redis = RedisServer::start_with(Persistence::Snapshot).await;
+    let table = unique("cs_redis");
+    create_table(&pool, &table).await;
+    let stream = Stream::new(&pool).await;
+    let fixture = Fixture::new(&redis.url()).entity("accounts", &table);
+    let sc = stream.on(fixture, VersionSource::Trigger).start().await;
+    wait_leading(&sc).await;
+    for key in ["paused", "restarted"] {
+        sc.put("accounts", key, json!({"n": -1})).await;
+        cached(&sc, key).await;
+    }
+
+    redis.signal("STOP");
+    sql(
+        &pool,
+        format!("UPDATE {table} SET n = 1 WHERE id = 'paused'"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.signal("CONT");
+    let paused = served_within(&sc, "paused", Some(1), Duration::from_secs(30)).await;
+
+    redis.save().await;
+    redis.kill().await;
+    sql(
+        &pool,
+        format!("UPDATE {table} SET n = 2 WHERE id = 'restarted'"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart().await;
+    let restarted = served_within(&sc, "restarted", Some(2), Duration::from_secs(30)).await;
+    let errors: Vec<String> = sc
+        .metrics()
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("wtc_commit_stream_errors_total{stage=\""))
+        .map(|l| l.replace("\"} ", " "))
+        .collect();
+    eprintln!(
+        "commit stream while Redis is away: served {:.2} s after a 3 s pause ended, {:.2} s after \
+         a restart from an old snapshot; reader errors {}",
+        paused.as_secs_f64(),
+        restarted.as_secs_f64(),
+        errors.join(", ")
+    );
+    drop(sc);
+    stream.drop(&pool).await;
+}
