@@ -106,6 +106,10 @@ pub fn reader_selector(cr: &WriteThroughCache) -> BTreeMap<String, String> {
 /// port, or the default one when the cache turns theirs off.
 pub fn reader_metrics_port(cr: &WriteThroughCache) -> u16 {
     match cr.spec.sidecar.metrics_port {
+        // Not the API's port, which the reader listens on too (on loopback).
+        0 if cr.spec.sidecar.port == wtc_config::defaults::METRICS_PORT => {
+            wtc_config::defaults::METRICS_PORT + 1
+        }
         0 => wtc_config::defaults::METRICS_PORT,
         p => p,
     }
@@ -139,8 +143,10 @@ pub fn version_source(v: Versions) -> VersionSource {
     }
 }
 
-/// The reader: one pod running the sidecar with the reader's configuration.
-pub fn reader_deployment(cr: &WriteThroughCache, images: &Release) -> Deployment {
+/// The reader: one pod running the sidecar with the reader's configuration. Its pod template
+/// carries the configuration's hash: a change (an entity added, whose table the publication
+/// gains when the reader opens the slot) rolls the reader, which reads its file only at start.
+pub fn reader_deployment(cr: &WriteThroughCache, images: &Release, names: &Names) -> Deployment {
     let port = reader_metrics_port(cr);
     let mut container = injection::sidecar_container(cr, images, &PodSettings::default());
     container.args = Some(vec!["--config".into(), config_path(READER_CONFIG_KEY)]);
@@ -150,11 +156,16 @@ pub fn reader_deployment(cr: &WriteThroughCache, images: &Release) -> Deployment
         protocol: Some("TCP".into()),
         ..ContainerPort::default()
     }]);
-    container.resources = cr
+    // The sidecar's resources unless the cache gives the reader its own (a namespace's
+    // ResourceQuota may require them).
+    if let Some(r) = cr
         .spec
         .commit_stream
         .as_ref()
-        .and_then(|c| c.resources.clone());
+        .and_then(|c| c.resources.clone())
+    {
+        container.resources = Some(r);
+    }
     let selector = reader_selector(cr);
     Deployment {
         metadata: meta(cr, reader_name(cr), READER_COMPONENT),
@@ -172,6 +183,10 @@ pub fn reader_deployment(cr: &WriteThroughCache, images: &Release) -> Deployment
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(cr, READER_COMPONENT)),
+                    annotations: Some(BTreeMap::from([(
+                        resources::CONFIG_HASH_ANNOTATION.to_string(),
+                        hash(&reader_config(cr, names).render()),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(sidecar_pod(cr, container)),
@@ -211,9 +226,11 @@ pub fn drop_job_name(cr: &WriteThroughCache, names: &Names) -> String {
 }
 
 /// The sidecar binary, told to drop the slot and the publication and exit; the database
-/// settings (URL, TLS) are the sidecars'.
+/// settings (URL, TLS) are the sidecars'. The image is the operator's release, never the one a
+/// cache pins: an older sidecar does not know `--drop-slot`.
 pub fn drop_job(cr: &WriteThroughCache, images: &Release, names: &Names) -> Job {
     let mut container = injection::sidecar_container(cr, images, &PodSettings::default());
+    container.image = Some(images.sidecar.clone());
     container.args = Some(vec![
         "--config".into(),
         config_path(CONFIG_KEY),
@@ -226,7 +243,6 @@ pub fn drop_job(cr: &WriteThroughCache, images: &Release, names: &Names) -> Job 
     container.readiness_probe = None;
     container.liveness_probe = None;
     container.ports = None;
-    container.resources = None;
     Job {
         metadata: meta(cr, drop_job_name(cr, names), DROP_COMPONENT),
         spec: Some(JobSpec {
@@ -294,11 +310,22 @@ pub fn reading(metrics: &str) -> Option<Reading> {
             rest.split_whitespace().next()?.parse::<f64>().ok()
         })
     };
+    // Rounded: every new figure is a status write, which brings another pass at once; whole
+    // seconds and two significant digits change seldom.
     Some(Reading {
         leading: value("wtc_commit_stream_leading")? >= 1.0,
-        lag_seconds: value("wtc_commit_stream_lag_seconds")?,
-        retained_wal_bytes: value("wtc_commit_stream_retained_wal_bytes")? as i64,
+        lag_seconds: value("wtc_commit_stream_lag_seconds")?.round(),
+        retained_wal_bytes: two_digits(value("wtc_commit_stream_retained_wal_bytes")? as i64),
     })
+}
+
+/// `n` rounded down to two significant digits (123,456 -> 120,000).
+fn two_digits(n: i64) -> i64 {
+    let mut scale = 1;
+    while n / scale >= 100 {
+        scale *= 10;
+    }
+    n / scale * scale
 }
 
 /// The reader as the operator finds it.
@@ -401,7 +428,7 @@ impl Stream {
                     true,
                     Reason::Reading,
                     format!(
-                        "slot {} is read, {:.3} s behind, {} bytes of WAL retained",
+                        "slot {} is read, {:.0} s behind, about {} bytes of WAL retained",
                         names.slot, r.lag_seconds, r.retained_wal_bytes
                     ),
                 ),
@@ -523,7 +550,8 @@ mod tests {
     #[test]
     fn the_reader_runs_the_sidecar_with_its_own_configuration_and_the_same_secrets() {
         let cr = with_stream(CacheBuilder::new("orders").build());
-        let d = reader_deployment(&cr, &Release::default());
+        let names = wanted(&cr).unwrap();
+        let d = reader_deployment(&cr, &Release::default(), &names);
         let spec = d.spec.unwrap();
         assert_eq!(spec.replicas, Some(1));
         assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
@@ -579,6 +607,34 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_the_readers_configuration_rolls_it_and_its_ports_never_clash() {
+        let hash_of = |cr: &WriteThroughCache| {
+            let d = reader_deployment(cr, &Release::default(), &wanted(cr).unwrap());
+            d.spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[resources::CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let cr = with_stream(CacheBuilder::new("orders").build());
+        let more = with_stream(CacheBuilder::new("orders").entity("invoices").build());
+        assert_ne!(hash_of(&cr), hash_of(&more));
+        assert_eq!(hash_of(&cr), hash_of(&cr.clone()));
+        let mut cr = cr;
+        cr.spec.sidecar.metrics_port = 0;
+        cr.spec.sidecar.port = wtc_config::defaults::METRICS_PORT;
+        let config = reader_config(&cr, &wanted(&cr).unwrap());
+        let mut probe = config.clone();
+        probe.database.url = "postgres://x".into();
+        probe.redis.url = "redis://x".into();
+        probe.validate().unwrap();
+        assert_ne!(reader_metrics_port(&cr), cr.spec.sidecar.port);
+    }
+
+    #[test]
     fn the_drop_job_names_what_it_drops_and_a_rename_gets_another_job() {
         let cr = with_stream(CacheBuilder::new("orders").build());
         let a = Names {
@@ -603,6 +659,12 @@ mod tests {
             ]
         );
         assert!(c.readiness_probe.is_none() && c.liveness_probe.is_none());
+        // A cache pinning an older sidecar still gets a drop that knows `--drop-slot`.
+        let mut pinned = cr.clone();
+        pinned.spec.sidecar.image = Some("registry.local/wtc-sidecar:0.0.1".into());
+        let job = drop_job(&pinned, &Release::default(), &a);
+        let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.image, Some(Release::default().sidecar));
         assert_ne!(drop_job_name(&cr, &a), drop_job_name(&cr, &b));
         assert!(drop_job_name(&cr, &a).len() <= 63);
     }
@@ -616,10 +678,12 @@ mod tests {
             reading(text),
             Some(Reading {
                 leading: true,
-                lag_seconds: 0.25,
-                retained_wal_bytes: 123_456
+                lag_seconds: 0.0,
+                retained_wal_bytes: 120_000
             })
         );
+        assert_eq!(two_digits(56), 56);
+        assert_eq!(two_digits(1_299_999_999), 1_200_000_000);
         assert_eq!(reading("wtc_commit_stream_leading 1\n"), None);
         assert_eq!(reading(""), None);
     }

@@ -275,7 +275,16 @@ async fn apply_all(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Erro
     // The status names the slot before the reader that may make it runs.
     update_status(cr, ctx, Applied::Valid(redis_ready), stream.clone()).await?;
     match (&stream, reader) {
-        (Stream::Reading { .. }, Some(reader)) => {
+        (Stream::Reading { names, .. }, Some(reader)) => {
+            // A drop Job of these names (the stream turned off, then on again before it was
+            // done) would drop the new reader's slot, and would later pass for a drop that
+            // never ran: it goes, in the foreground, before the reader starts.
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+            let job = commit_stream::drop_job_name(cr, names);
+            if jobs.get_opt(&job).await?.is_some() {
+                jobs.delete(&job, &DeleteParams::foreground()).await?;
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
             apply(client, &ns, &reader).await?;
             // Its lag, in the status.
             requeue = requeue.min(Duration::from_secs(15));
@@ -340,7 +349,23 @@ async fn drop_stream(
     names: &Names,
 ) -> Result<Option<DropStage>, Error> {
     let client = &ctx.client;
-    remove_owned::<Deployment>(cr, client, ns, &commit_stream::reader_name(cr)).await?;
+    // In the foreground: its ReplicaSet, which would replace a missing pod, goes first; the
+    // Deployment is gone only once no pod of it is left.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    if let Some(reader) = deployments.get_opt(&commit_stream::reader_name(cr)).await? {
+        let ours = reader
+            .owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == cr.uid().as_ref());
+        if ours && reader.metadata.deletion_timestamp.is_none() {
+            deployments
+                .delete(&reader.name_any(), &DeleteParams::foreground())
+                .await?;
+        }
+        if ours {
+            return Ok(Some(DropStage::ReaderStopping));
+        }
+    }
     if !reader_pods(cr, client, ns).await?.is_empty() {
         return Ok(Some(DropStage::ReaderStopping));
     }
@@ -367,6 +392,14 @@ async fn drop_stream(
         JobOutcome::Failed(message) => Some(DropStage::Failed { job: name, message }),
         JobOutcome::Running => Some(DropStage::Running(name)),
     })
+}
+
+async fn namespace_terminating(ctx: &Context, ns: &str) -> Result<bool, Error> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    Ok(namespaces
+        .get_opt(ns)
+        .await?
+        .is_none_or(|n| n.metadata.deletion_timestamp.is_some()))
 }
 
 async fn reader_pods(cr: &WriteThroughCache, client: &Client, ns: &str) -> Result<Vec<Pod>, Error> {
@@ -536,6 +569,28 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
         let Some(names) = recorded_stream(cr, ctx).await? else {
             return Ok(Action::await_change());
         };
+        if namespace_terminating(ctx, &ns).await? {
+            // No Job can be created in it, and its Secrets are going: waiting would hold the
+            // namespace's deletion for ever. What is left is said, with how to drop it.
+            let note = format!(
+                "the namespace is being deleted, so the operator cannot drop replication slot {} \
+                 and publication {}: drop them in the database (SELECT \
+                 pg_drop_replication_slot('{}'); DROP PUBLICATION {}), or the slot retains WAL",
+                names.slot, names.publication, names.slot, names.publication
+            );
+            tracing::warn!(cache = %cr.name_any(), namespace = %ns, "{note}");
+            publish(
+                ctx,
+                cr,
+                status::Notice {
+                    type_: EventType::Warning,
+                    reason: "SlotLeft".into(),
+                    note,
+                },
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
         return match drop_stream(cr, ctx, &ns, &names).await? {
             None => Ok(Action::await_change()),
             Some(stage) => {

@@ -296,7 +296,7 @@ pub fn desired(
                 crate::commit_stream::READER_CONFIG_KEY.to_string(),
                 config.render(),
             );
-            Some(crate::commit_stream::reader_deployment(cr, images))
+            Some(crate::commit_stream::reader_deployment(cr, images, &names))
         }
         None => None,
     };

@@ -1448,3 +1448,48 @@ async fn the_commit_stream_reader_and_its_slot_follow_the_spec() {
     .await;
     controller.abort();
 }
+
+/// Deleting the namespace of a cache whose stream is on: no Job can be created in a namespace
+/// being deleted, so the operator lets the cache go with a warning naming the slot (the
+/// namespace is not held for ever). Fails when `release` waits for a drop it cannot run.
+#[tokio::test]
+async fn deleting_the_namespace_of_a_cache_with_a_stream_is_not_held_by_it() {
+    let cp = cluster();
+    let client = cp.client();
+    let ns = cp.namespace("wtc-stream-ns").await.unwrap();
+    let controller = tokio::spawn(wtc_operator::reconcile::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        Some(ns.name().to_string()),
+        Release::default(),
+        std::future::pending(),
+    ));
+    let yaml = cache_yaml(
+        "orders",
+        "    external: {urlSecret: {name: r, key: url}}\n  commitStream: {enabled: true}",
+    );
+    let out = kubectl_apply(cp, ns.name(), &yaml);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let caches: Api<WriteThroughCache> = ns.api();
+    eventually(
+        "the slot in the status",
+        Duration::from_secs(60),
+        || async {
+            let c = caches.get("orders").await.unwrap();
+            c.status?.commit_stream.map(|_| ())
+        },
+    )
+    .await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(ns.name(), &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually(
+        "the cache gone with its namespace",
+        Duration::from_secs(90),
+        || async { caches.get_opt("orders").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    controller.abort();
+}
