@@ -99,6 +99,21 @@ spec:
     )
 }
 
+/// The controller, watching `ns` only, until the test aborts it.
+fn controller(client: &kube::Client, ns: &str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(wtc_operator::reconcile::run(
+        client.clone(),
+        Arc::new(Metrics::default()),
+        Some(ns.to_string()),
+        Release::default(),
+        std::future::pending(),
+    ))
+}
+
+/// `cache_yaml`'s Redis lines for an external Redis, and the commit stream on.
+const STREAM_ON: &str =
+    "    external: {urlSecret: {name: r, key: url}}\n  commitStream: {enabled: true}";
+
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -187,13 +202,7 @@ async fn controller_creates_owned_objects_reports_ready_and_follows_changes() {
     let cp = cluster();
     let client = cp.client();
     let ns = cp.namespace("wtc-reconcile").await.unwrap();
-    let controller = tokio::spawn(wtc_operator::reconcile::run(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        Some(ns.name().to_string()),
-        Release::default(),
-        std::future::pending(),
-    ));
+    let controller = controller(&client, ns.name());
     let out = kubectl_apply(
         cp,
         ns.name(),
@@ -1226,17 +1235,8 @@ async fn the_commit_stream_reader_and_its_slot_follow_the_spec() {
     let cp = cluster();
     let client = cp.client();
     let ns = cp.namespace("wtc-stream").await.unwrap();
-    let controller = tokio::spawn(wtc_operator::reconcile::run(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        Some(ns.name().to_string()),
-        Release::default(),
-        std::future::pending(),
-    ));
-    let yaml = cache_yaml(
-        "orders",
-        "    external: {urlSecret: {name: r, key: url}}\n  commitStream: {enabled: true}",
-    );
+    let controller = controller(&client, ns.name());
+    let yaml = cache_yaml("orders", STREAM_ON);
     let out = kubectl_apply(cp, ns.name(), &yaml);
     assert!(out.status.success(), "{}", stderr(&out));
     let caches: Api<WriteThroughCache> = ns.api();
@@ -1457,17 +1457,8 @@ async fn deleting_the_namespace_of_a_cache_with_a_stream_is_not_held_by_it() {
     let cp = cluster();
     let client = cp.client();
     let ns = cp.namespace("wtc-stream-ns").await.unwrap();
-    let controller = tokio::spawn(wtc_operator::reconcile::run(
-        client.clone(),
-        Arc::new(Metrics::default()),
-        Some(ns.name().to_string()),
-        Release::default(),
-        std::future::pending(),
-    ));
-    let yaml = cache_yaml(
-        "orders",
-        "    external: {urlSecret: {name: r, key: url}}\n  commitStream: {enabled: true}",
-    );
+    let controller = controller(&client, ns.name());
+    let yaml = cache_yaml("orders", STREAM_ON);
     let out = kubectl_apply(cp, ns.name(), &yaml);
     assert!(out.status.success(), "{}", stderr(&out));
     let caches: Api<WriteThroughCache> = ns.api();

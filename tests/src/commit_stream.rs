@@ -14,36 +14,8 @@ pub struct Stream {
 impl Stream {
     /// Also drops what earlier runs' failed tests left (slots keep WAL, and there are few).
     pub async fn new(pool: &PgPool) -> Self {
-        let ours = format!("wtc_cs_{}_%", std::process::id());
-        let old: Vec<String> = sqlx::query_scalar(
-            "SELECT slot_name::text FROM pg_replication_slots \
-             WHERE slot_name LIKE 'wtc_cs_%' AND slot_name NOT LIKE $1 AND NOT active",
-        )
-        .bind(&ours)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        for slot in old {
-            // Another run may be reading it now after all.
-            let _ = sqlx::query("SELECT pg_drop_replication_slot($1::name)")
-                .bind(&slot)
-                .execute(pool)
-                .await;
-        }
-        let old: Vec<String> = sqlx::query_scalar(
-            "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'wtc_cs_%' AND pubname NOT LIKE $1",
-        )
-        .bind(&ours)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        for p in old {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP PUBLICATION IF EXISTS {p}"
-            )))
-            .execute(pool)
-            .await;
-        }
+        let ours = format!("wtc\\_cs\\_{}\\_%", std::process::id());
+        drop_leftovers(pool, "wtc\\_cs\\_%", &ours).await;
         Self {
             name: unique("wtc_cs"),
         }
@@ -195,4 +167,37 @@ pub async fn slot_and_publication(pool: &PgPool, name: &str) -> (bool, bool) {
             .await
             .unwrap();
     (slot, publication)
+}
+
+/// Drops the slots not in use and the publications named `like` (a LIKE pattern), but those
+/// named `keep` (this run's own): what failed runs of earlier tests left.
+pub async fn drop_leftovers(pool: &PgPool, like: &str, keep: &str) {
+    let slots: Vec<String> = sqlx::query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots \
+         WHERE slot_name LIKE $1 AND slot_name NOT LIKE $2 AND NOT active",
+    )
+    .bind(like)
+    .bind(keep)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for slot in slots {
+        // Another run may be reading it now after all.
+        let _ = sqlx::query("SELECT pg_drop_replication_slot($1::name)")
+            .bind(&slot)
+            .execute(pool)
+            .await;
+    }
+    let publications: Vec<String> = sqlx::query_scalar(
+        "SELECT pubname::text FROM pg_publication WHERE pubname LIKE $1 AND pubname NOT LIKE $2",
+    )
+    .bind(like)
+    .bind(keep)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for p in publications {
+        let sql = format!("DROP PUBLICATION IF EXISTS \"{p}\"");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await;
+    }
 }

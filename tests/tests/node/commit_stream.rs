@@ -4,7 +4,7 @@
 
 use crate::{Shop, ShopOptions, node, serial, wait_for};
 use std::time::{Duration, Instant};
-use wtc_tests::commit_stream::slot_and_publication;
+use wtc_tests::commit_stream::{drop_leftovers, slot_and_publication};
 
 /// The README's cache with the stream on and versions from the trigger.
 fn with_stream(yaml: String) -> String {
@@ -22,27 +22,7 @@ async fn a_write_behind_the_sidecars_back_reaches_the_pods_and_the_slot_goes_wit
     let _serial = serial().await;
     let node = node().await;
     // What a failed earlier run left (slots retain WAL, and there are few).
-    let pool = wtc_tests::pg().await;
-    sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-         WHERE slot_name LIKE 'wtc\\_stream\\_%' AND NOT active",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let publications: Vec<String> = sqlx::query_scalar(
-        "SELECT pubname::text FROM pg_publication WHERE pubname LIKE 'wtc\\_stream\\_%'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for p in publications {
-        let drop = format!("DROP PUBLICATION IF EXISTS \"{p}\"");
-        sqlx::query(sqlx::AssertSqlSafe(drop))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    drop_leftovers(&wtc_tests::pg().await, "wtc\\_stream\\_%", "").await;
     let shop = Shop::deploy(
         node,
         "stream",
