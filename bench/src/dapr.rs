@@ -37,6 +37,7 @@ impl Daprd {
         redis_url: &str,
         database_url: &str,
         table_prefix: &str,
+        threads: Option<usize>,
     ) -> Result<Self, String> {
         if !binary.exists() {
             return Err(format!(
@@ -64,7 +65,14 @@ impl Daprd {
         std::fs::write(dir.join("stores.yaml"), components).map_err(|e| e.to_string())?;
         let port = || free_port().map(|p| p.to_string());
         let (http, grpc, internal) = (port()?, port()?, port()?);
-        let mut child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        // The same CPUs as the wtc sidecar (`--sidecar-threads`): Go runs this many threads
+        // of Go code at once, as a container-aware Go does under that CPU limit.
+        match threads {
+            Some(n) => cmd.env("GOMAXPROCS", n.to_string()),
+            None => cmd.env_remove("GOMAXPROCS"),
+        };
+        let mut child = cmd
             .args(["--app-id", &app_id(), "--resources-path"])
             .arg(&dir)
             .args(["--dapr-http-port", &http, "--dapr-grpc-port", &grpc])

@@ -1,5 +1,5 @@
-//! The HTTP hop alone: a server process with the sidecar's HTTP stack (hyper HTTP/1.1 on a
-//! multi-threaded tokio runtime, TCP_NODELAY) that answers every request at once with a fixed
+//! The HTTP hop alone: a server process with the sidecar's HTTP stack (hyper HTTP/1.1 on the
+//! sidecar's runtime for the same number of workers, TCP_NODELAY) that answers every request at once with a fixed
 //! body the size of a stored envelope, touching neither Redis nor the database.
 //!
 //! It answers "what does one HTTP exchange over loopback with another process cost on this
@@ -19,10 +19,8 @@ pub const AS_HOP: &str = "WTC_BENCH_AS_HOP";
 const BODY: &[u8] = br#"{"v":1,"deleted":false,"written_at_ms":1764230400000,"row":{"id":"h1","owner":"owner-1","balance":1.5,"n":1,"version":1}}"#;
 
 pub fn main_entry() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The sidecar's own runtime for the same number of workers (wtc_sidecar::runtime).
+    let runtime = match wtc_sidecar::runtime::Shape::for_this_process().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wtc-bench hop: cannot start the runtime: {e}");

@@ -68,7 +68,8 @@ pub struct Opts {
     pub only: Vec<String>,
     /// Each phase runs as this many slices, alternating between the targets.
     pub slices: usize,
-    /// TOKIO_WORKER_THREADS for the sidecar process (default: one per core).
+    /// TOKIO_WORKER_THREADS for the sidecar and the HTTP hop, GOMAXPROCS for daprd. Default 1:
+    /// what the sidecar gets in a pod under the chart's default CPU limit of one CPU.
     pub sidecar_threads: Option<usize>,
     /// daprd to compare with (`--daprd`, else `WTC_DAPRD`); `None`: no dapr part.
     pub daprd: Option<PathBuf>,
@@ -99,7 +100,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
         plot: None,
         dapr_plot: None,
         only: Vec::new(),
-        sidecar_threads: None,
+        sidecar_threads: Some(1),
         daprd: std::env::var_os("WTC_DAPRD")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from),
@@ -144,7 +145,10 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
                 o.dapr_plot = Some(it.next().ok_or("--dapr-plot needs a path")?.into())
             }
             "--slices" => o.slices = num(it.next(), &a)? as usize,
-            "--sidecar-threads" => o.sidecar_threads = Some(num(it.next(), &a)? as usize),
+            // 0: as many as the machine has cores (the runtime's own default).
+            "--sidecar-threads" => {
+                o.sidecar_threads = Some(num(it.next(), &a)? as usize).filter(|&n| n > 0)
+            }
             "--only" => {
                 o.only = it
                     .next()
@@ -431,7 +435,8 @@ async fn run(opts: Opts) -> Result<(), String> {
     let dapr = match (&opts.daprd, opts.runs("dapr")) {
         (Some(bin), true) => {
             let prefix = format!("wtc_bench_dapr_{pid}_");
-            let daprd = dapr::Daprd::start(bin, &redis_url, &db_url, &prefix).await?;
+            let daprd =
+                dapr::Daprd::start(bin, &redis_url, &db_url, &prefix, opts.sidecar_threads).await?;
             log(&format!(
                 "daprd {} (pid {}) on {}",
                 daprd.binary, daprd.pid, daprd.addr
@@ -1073,6 +1078,7 @@ impl Bench {
             peak_seconds: self.opts.peak_seconds,
             slices: self.opts.slices,
             sidecar_binary: self.sidecar.binary.clone(),
+            sidecar_threads: self.opts.sidecar_threads,
             rss_start_kib: rss_start,
             rss_idle_kib: rss_idle,
             rss_after_kib: rss_after,

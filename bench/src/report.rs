@@ -253,6 +253,8 @@ pub struct Report {
     pub peak_seconds: f64,
     pub slices: usize,
     pub sidecar_binary: String,
+    /// Workers of the sidecar and the hop, GOMAXPROCS of daprd (`None`: one per core).
+    pub sidecar_threads: Option<usize>,
     pub rss_start_kib: Option<u64>,
     pub rss_idle_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
@@ -308,6 +310,7 @@ impl Report {
             "peak_seconds": self.peak_seconds,
             "slices": self.slices,
             "sidecar_binary": self.sidecar_binary,
+            "sidecar_threads": self.sidecar_threads,
             "rss_start_kib": self.rss_start_kib,
             "rss_idle_kib": self.rss_idle_kib,
             "rss_after_kib": self.rss_after_kib,
@@ -561,7 +564,7 @@ impl Report {
             "Machine: {} CPUs (`nproc`), {}; load average (1/5/15 min) {} before, {} after; the load generator, \
              the sidecar, PostgreSQL {} and Redis {} all share these cores. PostgreSQL `synchronous_commit = {}`, \
              connections {} on both sides (what the database URL gives); database pool {} connections on both sides; {} connections (workers) per phase; fixed-rate phases {} s, \
-             closed-loop phases {} s, each run as {} slices alternating between the sides.\n",
+             closed-loop phases {} s, each run as {} slices alternating between the sides. {}\n",
             m.nproc,
             m.cpu_model,
             m.load_before,
@@ -574,7 +577,16 @@ impl Report {
             self.conns,
             self.seconds,
             self.peak_seconds,
-            self.slices
+            self.slices,
+            match self.sidecar_threads {
+                Some(n) => format!(
+                    "The sidecar and the HTTP hop run {n} tokio worker(s) (`TOKIO_WORKER_THREADS`; one is the \
+                     current-thread scheduler), daprd `GOMAXPROCS={n}`: what each gets under a CPU limit of {n} \
+                     (the chart's default for the sidecar is one CPU). The load generator and the in-process \
+                     library use every core."
+                ),
+                None => "The sidecar, the HTTP hop and daprd use every core.".to_string(),
+            }
         );
 
         let _ = writeln!(w, "### Targets (issue 6)\n");

@@ -17,5 +17,6 @@ pub mod http;
 pub mod postgres;
 pub mod redis_cache;
 mod run;
+pub mod runtime;
 
 pub use run::{Sidecar, StartError, main_entry, main_with, sidecar};

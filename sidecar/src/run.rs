@@ -170,10 +170,8 @@ pub fn main_with<C: CacheStore>(
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let shape = crate::runtime::Shape::for_this_process();
+    let runtime = match shape.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wtc-sidecar: cannot start the runtime: {e}");
@@ -194,7 +192,7 @@ pub fn main_with<C: CacheStore>(
         };
     }
     let follow = path.map(|p| (p, read));
-    match runtime.block_on(serve(config, follow, wrap, extension)) {
+    match runtime.block_on(serve(config, follow, wrap, extension, shape)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("wtc-sidecar: {msg}");
@@ -267,6 +265,7 @@ async fn serve<C: CacheStore>(
     follow: Option<(PathBuf, Vec<u8>)>,
     wrap: impl FnOnce(RedisStore, &SidecarConfig) -> C,
     extension: Option<Arc<dyn Extension>>,
+    shape: crate::runtime::Shape,
 ) -> Result<(), StartError> {
     let listen = config.listen.clone();
     let token = config
@@ -274,6 +273,7 @@ async fn serve<C: CacheStore>(
         .map_err(StartError::Token)?;
     let (cache, rows, metrics) = stores(&config)?;
     let cache = wrap(cache, &config);
+    metrics.runtime_workers.set(shape.workers as i64);
     let protocol = Arc::new(Protocol::new(config, cache, rows, metrics));
     let mut app = App::new(Arc::clone(&protocol), token.as_deref());
     drop(token);
@@ -309,6 +309,8 @@ async fn serve<C: CacheStore>(
         %addr,
         entities = protocol.config().entities.len(),
         api_token = app.has_api_token(),
+        workers = shape.workers,
+        scheduler = if shape.current_thread { "current_thread" } else { "multi_thread" },
         "wtc-sidecar listening"
     );
     // Tests start the sidecar on port 0 and read the address from this line.

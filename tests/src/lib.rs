@@ -602,6 +602,19 @@ pub async fn reply(req: reqwest::RequestBuilder) -> Result<Reply, String> {
     })
 }
 
+/// Every other sidecar a test process starts runs on one worker, the current-thread scheduler
+/// a pod gets under a one-CPU limit (wtc_sidecar::runtime); the rest on the runtime's default
+/// (one worker per core, multi-thread), so that both schedulers go through every suite. A test
+/// that sets `TOKIO_WORKER_THREADS` itself, or a run with it in the environment, keeps that.
+fn runtime_shape(env: &[(String, String)]) -> Option<&'static str> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    let set = env.iter().any(|(k, _)| k == "TOKIO_WORKER_THREADS")
+        || std::env::var_os("TOKIO_WORKER_THREADS").is_some();
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    (!set && n % 2 == 1).then_some("1")
+}
+
 /// A running `wtc-sidecar` process (the build with hold points).
 pub struct Sidecar {
     pub base: String,
@@ -657,7 +670,9 @@ impl Sidecar {
             let level = std::env::var("WTC_TEST_SIDECAR_LOG").unwrap_or_else(|_| "error".into());
             (level, Stdio::inherit())
         };
+        let shape = runtime_shape(env);
         let mut child = Command::new(sidecar_binary())
+            .envs(shape.iter().map(|v| ("TOKIO_WORKER_THREADS", v)))
             .arg("--config")
             .arg(&path)
             .env_remove("WTC_DATABASE_URL")
@@ -683,6 +698,16 @@ impl Sidecar {
             .strip_prefix("listening on ")
             .expect("address line")
             .to_string();
+        // Shown with a failing test's output: which scheduler this sidecar ran on.
+        eprintln!(
+            "sidecar on {addr}: {}",
+            match (shape, env.iter().find(|(k, _)| k == "TOKIO_WORKER_THREADS")) {
+                (Some(_), _) => "one worker (current-thread scheduler)".to_string(),
+                (None, Some((_, n))) => format!("TOKIO_WORKER_THREADS={n}, set by the test"),
+                (None, None) =>
+                    "the runtime's default workers, or TOKIO_WORKER_THREADS of the run".into(),
+            }
+        );
         let metrics_base = match &config.metrics_listen {
             None => None,
             Some(_) => {

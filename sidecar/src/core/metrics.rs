@@ -75,6 +75,8 @@ pub struct Metrics {
     pub redis_epoch: EpochCounters,
     pub requests_shed: IntCounter,
     pub requests_waiting: IntGauge,
+    /// Worker threads of the runtime (`runtime`): one means the current-thread scheduler.
+    pub runtime_workers: IntGauge,
     pub requests_unauthorized: IntCounter,
     /// Connections over `limits.max_connections` (closed, or served one health check).
     pub connections_refused: IntCounter,
@@ -280,6 +282,10 @@ impl Metrics {
                 "wtc_requests_waiting",
                 "Requests waiting for a slot (limits.max_in_flight).",
             ),
+            runtime_workers: gauge(
+                "wtc_runtime_workers",
+                "Worker threads serving requests: TOKIO_WORKER_THREADS, else the CPUs the container may use (its CPU limit, rounded down, at least 1).",
+            ),
             requests_unauthorized: counter(
                 "wtc_requests_unauthorized_total",
                 "Requests answered 401: the API token was missing or wrong.",
@@ -335,6 +341,7 @@ impl Metrics {
             Box::new(m.redis_epoch.swept_keys.clone()),
             Box::new(m.requests_shed.clone()),
             Box::new(m.requests_waiting.clone()),
+            Box::new(m.runtime_workers.clone()),
             Box::new(m.requests_unauthorized.clone()),
             Box::new(m.connections_refused.clone()),
             Box::new(m.redis_round_trips.clone()),
