@@ -119,6 +119,18 @@ async fn from_zero_to_an_application_reading_its_writes_from_the_cache() {
         );
     }
 
+    // The sidecar's CPU limit (the chart's default: one CPU) sized its runtime, through the
+    // container's cgroup: one worker, the current-thread scheduler (sidecar/src/runtime.rs).
+    // Only a check on a node with more cores than that: on one core it would pass anyway.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 {
+        assert_eq!(
+            sample(&metrics, "wtc_runtime_workers"),
+            1.0,
+            "a sidecar limited to one CPU on a {cores}-core node:\n{metrics}"
+        );
+    }
+
     // The managed Redis' password is in no command line on the node, and reaches redis-server
     // by its Secret's file only. (Redis rewrites its process title over its arguments and
     // environment, so /proc did not show the old `--requirepass $(REDIS_PASSWORD)` once it
