@@ -147,7 +147,11 @@ fn parse_args(args: Vec<String>) -> Result<Option<Opts>, String> {
             "--slices" => o.slices = num(it.next(), &a)? as usize,
             // 0: as many as the machine has cores (the runtime's own default).
             "--sidecar-threads" => {
-                o.sidecar_threads = Some(num(it.next(), &a)? as usize).filter(|&n| n > 0)
+                let n = it
+                    .next()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .ok_or("--sidecar-threads needs a number of threads (0: every core)")?;
+                o.sidecar_threads = Some(n).filter(|&n| n > 0)
             }
             "--only" => {
                 o.only = it
