@@ -10,10 +10,11 @@
 //! multi-thread scheduler runs the task just woken first (its LIFO slot), so the connection
 //! sends each command alone, one `writev` and one Redis read per hit. The current-thread
 //! scheduler queues it behind the other requests that were ready, so their commands go out in
-//! one write and their replies come back in one read. Measured on 2 cores, 16 connections
-//! (docs/benchmarks.md): Redis CPU per hit 4.4-5.0 µs against 7.3-7.7 µs, the sidecar's
-//! 14.7-15.7 µs against 16.9-17.5 µs, peak hits 50-56 k/s against 44-47 k/s; latency at fixed
-//! rates unchanged.
+//! one write and their replies come back in one read. Measured on 2 cores, 16 connections: Redis
+//! CPU per hit about 1.1x the in-process library's instead of 1.8x, the sidecar's own CPU per
+//! hit down a tenth, peak hits up a sixth, latency at fixed rates unchanged (docs/benchmarks.md,
+//! "One worker: the current-thread scheduler", has the figures). With two or more workers the
+//! multi-thread scheduler, and one Redis write per hit, come back.
 
 use std::io;
 use tokio::runtime::{Builder, Runtime};
