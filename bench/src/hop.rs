@@ -1,6 +1,6 @@
 //! The HTTP hop alone: a server process with the sidecar's HTTP stack (hyper HTTP/1.1 on the
-//! sidecar's runtime for the same number of workers, TCP_NODELAY) that answers every request at once with a fixed
-//! body the size of a stored envelope, touching neither Redis nor the database.
+//! sidecar's runtime for the same number of workers, TCP_NODELAY) that answers every request at
+//! once with a fixed body the size of a stored envelope, touching neither Redis nor the database.
 //!
 //! It answers "what does one HTTP exchange over loopback with another process cost on this
 //! machine?", the part of the sidecar's figures that no code in the sidecar can remove. The
