@@ -6,6 +6,10 @@
 //! sidecar, until no injected pod names the cache; then the finalizer goes and the garbage
 //! collector removes the rest. The webhook keeps injecting into pods of a cache being deleted:
 //! such a pod uses it like the others.
+//!
+//! Waits are not failures: pods still using a deleted cache, a slot being dropped, and anything
+//! refused in a namespace being deleted come back as `Error` variants (so the finalizer holds)
+//! that `error_policy` retries without counting them in `wtc_operator_reconcile_errors_total`.
 
 use crate::commit_stream::{self, DropStage, JobOutcome, Names, Reader, Stream};
 use crate::crd::WriteThroughCache;
@@ -59,9 +63,17 @@ pub enum Error {
     InUse(usize),
     #[error("finalizer: {0}")]
     Finalizer(Box<finalizer::Error<Error>>),
-    /// The cache is being deleted and its commit stream's slot is not dropped yet.
-    #[error("the commit stream's slot is not dropped yet: {0}")]
+    /// Not a failure: the commit stream's slot is being dropped (its reader stopping, or the
+    /// drop Job running).
+    #[error("the commit stream's slot is being dropped: {0}")]
+    SlotDropping(String),
+    /// The cache is being deleted and its slot's drop failed.
+    #[error("the commit stream's slot is not dropped: {0}")]
     SlotNotDropped(String),
+    /// Not a failure: what failed was in a namespace being deleted (nothing new can be made
+    /// there, and its content is going), so the cache's own deletion comes next.
+    #[error("the namespace is being deleted ({0})")]
+    NamespaceTerminating(Box<Error>),
 }
 
 impl Error {
@@ -72,7 +84,9 @@ impl Error {
             Error::Kube(_) => "client",
             Error::NoNamespace => "no_namespace",
             Error::InUse(_) => "in_use",
+            Error::SlotDropping(_) => "slot_dropping",
             Error::SlotNotDropped(_) => "slot_not_dropped",
+            Error::NamespaceTerminating(_) => "namespace_terminating",
             Error::Finalizer(e) => match e.as_ref() {
                 finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
                     inner.metric_label()
@@ -82,11 +96,18 @@ impl Error {
         }
     }
 
-    fn in_use(&self) -> Option<usize> {
+    /// A wait, not a failure: how soon to look again. Waits are not counted as reconcile
+    /// errors: a cache deleted with its pods, or with its namespace, would otherwise set off
+    /// `WtcOperatorReconcileErrors` every time.
+    fn retry_after_wait(&self) -> Option<Duration> {
         match self {
-            Error::InUse(n) => Some(*n),
+            Error::InUse(_) => Some(Duration::from_secs(10)),
+            Error::SlotDropping(_) => Some(Duration::from_secs(5)),
+            Error::NamespaceTerminating(_) => Some(Duration::from_secs(10)),
             Error::Finalizer(e) => match e.as_ref() {
-                finalizer::Error::CleanupFailed(inner) => inner.in_use(),
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.retry_after_wait()
+                }
                 _ => None,
             },
             _ => None,
@@ -107,6 +128,18 @@ pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    // Asked only after a failure: the namespace's deletion removes the owned objects before
+    // the cache, and each removal brings a pass that cannot make them again.
+    let result = match result {
+        // (Unread, the namespace is taken to stand: the failure is counted as it was.)
+        Err(e)
+            if e.retry_after_wait().is_none()
+                && namespace_terminating(&ctx, &ns).await.unwrap_or(false) =>
+        {
+            Err(Error::NamespaceTerminating(Box::new(e)))
+        }
+        other => other,
+    };
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -114,10 +147,11 @@ pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<
 }
 
 pub fn error_policy(cr: Arc<WriteThroughCache>, error: &Error, ctx: Arc<Context>) -> Action {
-    if let Some(pods) = error.in_use() {
-        // Waiting, not failing: the pods' comings and goings bring the next try sooner.
-        tracing::info!(cache = %cr.name_any(), pods, "deletion waits for the pods that use the cache");
-        return Action::requeue(Duration::from_secs(10));
+    if let Some(after) = error.retry_after_wait() {
+        // Waiting, not failing: the pods' comings and goings, the Job's end, the cache's
+        // deletion bring the next pass sooner.
+        tracing::info!(cache = %cr.name_any(), %error, "waiting");
+        return Action::requeue(after);
     }
     ctx.metrics
         .reconcile_errors
@@ -594,26 +628,22 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
         return match drop_stream(cr, ctx, &ns, &names).await? {
             None => Ok(Action::await_change()),
             Some(stage) => {
+                let failed = matches!(stage, DropStage::Failed { .. });
                 let stream = Stream::Dropping { names, stage };
                 let (_, reason, message) = stream.verdict().expect("a drop has a verdict");
-                if matches!(
-                    stream,
-                    Stream::Dropping {
-                        stage: DropStage::Failed { .. },
-                        ..
-                    }
-                ) {
-                    publish(
-                        ctx,
-                        cr,
-                        status::Notice {
-                            type_: EventType::Warning,
-                            reason: reason.as_str().into(),
-                            note: message.clone(),
-                        },
-                    )
-                    .await;
+                if !failed {
+                    return Err(Error::SlotDropping(message));
                 }
+                publish(
+                    ctx,
+                    cr,
+                    status::Notice {
+                        type_: EventType::Warning,
+                        reason: reason.as_str().into(),
+                        note: message.clone(),
+                    },
+                )
+                .await;
                 Err(Error::SlotNotDropped(message))
             }
         };

@@ -270,21 +270,51 @@ async fn prometheus_scrapes_the_sidecars_and_the_operator_on_the_pod_network() {
     // The chart's rules, loaded and evaluated against what was scraped: once the series are
     // there, none is pending or firing on a healthy cache (`WtcOperatorNoLeader` is pending
     // for the evaluations before the first scrape: `absent`).
-    let quiet = wait_for(
-        Duration::from_secs(30),
-        "the rules evaluated, none pending",
-        || async {
-            let d = prometheus.api("/api/v1/rules", &[]).await?;
-            let rules: Vec<Value> = d["groups"]
-                .as_array()?
+    let started = Instant::now();
+    let quiet = loop {
+        let rules: Vec<Value> = prometheus
+            .api("/api/v1/rules", &[])
+            .await
+            .and_then(|d| {
+                let groups = d["groups"].as_array()?.clone();
+                Some(
+                    groups
+                        .iter()
+                        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        let healthy = rules.len() == 8 && rules.iter().all(|r| r["health"] == "ok");
+        if healthy && rules.iter().all(|r| r["state"] == "inactive") {
+            break rules.len();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            // Which rule, with what its alerts carry (labels, value, since when), and the
+            // operators' own account of their errors.
+            let loud: Vec<String> = rules
                 .iter()
-                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .filter(|r| r["health"] != "ok" || r["state"] != "inactive")
+                .map(|r| {
+                    format!(
+                        "{} health={} state={} lastError={} alerts={}",
+                        r["name"], r["health"], r["state"], r["lastError"], r["alerts"]
+                    )
+                })
                 .collect();
-            let healthy = rules.len() == 8 && rules.iter().all(|r| r["health"] == "ok");
-            (healthy && rules.iter().all(|r| r["state"] == "inactive")).then_some(rules.len())
-        },
-    )
-    .await;
+            let errors = prometheus
+                .query("wtc_operator_reconcile_errors_total")
+                .await;
+            panic!(
+                "after 30 s, {} rules and not all evaluated and inactive:\n{}\n\
+                 reconcile errors scraped: {errors:?}\noperator logs:\n{}",
+                rules.len(),
+                loud.join("\n"),
+                node.operator_state().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     eprintln!("prom: {quiet} alert rules evaluated on the scraped series, none pending");
 
     // The chart's Grafana dashboard: every query of every panel, with the dashboard's variables
