@@ -248,7 +248,7 @@ pub fn drop_job(cr: &WriteThroughCache, images: &Release, names: &Names) -> Job 
         spec: Some(JobSpec {
             backoff_limit: Some(4),
             // The drop waits up to a minute for a reader still holding the slot.
-            active_deadline_seconds: Some(600),
+            active_deadline_seconds: Some(DROP_JOB_DEADLINE_SECONDS),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(cr, DROP_COMPONENT)),
@@ -350,6 +350,9 @@ pub enum Stream {
     /// The spec is invalid: nothing was applied, the slot of `names` is kept.
     Unchanged { names: Names },
 }
+
+/// The drop Job's `activeDeadlineSeconds`.
+pub const DROP_JOB_DEADLINE_SECONDS: i64 = 600;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum DropStage {

@@ -7,9 +7,10 @@
 //! collector removes the rest. The webhook keeps injecting into pods of a cache being deleted:
 //! such a pod uses it like the others.
 //!
-//! Waits are not failures: pods still using a deleted cache, a slot being dropped, and anything
-//! refused in a namespace being deleted come back as `Error` variants (so the finalizer holds)
-//! that `error_policy` retries without counting them in `wtc_operator_reconcile_errors_total`.
+//! Waits are not failures: pods still using a deleted cache, a slot being dropped (for up to
+//! `SLOT_DROP_PATIENCE_SECONDS`), and a pass that cannot make the cache's objects in a namespace being
+//! deleted come back as `Error` variants (so the finalizer holds) that `error_policy` retries
+//! without counting them in `wtc_operator_reconcile_errors_total`.
 
 use crate::commit_stream::{self, DropStage, JobOutcome, Names, Reader, Stream};
 use crate::crd::WriteThroughCache;
@@ -42,6 +43,9 @@ use std::time::{Duration, Instant};
 pub const FIELD_MANAGER: &str = "wtc-operator";
 /// Held on every cache while the operator runs it; removed once no injected pod uses the cache.
 pub const FINALIZER: &str = "wtc.dev/in-use-by-pods";
+/// How long a deleted cache's slot drop is a wait (the drop Job's own deadline): after that it
+/// is a failure, with a Warning Event, counted in `wtc_operator_reconcile_errors_total`.
+const SLOT_DROP_PATIENCE_SECONDS: i64 = commit_stream::DROP_JOB_DEADLINE_SECONDS;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -70,8 +74,9 @@ pub enum Error {
     /// The cache is being deleted and its slot's drop failed.
     #[error("the commit stream's slot is not dropped: {0}")]
     SlotNotDropped(String),
-    /// Not a failure: what failed was in a namespace being deleted (nothing new can be made
-    /// there, and its content is going), so the cache's own deletion comes next.
+    /// Not a failure: a pass that applies the cache failed in a namespace being deleted
+    /// (nothing new can be made there, and its content is going); the cache's own deletion
+    /// comes next.
     #[error("the namespace is being deleted ({0})")]
     NamespaceTerminating(Box<Error>),
 }
@@ -105,9 +110,7 @@ impl Error {
             Error::SlotDropping(_) => Some(Duration::from_secs(5)),
             Error::NamespaceTerminating(_) => Some(Duration::from_secs(10)),
             Error::Finalizer(e) => match e.as_ref() {
-                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
-                    inner.retry_after_wait()
-                }
+                finalizer::Error::CleanupFailed(inner) => inner.retry_after_wait(),
                 _ => None,
             },
             _ => None,
@@ -128,15 +131,16 @@ pub async fn reconcile(cr: Arc<WriteThroughCache>, ctx: Arc<Context>) -> Result<
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    // Asked only after a failure: the namespace's deletion removes the owned objects before
-    // the cache, and each removal brings a pass that cannot make them again.
+    // Asked only after an Apply pass failed: the namespace's deletion removes the owned
+    // objects before the cache, and each removal brings a pass that cannot make them again.
+    // Cleanup's failures stay counted: they are what would hold the namespace's deletion.
+    // (Unread, the namespace is taken to stand: the failure is counted as it was.)
     let result = match result {
-        // (Unread, the namespace is taken to stand: the failure is counted as it was.)
-        Err(e)
-            if e.retry_after_wait().is_none()
+        Err(Error::Finalizer(e))
+            if matches!(e.as_ref(), finalizer::Error::ApplyFailed(_))
                 && namespace_terminating(&ctx, &ns).await.unwrap_or(false) =>
         {
-            Err(Error::NamespaceTerminating(Box::new(e)))
+            Err(Error::NamespaceTerminating(Box::new(Error::Finalizer(e))))
         }
         other => other,
     };
@@ -428,6 +432,12 @@ async fn drop_stream(
     })
 }
 
+/// A deleted cache's slot drop at `stage`, `deleted_for` seconds after the deletion: a wait
+/// (not counted), or a failure to say and count.
+fn drop_is_waiting(stage: &DropStage, deleted_for: i64) -> bool {
+    !matches!(stage, DropStage::Failed { .. }) && deleted_for <= SLOT_DROP_PATIENCE_SECONDS
+}
+
 async fn namespace_terminating(ctx: &Context, ns: &str) -> Result<bool, Error> {
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
     Ok(namespaces
@@ -628,11 +638,21 @@ async fn release(cr: &WriteThroughCache, ctx: &Context) -> Result<Action, Error>
         return match drop_stream(cr, ctx, &ns, &names).await? {
             None => Ok(Action::await_change()),
             Some(stage) => {
-                let failed = matches!(stage, DropStage::Failed { .. });
+                // A reader pod that never stops (its node lost) would hold the drop for ever:
+                // past the Job's own deadline the wait is a failure, said and counted.
+                let deleted_for = cr.metadata.deletion_timestamp.as_ref().map_or(0, |t| {
+                    k8s_openapi::jiff::Timestamp::now().as_second() - t.0.as_second()
+                });
+                let waiting = drop_is_waiting(&stage, deleted_for);
+                let overdue = !matches!(stage, DropStage::Failed { .. });
                 let stream = Stream::Dropping { names, stage };
-                let (_, reason, message) = stream.verdict().expect("a drop has a verdict");
-                if !failed {
+                let (_, reason, mut message) = stream.verdict().expect("a drop has a verdict");
+                if waiting {
                     return Err(Error::SlotDropping(message));
+                }
+                if overdue {
+                    message =
+                        format!("{message}: still, {deleted_for} s after the cache's deletion");
                 }
                 publish(
                     ctx,
@@ -888,4 +908,27 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_drop_is_a_wait_until_the_jobs_deadline_or_its_failure() {
+        let job = || DropStage::Running("drop".into());
+        assert!(drop_is_waiting(&DropStage::ReaderStopping, 0));
+        assert!(drop_is_waiting(&job(), SLOT_DROP_PATIENCE_SECONDS));
+        // A reader pod that never stops (its node lost) must not hold the cache silently.
+        assert!(!drop_is_waiting(
+            &DropStage::ReaderStopping,
+            SLOT_DROP_PATIENCE_SECONDS + 1
+        ));
+        assert!(!drop_is_waiting(&job(), SLOT_DROP_PATIENCE_SECONDS + 1));
+        let failed = DropStage::Failed {
+            job: "drop".into(),
+            message: "permission denied".into(),
+        };
+        assert!(!drop_is_waiting(&failed, 0));
+    }
 }

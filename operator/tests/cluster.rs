@@ -1539,18 +1539,18 @@ spec: {{policyName: {hold}, validationActions: [Deny]}}
 "#,
         ns = ns.name()
     );
+    let hold = Hold { cp, name: hold };
     let out = kubectl_apply(cp, ns.name(), &policy);
     assert!(out.status.success(), "{}", stderr(&out));
-    let hold = Hold { cp, name: hold };
     let dry_run = DeleteParams {
         dry_run: true,
         ..DeleteParams::default()
     };
     eventually("the hold in force", Duration::from_secs(30), || async {
-        caches
-            .delete("carts", &dry_run)
-            .await
-            .is_err()
+        let refused = caches.delete("carts", &dry_run).await.err()?;
+        refused
+            .to_string()
+            .contains("held by the test")
             .then_some(())
     })
     .await;
@@ -1599,8 +1599,8 @@ spec: {{policyName: {hold}, validationActions: [Deny]}}
     controller.abort();
 }
 
-/// An admission policy of a test's, removed when the test ends, failed or not (a namespace
-/// whose caches cannot be deleted would never go).
+/// An admission policy of a test's, removed when the test ends, failed or not: left behind,
+/// it would refuse deletions of caches in that namespace for the rest of the cluster's life.
 struct Hold<'a> {
     cp: &'a ControlPlane,
     name: String,
