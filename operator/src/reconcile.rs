@@ -8,9 +8,9 @@
 //! such a pod uses it like the others.
 //!
 //! Waits are not failures: pods still using a deleted cache, a slot being dropped (for up to
-//! `SLOT_DROP_PATIENCE_SECONDS`), and a pass that cannot make the cache's objects in a namespace being
-//! deleted come back as `Error` variants (so the finalizer holds) that `error_policy` retries
-//! without counting them in `wtc_operator_reconcile_errors_total`.
+//! `SLOT_DROP_PATIENCE_SECONDS`), and a pass that cannot make the cache's objects in a
+//! namespace being deleted come back as `Error` variants (so the finalizer holds) that
+//! `error_policy` retries without counting them in `wtc_operator_reconcile_errors_total`.
 
 use crate::commit_stream::{self, DropStage, JobOutcome, Names, Reader, Stream};
 use crate::crd::WriteThroughCache;
