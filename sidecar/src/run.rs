@@ -310,7 +310,7 @@ async fn serve<C: CacheStore>(
         entities = protocol.config().entities.len(),
         api_token = app.has_api_token(),
         workers = shape.workers,
-        scheduler = if shape.current_thread { "current_thread" } else { "multi_thread" },
+        scheduler = if shape.current_thread() { "current_thread" } else { "multi_thread" },
         "wtc-sidecar listening"
     );
     // Tests start the sidecar on port 0 and read the address from this line.

@@ -23,7 +23,6 @@ use tokio::runtime::{Builder, Runtime};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     pub workers: usize,
-    pub current_thread: bool,
 }
 
 impl Shape {
@@ -33,15 +32,18 @@ impl Shape {
     }
 
     fn of(workers: usize) -> Self {
-        let workers = workers.max(1);
         Self {
-            workers,
-            current_thread: workers == 1,
+            workers: workers.max(1),
         }
     }
 
+    /// One worker runs on the current-thread scheduler (the module's header says why).
+    pub fn current_thread(self) -> bool {
+        self.workers == 1
+    }
+
     pub fn build(self) -> io::Result<Runtime> {
-        let mut b = if self.current_thread {
+        let mut b = if self.current_thread() {
             Builder::new_current_thread()
         } else {
             let mut b = Builder::new_multi_thread();
@@ -71,15 +73,10 @@ mod tests {
 
     #[test]
     fn one_worker_is_the_current_thread_scheduler() {
-        assert_eq!(
-            Shape::of(1),
-            Shape {
-                workers: 1,
-                current_thread: true
-            }
-        );
+        assert_eq!(Shape::of(1), Shape { workers: 1 });
+        assert!(Shape::of(1).current_thread());
         assert_eq!(Shape::of(0).workers, 1);
-        assert!(!Shape::of(2).current_thread);
+        assert!(!Shape::of(2).current_thread());
         let rt = Shape::of(1).build().unwrap();
         assert_eq!(rt.metrics().num_workers(), 1);
         assert_eq!(
